@@ -1,0 +1,35 @@
+# cellos-probed: `make setup`, `make test`, `make demo` (see README.md)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian packages the daemon and its tests use: libnftables1 is the library
+# the PyPI `pip-nftables` binding loads; nftables gives `nft` for tests;
+# iproute2 gives `ip` for test set-up; iputils-ping generates test traffic.
+APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping
+
+.PHONY: setup test lint demo clean check-config
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml tools/apt-install.sh
+	bash tools/apt-install.sh $(APT_PACKAGES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check cellos_probed tests tools
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+demo: setup
+	$(PY) tools/demo.py
+
+check-config: setup
+	$(VENV)/bin/cellos-probed check-config --config config/cellos-probed.toml
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

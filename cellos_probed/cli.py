@@ -1,0 +1,185 @@
+"""The ``cellos-probed`` command line.
+
+Exit codes: 0 success, 78 (EX_CONFIG) a configuration error, 1 anything
+else. An operator never sees a traceback for an expected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import structlog
+import trio
+
+from cellos_probed import __version__, log
+from cellos_probed.config import (
+    DEFAULT_SERVERS,
+    DEFAULT_SUBJECT_PREFIX,
+    Config,
+    ConfigError,
+    load_config,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+
+DESCRIPTION = """\
+cellos-probed watches the Firecracker microVM cells of this host from the
+outside (cgroup-v2 files, nftables counters, TAP link state, the VMM's own
+metrics) and publishes every reading as a CloudEvent to NATS.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellos-probed",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 success, 78 configuration error, 1 any other failure",
+    )
+    parser.add_argument("--version", action="version", version=f"cellos-probed {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (logs go to stderr)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="JSON lines (default when stderr is not a terminal) or readable console lines",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run the daemon: probe every cell on the tick, publish to NATS",
+        description="Run the daemon. SIGHUP re-reads the config; SIGTERM/SIGINT stop it "
+        "after publishing what it holds (a second signal stops at once).",
+    )
+    run.add_argument("--config", required=True, help="path of the TOML configuration")
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file and exit (78 if invalid)",
+        description="Validate the configuration and print a summary; exit 78 naming the "
+        "file, cell and key of the first mistake.",
+    )
+    check.add_argument("--config", required=True, help="path of the TOML configuration")
+
+    once = commands.add_parser(
+        "once",
+        help="run one tick and print every event as a JSON line; publish nothing",
+        description="Probe every cell once and print each event (the same envelope the "
+        "daemon would publish) as one JSON object per line. Exit 0 even when probes fail: "
+        "their probe_error events are in the output.",
+    )
+    once.add_argument("--config", required=True, help="path of the TOML configuration")
+
+    tail = commands.add_parser(
+        "tail",
+        help="subscribe to the event stream and print one readable line per event",
+        description="Subscribe and print events as they arrive. Servers and subject prefix "
+        "come from --config when given, else the defaults. Ctrl-C ends it (exit 0).",
+    )
+    tail.add_argument("--config", help="take servers and subject prefix from this config")
+    tail.add_argument("--server", action="append", help="NATS server URL (repeatable)")
+    tail.add_argument("--prefix", help="subject prefix")
+    tail.add_argument("--cell", help="only this cell")
+    tail.add_argument(
+        "--probe",
+        help="only this probe (cgroup, tap_link, nftables, fc_metrics, probe_error, gap, agent)",
+    )
+    tail.add_argument("--json", action="store_true", help="print the raw CloudEvent JSON")
+    tail.add_argument("--count", type=int, help="stop after this many events")
+    return parser
+
+
+def _summary(config: Config) -> str:
+    probes: dict[str, int] = {}
+    for cell in config.cells:
+        for name in cell.probe_names():
+            probes[name] = probes.get(name, 0) + 1
+    listed = ", ".join(f"{name} x{count}" for name, count in probes.items()) or "no probes"
+    return (
+        f"{config.source}: OK: {len(config.cells)} cell(s) ({listed}); "
+        f"tick {config.daemon.tick_seconds:g}s, probe timeout "
+        f"{config.daemon.probe_timeout_seconds:g}s; NATS {', '.join(config.nats.servers)} "
+        f"prefix {config.nats.subject_prefix}"
+    )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    print(_summary(load_config(args.config)))
+    return EXIT_OK
+
+
+def _cmd_once(args: argparse.Namespace) -> int:
+    from cellos_probed.daemon import run_once
+    from cellos_probed.stdout_sink import StdoutSink
+
+    config = load_config(args.config)
+    trio.run(run_once, config, StdoutSink())
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cellos_probed.daemon import run_daemon
+    from cellos_probed.nats_sink import NatsSink
+    from cellos_probed.probes import EventStamper
+
+    config = load_config(args.config)
+    stamper = EventStamper()
+    sink = NatsSink(config.nats, stamper.boot_id)
+
+    async def main() -> None:
+        await run_daemon(config, sink, config_path=args.config, stamper=stamper)
+
+    trio.run(main)
+    return EXIT_OK
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from cellos_probed.tail import run_tail, tail_subject
+
+    servers: Sequence[str] = DEFAULT_SERVERS
+    prefix = DEFAULT_SUBJECT_PREFIX
+    if args.config:
+        config = load_config(args.config)
+        servers, prefix = config.nats.servers, config.nats.subject_prefix
+    servers = args.server or servers
+    prefix = args.prefix or prefix
+    subject = tail_subject(prefix, args.cell, args.probe)
+    print(f"# tail {subject} on {', '.join(servers)} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        trio.run(lambda: run_tail(servers, subject, as_json=args.json, limit=args.count))
+    except KeyboardInterrupt:
+        pass
+    except trio.TooSlowError:
+        print(f"cellos-probed: cannot reach NATS at {', '.join(servers)}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+_COMMANDS = {"run": _cmd_run, "check-config": _cmd_check, "once": _cmd_once, "tail": _cmd_tail}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    log.configure(level=args.log_level, json=fmt)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"cellos-probed: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        structlog.get_logger("cellos_probed").exception("fatal error")
+        print(f"cellos-probed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE

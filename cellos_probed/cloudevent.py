@@ -1,0 +1,71 @@
+"""CloudEvents 1.0 in JSON structured mode, as the NATS binding wants it.
+
+A frozen dataclass and one encoder: the SDK offers no NATS binding and
+declares its API unstable, so ~40 lines of our own are the safer contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+#: The header that marks a NATS message as structured mode (NATS >= 2.2
+#: treats a message without it as binary mode).
+STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json"
+NATS_HEADERS: Final = {"Content-Type": STRUCTURED_CONTENT_TYPE}
+
+
+def rfc3339_millis(instant: datetime) -> str:
+    """RFC 3339 UTC with milliseconds and a ``Z``: ``2026-11-25T10:15:02.123Z``."""
+    utc = instant.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class CloudEvent:
+    id: str
+    source: str
+    type: str
+    time: str
+    data: dict[str, Any]
+    sequence: str | None = None
+    cellosagentboot: str | None = None
+    traceparent: str | None = None
+    specversion: str = "1.0"
+    datacontenttype: str = "application/json"
+    #: Last token of the NATS subject (cell id, or host id for ``agent``);
+    #: routing only, not a CloudEvents attribute.
+    subject_token: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The type's last segment: ``cgroup``, ``probe_error``, ``gap`` ..."""
+        return self.type.rsplit(".", 1)[-1]
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.{self.kind}.{self.subject_token}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "specversion": self.specversion,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "datacontenttype": self.datacontenttype,
+            "time": self.time,
+        }
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
+        if self.sequence is not None:
+            out["sequence"] = self.sequence
+        if self.cellosagentboot is not None:
+            out["cellosagentboot"] = self.cellosagentboot
+        out["data"] = self.data
+        return out
+
+    def to_json(self) -> bytes:
+        """Structured-mode payload; computed once per event by the sink."""
+        return orjson.dumps(self.to_dict())

@@ -1,0 +1,339 @@
+"""The daemon: cells, their probes, the tick, signals, and a bounded stop.
+
+One nursery tree::
+
+    run_daemon
+    ├── sink.run                 (the NATS flusher)
+    ├── signals                  (TERM/INT: stop; HUP: reload)
+    └── probing
+        └── run_fixed_tick
+            └── each tick: one task per (cell, probe), each under probe_timeout
+
+On stop, probing is cancelled first, then the sink drains what was read
+(bounded by ``drain_timeout_seconds``); a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from cellos_probed.config import CellConfig, Config, ConfigError, load_config
+from cellos_probed.log import RepeatedErrorFilter
+from cellos_probed.probes import (
+    EventSink,
+    EventStamper,
+    HostProbe,
+    ProbeContext,
+    ProbeError,
+    ProbeIoError,
+    ProbeParseError,
+    ProbeReading,
+    ProbeTimeoutError,
+    emit_probe_error,
+    emit_reading,
+)
+from cellos_probed.probes.cgroup import CgroupProbe
+from cellos_probed.scheduler import TickStats, run_fixed_tick
+
+log = structlog.get_logger("cellos_probed.daemon")
+
+
+class SharedResources:
+    """What probes of many cells share: worker-thread limits, per-namespace services.
+
+    ``nursery`` is the services nursery of the running :class:`Prober`; a
+    shared service (one netlink watcher per namespace, say) starts there
+    lazily, the first time a probe asks for it.
+    """
+
+    def __init__(self) -> None:
+        # cgroupfs reads are short; a few threads keep a slow disk from serialising cells
+        self.file_reads = trio.CapacityLimiter(4)
+        self.nursery: trio.Nursery | None = None
+
+
+def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
+    """A cell runs exactly the probes whose table it has."""
+    probes: list[HostProbe] = []
+    if cell.cgroup is not None:
+        probes.append(CgroupProbe(cell.cgroup, shared.file_reads))
+    return probes
+
+
+@dataclass
+class CellRunner:
+    """One cell: its attribution context and its probe instances (with their baselines).
+
+    A probe that needs to run between ticks (draining a FIFO, say) defines
+    ``async def background(self, *, task_status)``; it runs under the cell's
+    ``scope``, which a reload that removes or changes the cell cancels.
+    """
+
+    config: CellConfig
+    context: ProbeContext
+    probes: list[HostProbe]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def make_runner(cell: CellConfig, shared: SharedResources) -> CellRunner:
+    context = ProbeContext(cell.id, cell.run_id, cell.spec_signature_hash)
+    return CellRunner(cell, context, build_probes(cell, shared))
+
+
+@dataclass(slots=True)
+class ProbeStats:
+    readings: int = 0
+    errors: int = 0
+    errors_by_kind: dict[str, int] | None = None
+
+    def count_error(self, kind: str) -> None:
+        self.errors += 1
+        if self.errors_by_kind is None:
+            self.errors_by_kind = {}
+        self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+
+
+def _as_probe_error(exc: Exception) -> ProbeError:
+    """An exception a probe should not have let out, as a typed error (bug or not)."""
+    if isinstance(exc, OSError):
+        return ProbeIoError(exc.strerror or type(exc).__name__)
+    if isinstance(exc, (ValueError, KeyError, TypeError)):
+        return ProbeParseError(f"unexpected {type(exc).__name__}")
+    return ProbeIoError(f"unexpected {type(exc).__name__}")
+
+
+class Prober:
+    """Runs every cell's probes once per tick and hands the results to the sink."""
+
+    def __init__(
+        self,
+        config: Config,
+        sink: EventSink,
+        stamper: EventStamper,
+        shared: SharedResources | None = None,
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.stamper = stamper
+        self.shared = shared or SharedResources()
+        self.runners: dict[str, CellRunner] = {
+            cell.id: make_runner(cell, self.shared) for cell in config.cells
+        }
+        self.tick_stats = TickStats()
+        self.probe_stats = ProbeStats()
+        self._errors = RepeatedErrorFilter()
+        self._services: trio.Nursery | None = None
+
+    async def run_services(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Shared services and every cell's background tasks; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self.shared.nursery = nursery
+            self._services = nursery
+            for runner in self.runners.values():
+                await nursery.start(self._run_cell_background, runner)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _run_cell_background(
+        self, runner: CellRunner, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        structlog.contextvars.bind_contextvars(cell=runner.context.cell_id)
+        started = False
+        with runner.scope:
+            async with trio.open_nursery() as nursery:
+                for probe in runner.probes:
+                    background = getattr(probe, "background", None)
+                    if background is not None:
+                        await nursery.start(background)
+                task_status.started()
+                started = True
+                await trio.sleep_forever()
+        if not started:  # cancelled by a reload before it was up: nothing to wait for
+            task_status.started()
+
+    async def tick(self, index: int = 0) -> None:
+        timeout = self.config.daemon.probe_timeout_seconds
+        async with trio.open_nursery() as nursery:
+            for runner in list(self.runners.values()):
+                for probe in runner.probes:
+                    nursery.start_soon(self._run_probe, runner, probe, timeout)
+
+    async def _run_probe(self, runner: CellRunner, probe: HostProbe, timeout: float) -> None:
+        name = probe.probe_name()
+        cell = runner.context.cell_id
+        structlog.contextvars.bind_contextvars(cell=cell, probe=name)
+        result: ProbeReading | ProbeError = ProbeTimeoutError(
+            f"{name} probe did not finish within {timeout:g}s"
+        )
+        with trio.move_on_after(timeout):
+            try:
+                result = await probe.read(runner.context)
+            except ProbeError as exc:
+                result = exc
+            except Exception as exc:
+                log.exception("probe raised an unexpected exception")
+                result = _as_probe_error(exc)
+        if isinstance(result, ProbeReading):
+            self.probe_stats.readings += 1
+            if self._errors.recovered(cell, name):
+                log.info("probe recovered")
+            await emit_reading(self.sink, runner.context, result, self.stamper)
+            return
+        self.probe_stats.count_error(result.kind)
+        if self._errors.failed(cell, name, str(result)):
+            log.warning("probe failed", kind=result.kind, error=result.message)
+        await emit_probe_error(
+            self.sink, runner.context, f"host.{name}", probe.inputs(), result, self.stamper
+        )
+
+    def apply(self, config: Config) -> dict[str, list[str]]:
+        """Swap in a new config between ticks; unchanged cells keep their state."""
+        new_runners: dict[str, CellRunner] = {}
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "kept": []}
+        for cell_config in config.cells:
+            old = self.runners.get(cell_config.id)
+            if old is not None and old.config == cell_config:
+                new_runners[cell_config.id] = old
+                changes["kept"].append(cell_config.id)
+            else:
+                new_runners[cell_config.id] = make_runner(cell_config, self.shared)
+                changes["changed" if old is not None else "added"].append(cell_config.id)
+        changes["removed"] = [cell for cell in self.runners if cell not in new_runners]
+        for cell in changes["removed"]:
+            self._errors.forget_cell(cell)
+        for cell_id, old in self.runners.items():
+            if new_runners.get(cell_id) is not old:
+                old.scope.cancel()
+        if self._services is not None:
+            for cell_id in changes["added"] + changes["changed"]:
+                self._services.start_soon(self._run_cell_background, new_runners[cell_id])
+        self.runners = new_runners
+        self.config = config
+        return changes
+
+
+async def run_once(config: Config, sink: EventSink, stamper: EventStamper | None = None) -> Prober:
+    """One tick, every event to ``sink``: the ``once`` command."""
+    prober = Prober(config, sink, stamper or EventStamper())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prober.run_services)
+        await prober.tick()
+        nursery.cancel_scope.cancel()
+    return prober
+
+
+@dataclass
+class DaemonHandle:
+    """What a running daemon exposes to its caller (tests, the CLI)."""
+
+    prober: Prober
+    sink: Any
+    stop: Callable[[], None]
+    reload: Callable[[], None]
+
+
+async def run_daemon(
+    config: Config,
+    sink: Any,
+    *,
+    config_path: str | None = None,
+    stamper: EventStamper | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until stopped; ``sink`` must offer ``run``, ``emit`` and ``drain``."""
+    stamper = stamper or EventStamper()
+    prober = Prober(config, sink, stamper)
+    stop_requested = trio.Event()
+    # capacity 1: reload requests that arrive during a reload fold into one
+    reload_send, reload_receive = trio.open_memory_channel[None](1)
+    log.info(
+        "starting",
+        cells=len(config.cells),
+        tick_seconds=config.daemon.tick_seconds,
+        boot=stamper.boot_id,
+    )
+
+    async with trio.open_nursery() as root:
+        await root.start(sink.run)
+
+        def stop() -> None:
+            if stop_requested.is_set():
+                log.warning("second stop request: stopping now")
+                root.cancel_scope.cancel()
+            stop_requested.set()
+
+        def reload() -> None:
+            try:
+                reload_send.send_nowait(None)
+            except trio.WouldBlock:
+                pass
+
+        if handle_signals:
+            await root.start(_watch_signals, stop, reload)
+
+        async with trio.open_nursery() as probing:
+            await probing.start(prober.run_services)
+            await probing.start(
+                run_fixed_tick, config.daemon.tick_seconds, prober.tick, prober.tick_stats
+            )
+            probing.start_soon(_reloader, prober, config_path, reload_receive)
+            task_status.started(DaemonHandle(prober, sink, stop, reload))
+            await stop_requested.wait()
+            log.info("stopping: probing ends, publishing what was read")
+            probing.cancel_scope.cancel()
+
+        drained = await sink.drain(prober.config.daemon.drain_timeout_seconds)
+        log.info(
+            "stopped",
+            drained=drained,
+            ticks=prober.tick_stats.ticks,
+            readings=prober.probe_stats.readings,
+            probe_errors=prober.probe_stats.errors,
+        )
+        root.cancel_scope.cancel()
+
+
+async def _watch_signals(
+    stop: Callable[[], None],
+    reload: Callable[[], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                reload()
+            else:
+                log.info("signal received", signal=signal.Signals(signum).name)
+                stop()
+
+
+async def _reloader(
+    prober: Prober, config_path: str | None, requests: trio.MemoryReceiveChannel[None]
+) -> None:
+    async for _ in requests:
+        if config_path is None:
+            log.warning("reload requested but the daemon was not started from a file")
+            continue
+        try:
+            new = await trio.to_thread.run_sync(load_config, config_path)
+        except ConfigError as exc:
+            log.error(
+                "reload refused: the new config is invalid; keeping the running one",
+                error=str(exc),
+            )
+            continue
+        if new.nats != prober.config.nats:
+            log.warning("reload: [nats] changes need a restart; keeping the connection")
+        changes = prober.apply(new)
+        log.info("reloaded", **{k: v for k, v in changes.items() if k != "kept"})

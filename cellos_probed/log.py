@@ -1,0 +1,83 @@
+"""Logging: structlog on stderr, JSON for journald, readable on a terminal.
+
+stdout belongs to ``once`` and ``tail`` output. Every line carries the
+``cell`` and ``probe`` bound by the task that logs it (trio copies the
+context into child tasks and worker threads). nats-py's and pyroute2's
+stdlib loggers go through the same processors, so the journal sees one
+shape of line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def configure(*, level: str = "info", json: bool | None = None) -> None:
+    """Configure structlog and the stdlib root logger once, at start-up."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: Any
+    if json:
+        renderer = structlog.processors.JSONRenderer()
+        tail: list[Any] = [structlog.processors.dict_tracebacks]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        tail = []
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[*_SHARED, *tail, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *_SHARED],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # nats-py logs every reconnect attempt at error level; pyroute2 is chatty
+    logging.getLogger("nats").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("pyroute2").setLevel(max(numeric, logging.WARNING))
+
+
+class RepeatedErrorFilter:
+    """Log a probe's failure when it starts or changes, and its recovery; not every tick.
+
+    Keyed by (cell, probe); the value is the last error's text, so the same
+    failure tick after tick produces one line, and a different one a new line.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], str] = {}
+        self.suppressed = 0
+
+    def failed(self, cell: str, probe: str, text: str) -> bool:
+        """True when this failure should be logged."""
+        key = (cell, probe)
+        if self._last.get(key) == text:
+            self.suppressed += 1
+            return False
+        self._last[key] = text
+        return True
+
+    def recovered(self, cell: str, probe: str) -> bool:
+        """True when the probe had been failing (log its recovery once)."""
+        return self._last.pop((cell, probe), None) is not None
+
+    def forget_cell(self, cell: str) -> None:
+        for key in [key for key in self._last if key[0] == cell]:
+            del self._last[key]

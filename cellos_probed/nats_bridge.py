@@ -1,0 +1,264 @@
+"""The one module that knows nats-py runs on asyncio.
+
+nats-py lives on its own event loop in a dedicated thread. Trio hands it
+whole batches (one cross-loop call per batch, never per event: a per-call
+bridge costs ~100 us, which at thousands of events a second is most of a
+core) and waits for the result through a trio token callback, so no trio
+worker thread is tied up waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import nats
+import structlog
+import trio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from cellos_probed.cloudevent import NATS_HEADERS
+
+T = TypeVar("T")
+log = structlog.get_logger("cellos_probed.nats")
+
+
+class NatsUnavailable(Exception):
+    """Publishing failed because no server is reachable right now."""
+
+
+class AsyncioThread:
+    """An asyncio event loop running in a thread of its own."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the loop and wait for the thread (blocking; call from a worker thread)."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+
+
+async def wait_future(future: concurrent.futures.Future[T]) -> T:
+    """Await a future completed in another thread, without a trio worker thread."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: concurrent.futures.Future[T]) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        future.cancel()
+        raise
+    return future.result()
+
+
+@dataclass
+class ConnectionState:
+    """Written by the asyncio thread, read by trio (single attribute writes)."""
+
+    connected: bool = False
+    server: str | None = None
+    reconnects: int = 0
+    last_error: str | None = None
+    published: int = 0
+    on_change: Callable[[str], None] = field(default=lambda _: None)
+
+
+class NatsPublisher:
+    """A nats-py connection owned by an asyncio thread, fed batches from trio."""
+
+    def __init__(self, servers: Sequence[str], name: str, *, flush_timeout: int = 5) -> None:
+        self._servers = list(servers)
+        self._name = name
+        self._flush_timeout = flush_timeout
+        self._thread = AsyncioThread("cellos-nats")
+        self._nc: NatsClient | None = None
+        self._connected: asyncio.Event | None = None
+        self._connect_task: concurrent.futures.Future[None] | None = None
+        self.state = ConnectionState()
+
+    # --- asyncio side -------------------------------------------------------
+    async def _connect(self) -> None:
+        self._connected = asyncio.Event()
+        connected = self._connected
+
+        async def disconnected() -> None:
+            connected.clear()
+            self.state.connected = False
+            self.state.on_change("disconnected")
+
+        async def reconnected() -> None:
+            self.state.reconnects += 1
+            self._mark_connected(connected)
+            self.state.on_change("reconnected")
+
+        async def error(exc: Exception) -> None:
+            self.state.last_error = f"{type(exc).__name__}: {exc}"
+
+        # Reconnect forever: nats-py drops its whole pending buffer when it
+        # gives up, and our own buffer upstream holds what matters.
+        self._nc = await nats.connect(
+            servers=self._servers,
+            name=self._name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1.0,
+            connect_timeout=2.0,
+            ping_interval=10,
+            max_outstanding_pings=3,
+            pending_size=8 * 1024 * 1024,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+        self._mark_connected(connected)
+        self.state.on_change("connected")
+
+    def _mark_connected(self, connected: asyncio.Event) -> None:
+        nc = self._nc
+        self.state.server = (
+            None
+            if nc is None or nc.connected_url is None
+            else (f"{nc.connected_url.hostname}:{nc.connected_url.port}")
+        )
+        self.state.connected = True
+        connected.set()
+
+    async def _publish_batch(self, batch: Sequence[tuple[str, bytes]]) -> int:
+        connected = self._connected
+        if connected is None or self._nc is None or not connected.is_set():
+            raise NatsUnavailable("not connected to any NATS server")
+        nc = self._nc
+        for subject, payload in batch:
+            await nc.publish(subject, payload, headers=NATS_HEADERS)
+        # A PING/PONG round trip: the server has processed everything before it.
+        await nc.flush(timeout=self._flush_timeout)
+        self.state.published += len(batch)
+        return len(batch)
+
+    async def _close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await asyncio.wait_for(self._nc.close(), timeout=2.0)
+            except Exception as exc:  # closing a broken connection may fail; nothing is lost here
+                log.debug("nats close failed", error=repr(exc))
+
+    # --- trio side ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self._connect_task = self._thread.submit(self._connect())
+
+    async def publish_batch(self, batch: Sequence[tuple[str, bytes]]) -> int:
+        """Publish and flush ``batch``; raises if it may not all have arrived."""
+        try:
+            return await wait_future(self._thread.submit(self._publish_batch(list(batch))))
+        except NatsUnavailable:
+            raise
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            raise NatsUnavailable("publish cancelled") from None
+        except Exception as exc:
+            raise NatsUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        with trio.move_on_after(3):
+            try:
+                await wait_future(self._thread.submit(self._close()))
+            except Exception as exc:
+                log.debug("nats close failed", error=repr(exc))
+        await trio.to_thread.run_sync(self._thread.stop)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+@asynccontextmanager
+async def open_subscription(
+    servers: Sequence[str], subject: str, *, connect_timeout: float = 5.0
+) -> AsyncIterator[trio.MemoryReceiveChannel[ReceivedMessage]]:
+    """Subscribe to ``subject``; messages arrive on the yielded trio channel.
+
+    The subscription is registered with the server (flushed) before this
+    yields, so a publish that starts afterwards is seen.
+    """
+    thread = AsyncioThread("cellos-nats-sub")
+    thread.start()
+    token = trio.lowlevel.current_trio_token()
+    send, receive = trio.open_memory_channel[ReceivedMessage](math.inf)
+    holder: dict[str, NatsClient] = {}
+
+    async def deliver(msg: Msg) -> None:
+        item = ReceivedMessage(msg.subject, dict(msg.headers or {}), msg.data)
+        try:
+            token.run_sync_soon(send.send_nowait, item)
+        except trio.RunFinishedError:
+            pass
+
+    async def setup() -> None:
+        nc = await nats.connect(
+            servers=list(servers),
+            name="cellos-probed-tail",
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1.0,
+        )
+        holder["nc"] = nc
+        await nc.subscribe(subject, cb=deliver, pending_msgs_limit=1_000_000)
+        await nc.flush()
+
+    async def teardown() -> None:
+        nc = holder.get("nc")
+        if nc is not None:
+            await asyncio.wait_for(nc.close(), timeout=2.0)
+
+    try:
+        with trio.fail_after(connect_timeout + 1):
+            await wait_future(thread.submit(setup()))
+        async with receive:
+            yield receive
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(3):
+            try:
+                await wait_future(thread.submit(teardown()))
+            except Exception as exc:
+                log.debug("nats subscription close failed", error=repr(exc))
+            await trio.to_thread.run_sync(thread.stop)

@@ -1,0 +1,148 @@
+"""The NATS event sink: our own bounded outbox, flushed to nats-py in batches.
+
+``emit`` only serialises and queues; a single flusher task hands batches of
+up to ``batch_size`` events across to the asyncio thread and removes them
+once the server has confirmed the batch (a flush round trip). While no
+server is reachable, events wait here, in order, within the outbox bounds;
+what the bounds force out is declared by ``gap`` events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from cellos_probed.cloudevent import CloudEvent
+from cellos_probed.config import NatsSettings
+from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable
+from cellos_probed.outbox import Outbox
+
+log = structlog.get_logger("cellos_probed.nats_sink")
+
+
+@dataclass(slots=True)
+class SinkStats:
+    emitted: int = 0
+    published: int = 0
+    dropped: int = 0
+    gaps: int = 0
+    publish_failures: int = 0
+
+
+class NatsSink:
+    def __init__(
+        self,
+        settings: NatsSettings,
+        boot_id: str,
+        *,
+        max_events: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        batch_size: int = 500,
+        retry_seconds: float = 0.25,
+    ) -> None:
+        self.settings = settings
+        self.outbox = Outbox(
+            settings.subject_prefix, boot_id, max_events=max_events, max_bytes=max_bytes
+        )
+        self.stats = SinkStats()
+        self._batch_size = batch_size
+        self._retry_seconds = retry_seconds
+        self._publisher = NatsPublisher(settings.servers, settings.name)
+        self._wakeup = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._publisher.state.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._publisher.state.reconnects
+
+    async def emit(self, event: CloudEvent) -> None:
+        for gap in self.outbox.put(event):
+            log.warning(
+                "buffer full: dropping oldest readings",
+                cell=gap.attribution["cellId"],
+                probe=gap.probe_source,
+                first_sequence=gap.first,
+                reason=gap.reason,
+            )
+        self.stats.emitted += 1
+        self.stats.dropped = self.outbox.dropped
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wakeup.set()
+
+    def _state_changed(self, what: str) -> None:
+        # called on the asyncio thread: hop to trio to log with our context
+        token = self._token
+        if token is None:
+            return
+        state = self._publisher.state
+        try:
+            token.run_sync_soon(
+                lambda: log.info(f"nats {what}", server=state.server, reconnects=state.reconnects)
+            )
+        except trio.RunFinishedError:
+            pass
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher. Runs until cancelled; call :meth:`drain` first to empty the outbox."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._publisher.state.on_change = self._state_changed
+        self._publisher.start()
+        task_status.started()
+        try:
+            await self._flush_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._publisher.aclose()
+
+    async def _flush_forever(self) -> None:
+        failing = False
+        while True:
+            if not len(self.outbox) and not self.outbox.has_open_gaps():
+                self._idle.set()
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+            for gap in self.outbox.seal_gaps():
+                self.stats.gaps += 1
+                log.warning(
+                    "declaring dropped readings",
+                    cell=gap.attribution["cellId"],
+                    probe=gap.probe_source,
+                    first_sequence=gap.first,
+                    last_sequence=gap.last,
+                    reason=gap.reason,
+                )
+            batch = self.outbox.batch(self._batch_size)
+            if not batch:
+                continue
+            try:
+                await self._publisher.publish_batch([(e.subject, e.payload) for e in batch])
+            except NatsUnavailable as exc:
+                self.stats.publish_failures += 1
+                if not failing:
+                    log.warning("cannot publish yet; holding events", error=str(exc))
+                    failing = True
+                await trio.sleep(self._retry_seconds)
+                continue
+            if failing:
+                log.info("publishing again", held=len(self.outbox))
+                failing = False
+            self.outbox.confirm(batch)
+            self.stats.published += len(batch)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is published, at most ``timeout`` seconds."""
+        with trio.move_on_after(timeout):
+            while len(self.outbox) or self.outbox.has_open_gaps():
+                self._wakeup.set()
+                await self._idle.wait()
+            return True
+        log.warning("drain timed out; events left unpublished", held=len(self.outbox))
+        return False

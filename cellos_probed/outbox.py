@@ -1,0 +1,143 @@
+"""The bounded buffer between the probes and the network, with declared loss.
+
+Readings wait here, already serialised (so a retry re-sends the same
+bytes), until the publisher confirms them. When a bound (events or bytes)
+is hit the oldest go, and per (cell, probe) the dropped ``sequence`` range
+is kept until a ``gap`` event declaring it has been published. Gap events
+are never themselves dropped: there is at most one open range per
+(cell, probe), so they are bounded by the number of cells.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from cellos_probed.cloudevent import CloudEvent
+from cellos_probed.probes import build_gap_envelope
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    serial: int
+    subject: str
+    payload: bytes
+    # for gap accounting; None for events without a sequence (gap, agent)
+    sequence: int | None
+    probe_source: str | None
+    attribution: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class GapRange:
+    attribution: dict[str, Any]
+    probe_source: str
+    first: int
+    last: int
+    reason: str
+
+
+class Outbox:
+    def __init__(
+        self, subject_prefix: str, boot_id: str, *, max_events: int, max_bytes: int
+    ) -> None:
+        self.subject_prefix = subject_prefix
+        self.boot_id = boot_id
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._entries: deque[OutboxEntry] = deque()
+        self._bytes = 0
+        self._serials = itertools.count(1)
+        self._open_gaps: dict[tuple[str, str], GapRange] = {}
+        self._sealed: deque[OutboxEntry] = deque()
+        self.accepted = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self._sealed)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def has_open_gaps(self) -> bool:
+        return bool(self._open_gaps)
+
+    def put(self, event: CloudEvent) -> list[GapRange]:
+        """Queue ``event``; returns the ranges newly dropped to make room."""
+        payload = event.to_json()
+        data = event.data
+        sequence = None if event.sequence is None else int(event.sequence)
+        entry = OutboxEntry(
+            next(self._serials),
+            event.subject(self.subject_prefix),
+            payload,
+            sequence,
+            data.get("probeSource") if sequence is not None else None,
+            {key: data[key] for key in ("cellId", "runId", "specSignatureHash")}
+            if sequence is not None
+            else None,
+        )
+        self._entries.append(entry)
+        self._bytes += len(payload)
+        self.accepted += 1
+        dropped: list[GapRange] = []
+        while self._entries and (
+            len(self._entries) > self.max_events or self._bytes > self.max_bytes
+        ):
+            victim = self._entries.popleft()
+            self._bytes -= len(victim.payload)
+            self.dropped += 1
+            gap = self._record_drop(victim, "buffer_full")
+            if gap is not None:
+                dropped.append(gap)
+        return dropped
+
+    def _record_drop(self, victim: OutboxEntry, reason: str) -> GapRange | None:
+        if victim.sequence is None or victim.attribution is None or victim.probe_source is None:
+            return None  # an agent event: the daemon's own figures, superseded by the next
+        key = (victim.attribution["cellId"], victim.probe_source)
+        gap = self._open_gaps.get(key)
+        if gap is not None and gap.last + 1 == victim.sequence:
+            gap.last = victim.sequence
+            return None
+        gap = GapRange(
+            victim.attribution, victim.probe_source, victim.sequence, victim.sequence, reason
+        )
+        if key in self._open_gaps:  # not contiguous: seal the earlier range first
+            self._seal(self._open_gaps.pop(key))
+        self._open_gaps[key] = gap
+        return gap
+
+    def seal_gaps(self) -> list[GapRange]:
+        """Turn every open range into a ``gap`` event queued ahead of readings."""
+        sealed = list(self._open_gaps.values())
+        self._open_gaps.clear()
+        for gap in sealed:
+            self._seal(gap)
+        return sealed
+
+    def _seal(self, gap: GapRange) -> None:
+        event = build_gap_envelope(
+            gap.attribution, gap.probe_source, gap.first, gap.last, gap.reason, self.boot_id
+        )
+        self._sealed.append(
+            OutboxEntry(0, event.subject(self.subject_prefix), event.to_json(), None, None, None)
+        )
+
+    def batch(self, limit: int) -> list[OutboxEntry]:
+        """The next entries to publish, gap events first; they stay until :meth:`confirm`."""
+        out = list(itertools.islice(self._sealed, limit))
+        out.extend(itertools.islice(self._entries, max(0, limit - len(out))))
+        return out
+
+    def confirm(self, batch: list[OutboxEntry]) -> None:
+        """Remove what ``batch`` published (entries dropped meanwhile are already gone)."""
+        gaps = sum(1 for entry in batch if entry.serial == 0)
+        for _ in range(min(gaps, len(self._sealed))):
+            self._sealed.popleft()
+        last = max((entry.serial for entry in batch if entry.serial), default=0)
+        while self._entries and self._entries[0].serial <= last:
+            self._bytes -= len(self._entries.popleft().payload)

@@ -1,0 +1,333 @@
+"""Host-side observability probes: the port of the seed's ``probes/mod.rs``.
+
+These are the host-side counterpart of the in-guest agent's declarations.
+Where the guest *declares* what happened, these probes watch the cell from
+outside, through primitives the guest has no path to: cgroup-v2 files,
+nftables counters, the TAP link's state and the Firecracker VMM's metrics.
+That makes every reading a witness against which a guest's claims are
+checked, so silence must mean "nothing happened", never "the probe broke".
+
+Doctrine D12: every event names its probe (``probe_source``), the concrete
+``inputs`` it read and the ``output`` it extracted.
+
+This module holds what every probe shares: the context that attributes a
+reading to a cell, the reading itself, the typed error family, the
+``HostProbe`` protocol, and the one place where a reading becomes a
+CloudEvent (``emit_reading`` / ``build_host_probe_envelope``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, Protocol, runtime_checkable
+
+from cellos_probed.cloudevent import CloudEvent, rfc3339_millis
+
+#: CloudEvents ``source`` for host-probe-emitted events. The pair
+#: ``(source, type)`` is the CloudEvents idempotency key.
+HOST_PROBE_EVENT_SOURCE: Final = "cellos-host-telemetry/probes"
+
+#: CloudEvents type prefix; the full type is ``<prefix>.<probe>``.
+HOST_PROBE_EVENT_TYPE_PREFIX: Final = "dev.cellos.events.cell.observability.host.v1"
+
+#: The four probes, in the order a cell runs them.
+PROBE_NAMES: Final = ("cgroup", "tap_link", "nftables", "fc_metrics")
+
+#: Event kinds that belong to the daemon rather than to one probe reading.
+PROBE_ERROR_KIND: Final = "probe_error"
+GAP_KIND: Final = "gap"
+AGENT_KIND: Final = "agent"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeContext:
+    """Per-cell attribution every reading carries (ADR-0006 section 6)."""
+
+    cell_id: str
+    run_id: str
+    spec_signature_hash: str
+
+
+@dataclass(slots=True)
+class ProbeReading:
+    """One reading: which probe, what it read, what it found (D12).
+
+    ``host_received_at`` stays ``None`` until :func:`emit_reading` stamps it
+    at dispatch, so "probe ran" and "sink saw it" remain distinguishable.
+    """
+
+    probe_source: str
+    inputs: dict[str, Any]
+    output: dict[str, Any]
+    host_received_at: datetime | None = None
+
+
+class ProbeError(Exception):
+    """A probe could not produce a reading. ``kind`` is the event's error kind."""
+
+    kind: ClassVar[str] = "io"
+    prefix: ClassVar[str] = "host probe error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.prefix}: {self.message}" if self.message else self.prefix
+
+
+class ProbePlatformUnsupported(ProbeError):
+    kind = "platform_unsupported"
+    prefix = "host probe is not supported on this platform"
+
+
+class ProbeIoError(ProbeError):
+    kind = "io"
+    prefix = "host probe i/o error"
+
+
+class ProbeParseError(ProbeError):
+    kind = "parse"
+    prefix = "host probe parse error"
+
+
+class ProbeTimeoutError(ProbeError):
+    kind = "timeout"
+    prefix = "host probe timed out"
+
+
+class ProbeSinkError(ProbeError):
+    """The sink refused an event. Never published as a ``probe_error``."""
+
+    kind = "sink"
+    prefix = "host probe sink error"
+
+
+@runtime_checkable
+class HostProbe(Protocol):
+    """A single host-side probe bound to one cell.
+
+    ``read`` may keep state between calls (delta baselines); the scheduler
+    never runs two reads of the same probe instance at once.
+    """
+
+    def probe_name(self) -> str: ...
+
+    def inputs(self) -> dict[str, Any]:
+        """What the probe is configured to read; named in ``probe_error`` events."""
+        ...
+
+    async def read(self, ctx: ProbeContext) -> ProbeReading: ...
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """Where finished events go (NATS, stdout, a test's list)."""
+
+    async def emit(self, event: CloudEvent) -> None: ...
+
+
+@dataclass(slots=True)
+class CapturingSink:
+    """Records every event emitted through it, in order (tests, ``once``)."""
+
+    events: list[CloudEvent] = field(default_factory=list)
+
+    async def emit(self, event: CloudEvent) -> None:
+        self.events.append(event)
+
+    def snapshot(self) -> list[CloudEvent]:
+        return list(self.events)
+
+
+class EventStamper:
+    """The loss-visibility extensions: one boot id, one count per (cell, probe).
+
+    A reading and a ``probe_error`` of the same cell and probe share the
+    count, so each (boot, cell, probe) sequence has no holes unless a ``gap``
+    event declares them. The stamper outlives config reloads.
+    """
+
+    __slots__ = ("_counters", "boot_id")
+
+    def __init__(self, boot_id: str | None = None) -> None:
+        self.boot_id = boot_id or str(uuid.uuid4())
+        self._counters: dict[tuple[str, str], int] = {}
+
+    def next_sequence(self, cell_id: str, probe: str) -> int:
+        key = (cell_id, probe)
+        value = self._counters.get(key, 0) + 1
+        self._counters[key] = value
+        return value
+
+    def last_sequence(self, cell_id: str, probe: str) -> int:
+        return self._counters.get((cell_id, probe), 0)
+
+
+def probe_short_name(probe_source: str) -> str:
+    """Strip the optional ``host.`` prefix: ``host.cgroup`` -> ``cgroup``."""
+    return probe_source.removeprefix("host.")
+
+
+def event_type_for(kind: str) -> str:
+    return f"{HOST_PROBE_EVENT_TYPE_PREFIX}.{kind}"
+
+
+def cell_observability_host_fc_metrics_v1_type() -> str:
+    return event_type_for("fc_metrics")
+
+
+def cell_observability_host_cgroup_v1_type() -> str:
+    return event_type_for("cgroup")
+
+
+def cell_observability_host_nftables_v1_type() -> str:
+    return event_type_for("nftables")
+
+
+def cell_observability_host_tap_v1_type() -> str:
+    return event_type_for("tap_link")
+
+
+def _known_probe(probe_source: str) -> str:
+    short = probe_short_name(probe_source)
+    if short not in PROBE_NAMES:
+        raise ProbeParseError(f"unknown host probe short name: {short}")
+    return short
+
+
+def _attribution(ctx: ProbeContext, stamp: str, probe_source: str) -> dict[str, Any]:
+    return {
+        "cellId": ctx.cell_id,
+        "runId": ctx.run_id,
+        "specSignatureHash": ctx.spec_signature_hash,
+        "hostReceivedAt": stamp,
+        "probeSource": probe_source,
+    }
+
+
+def _envelope(
+    kind: str,
+    token: str,
+    data: dict[str, Any],
+    stamp: str,
+    sequence: int | None,
+    boot_id: str | None,
+) -> CloudEvent:
+    return CloudEvent(
+        id=f"urn:cellos:event:{uuid.uuid4()}",
+        source=HOST_PROBE_EVENT_SOURCE,
+        type=event_type_for(kind),
+        time=stamp,
+        data=data,
+        sequence=None if sequence is None else str(sequence),
+        cellosagentboot=boot_id,
+        subject_token=token,
+    )
+
+
+def build_host_probe_envelope(
+    ctx: ProbeContext,
+    reading: ProbeReading,
+    *,
+    sequence: int | None = None,
+    boot_id: str | None = None,
+) -> CloudEvent:
+    """The CloudEvent for ``reading``; an unknown probe is a parse error."""
+    short = _known_probe(reading.probe_source)
+    received = reading.host_received_at or datetime.now(UTC)
+    stamp = rfc3339_millis(received)
+    data = _attribution(ctx, stamp, reading.probe_source)
+    data["inputs"] = reading.inputs
+    data["output"] = reading.output
+    return _envelope(short, ctx.cell_id, data, stamp, sequence, boot_id)
+
+
+def build_probe_error_envelope(
+    ctx: ProbeContext,
+    probe_source: str,
+    inputs: dict[str, Any],
+    error: ProbeError,
+    *,
+    sequence: int | None = None,
+    boot_id: str | None = None,
+    received_at: datetime | None = None,
+) -> CloudEvent:
+    """The ``probe_error`` event published on the failing probe's behalf."""
+    _known_probe(probe_source)
+    stamp = rfc3339_millis(received_at or datetime.now(UTC))
+    data = _attribution(ctx, stamp, probe_source)
+    data["inputs"] = inputs
+    data["error"] = {"kind": error.kind, "message": error.message or error.prefix}
+    return _envelope(PROBE_ERROR_KIND, ctx.cell_id, data, stamp, sequence, boot_id)
+
+
+async def emit_reading(
+    sink: EventSink,
+    ctx: ProbeContext,
+    reading: ProbeReading,
+    stamper: EventStamper | None = None,
+) -> CloudEvent:
+    """Stamp ``host_received_at``, build the envelope and hand it to ``sink``.
+
+    The single point where "a probe produced something" turns into "the
+    sink saw an event", so host-stamping cannot be bypassed.
+    """
+    reading.host_received_at = datetime.now(UTC)
+    sequence = boot_id = None
+    if stamper is not None:
+        sequence = stamper.next_sequence(ctx.cell_id, _known_probe(reading.probe_source))
+        boot_id = stamper.boot_id
+    event = build_host_probe_envelope(ctx, reading, sequence=sequence, boot_id=boot_id)
+    await sink.emit(event)
+    return event
+
+
+async def emit_probe_error(
+    sink: EventSink,
+    ctx: ProbeContext,
+    probe_source: str,
+    inputs: dict[str, Any],
+    error: ProbeError,
+    stamper: EventStamper | None = None,
+) -> CloudEvent:
+    """Publish that ``probe_source`` failed, sharing the probe's sequence."""
+    sequence = boot_id = None
+    if stamper is not None:
+        sequence = stamper.next_sequence(ctx.cell_id, _known_probe(probe_source))
+        boot_id = stamper.boot_id
+    event = build_probe_error_envelope(
+        ctx, probe_source, inputs, error, sequence=sequence, boot_id=boot_id
+    )
+    await sink.emit(event)
+    return event
+
+
+def build_gap_envelope(
+    attribution: dict[str, Any],
+    probe_source: str,
+    first_sequence: int,
+    last_sequence: int,
+    reason: str,
+    boot_id: str,
+) -> CloudEvent:
+    """A ``gap`` event: readings of this daemon (this boot) that were dropped.
+
+    ``attribution`` holds the dropped events' ``cellId``, ``runId`` and
+    ``specSignatureHash``.
+    """
+    stamp = rfc3339_millis(datetime.now(UTC))
+    data = {
+        "cellId": attribution["cellId"],
+        "runId": attribution["runId"],
+        "specSignatureHash": attribution["specSignatureHash"],
+        "hostReceivedAt": stamp,
+        "probeSource": probe_source,
+        "dropped": last_sequence - first_sequence + 1,
+        "firstSequence": first_sequence,
+        "lastSequence": last_sequence,
+        "reason": reason,
+    }
+    return _envelope(GAP_KIND, attribution["cellId"], data, stamp, None, boot_id)

@@ -1,0 +1,170 @@
+"""The ``cgroup`` probe: a cell's cgroup-v2 leaf files.
+
+Fetching (``read_cgroup_files``, blocking, run in a worker thread) is split
+from parsing (``cgroup_parse``, pure). Files are opened relative to the
+cgroup directory's descriptor with ``O_NOFOLLOW``, so a symlink planted in a
+watched directory is refused rather than followed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from cellos_probed.config import CgroupProbeConfig
+from cellos_probed.probes import (
+    ProbeContext,
+    ProbeIoError,
+    ProbeParseError,
+    ProbeReading,
+)
+from cellos_probed.probes.cgroup_parse import (
+    counter_deltas,
+    output_key,
+    parse_flat_keyed,
+    parse_pressure,
+    parse_single_value,
+)
+
+#: Every file the probe reads, in output order, with its format.
+CGROUP_FILES: Final = (
+    ("memory.events", "keyed"),
+    ("cpu.stat", "keyed"),
+    ("pids.events", "keyed"),
+    ("memory.current", "single"),
+    ("memory.peak", "single"),
+    ("pids.current", "single"),
+    ("cpu.pressure", "pressure"),
+    ("memory.pressure", "pressure"),
+    ("io.pressure", "pressure"),
+)
+#: The counter files whose increase is reported in ``deltas``.
+DELTA_FILES: Final = ("memory.events", "pids.events", "cpu.stat")
+#: The largest of these files is ``cpu.stat`` at well under 1 KiB.
+MAX_FILE_BYTES: Final = 64 * 1024
+
+_PARSERS: Final = {
+    "keyed": parse_flat_keyed,
+    "single": parse_single_value,
+    "pressure": parse_pressure,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupFiles:
+    """What one fetch found: file contents by name, absent files, directory identity."""
+
+    contents: dict[str, str]
+    missing: list[str]
+    directory_id: tuple[int, int]
+
+
+def _read_bounded(fd: int, name: str) -> str:
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_FILE_BYTES:
+            raise ProbeParseError(f"{name}: larger than {MAX_FILE_BYTES} bytes, not read")
+    try:
+        return b"".join(chunks).decode("ascii")
+    except UnicodeDecodeError:
+        raise ProbeParseError(f"{name}: not ASCII text") from None
+
+
+def read_cgroup_files(directory: Path, label: str) -> CgroupFiles:
+    """Open ``directory`` and read every file of :data:`CGROUP_FILES` (blocking)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProbeIoError(f"cgroup directory does not exist: {label}") from None
+    except NotADirectoryError:
+        raise ProbeIoError(f"cgroup path is not a directory: {label}") from None
+    except PermissionError:
+        raise ProbeIoError(f"permission denied opening cgroup directory: {label}") from None
+    except OSError as exc:
+        raise ProbeIoError(f"cannot open cgroup directory {label}: {exc.strerror}") from None
+    try:
+        stat = os.fstat(dir_fd)
+        contents: dict[str, str] = {}
+        missing: list[str] = []
+        for name, _ in CGROUP_FILES:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except FileNotFoundError:
+                missing.append(name)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ProbeIoError(f"{name} is a symlink; refusing to follow it") from None
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    raise ProbeIoError(f"permission denied reading {name}") from None
+                raise ProbeIoError(f"cannot open {name}: {exc.strerror}") from None
+            try:
+                contents[name] = _read_bounded(fd, name)
+            except OSError as exc:
+                if exc.errno == errno.ENODEV:  # the cgroup was removed while we read it
+                    raise ProbeIoError(f"cgroup directory was removed: {label}") from None
+                raise ProbeIoError(f"cannot read {name}: {exc.strerror}") from None
+            finally:
+                os.close(fd)
+        if not contents and not os.path.isdir(directory):
+            raise ProbeIoError(f"cgroup directory was removed: {label}")
+        return CgroupFiles(contents, missing, (stat.st_dev, stat.st_ino))
+    finally:
+        os.close(dir_fd)
+
+
+def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
+    """The ``output`` object (without ``deltas``) for one fetch. Pure."""
+    output: dict[str, Any] = {}
+    for name, kind in CGROUP_FILES:
+        if name in files.contents:
+            output[output_key(name)] = _PARSERS[kind](files.contents[name], name)
+    output["missing"] = list(files.missing)
+    return output
+
+
+class CgroupProbe:
+    """Reads one cell's cgroup and reports counter increases between readings."""
+
+    def __init__(self, config: CgroupProbeConfig, limiter: trio.CapacityLimiter) -> None:
+        self._config = config
+        self._limiter = limiter
+        self._baseline: dict[str, dict[str, int]] | None = None
+        self._directory_id: tuple[int, int] | None = None
+
+    def probe_name(self) -> str:
+        return "cgroup"
+
+    def inputs(self, files: list[str] | None = None) -> dict[str, Any]:
+        read = [name for name, _ in CGROUP_FILES] if files is None else files
+        return {"cgroup_path": self._config.path, "files": read}
+
+    async def read(self, ctx: ProbeContext) -> ProbeReading:
+        files = await trio.to_thread.run_sync(
+            read_cgroup_files,
+            self._config.resolved,
+            self._config.path,
+            limiter=self._limiter,
+            abandon_on_cancel=True,
+        )
+        output = parse_cgroup_files(files)
+        counters = {
+            output_key(name): output[output_key(name)]
+            for name in DELTA_FILES
+            if output_key(name) in output
+        }
+        recreated = self._directory_id is not None and self._directory_id != files.directory_id
+        output["deltas"] = counter_deltas(self._baseline, counters, recreated=recreated)
+        self._baseline = counters
+        self._directory_id = files.directory_id
+        return ProbeReading("host.cgroup", self.inputs(list(files.contents)), output)

@@ -1,0 +1,132 @@
+"""Pure parsers for cgroup v2 interface files, in the kernel's exact formats.
+
+Three shapes cover every file the cgroup probe reads
+(Documentation/admin-guide/cgroup-v2.rst, "Interface Files"):
+
+- flat keyed, ``memory.events`` / ``cpu.stat`` / ``pids.events``::
+
+      usage_usec 123
+      user_usec 100
+
+- single value, ``memory.current`` / ``memory.peak`` / ``pids.current``: ``8192``
+- pressure stall information, ``*.pressure``::
+
+      some avg10=0.00 avg60=0.00 avg300=0.00 total=0
+      full avg10=0.00 avg60=0.00 avg300=0.00 total=0
+
+Errors name the file and line, never the contents: the readings and the
+logs must not leak what a hostile file holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from cellos_probed.probes import ProbeParseError
+
+_PSI_AVERAGES: Final = ("avg10", "avg60", "avg300")
+_PSI_LINES: Final = ("some", "full")
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def _counter(token: str, file: str, line_no: int) -> int:
+    # int() accepts "1_000", "+5" and surrounding blanks; the kernel writes none
+    if not token.isascii() or not token.isdigit():
+        raise ProbeParseError(f"{file}: line {line_no}: value is not a non-negative integer")
+    return int(token)
+
+
+def parse_flat_keyed(text: str, file: str) -> dict[str, int]:
+    """``key value`` per line, every key passed through as an integer."""
+    out: dict[str, int] = {}
+    for line_no, line in enumerate(_lines(text), start=1):
+        fields = line.split()
+        if len(fields) != 2:
+            raise ProbeParseError(f"{file}: line {line_no}: expected 'key value'")
+        key, value = fields
+        if not key.isascii() or not key.replace("_", "").replace(".", "").isalnum():
+            raise ProbeParseError(f"{file}: line {line_no}: malformed key")
+        if key in out:
+            raise ProbeParseError(f"{file}: line {line_no}: duplicate key")
+        out[key] = _counter(value, file, line_no)
+    return out
+
+
+def parse_single_value(text: str, file: str) -> int:
+    lines = _lines(text)
+    if len(lines) != 1:
+        raise ProbeParseError(f"{file}: expected one value, found {len(lines)} lines")
+    return _counter(lines[0].strip(), file, 1)
+
+
+def _average(token: str, file: str, line_no: int) -> float:
+    whole, dot, frac = token.partition(".")
+    digits = whole.isascii() and whole.isdigit()
+    if not digits or (dot and not (frac.isascii() and frac.isdigit())):
+        raise ProbeParseError(f"{file}: line {line_no}: average is not a decimal number")
+    return float(token)
+
+
+def parse_pressure(text: str, file: str) -> dict[str, dict[str, Any]]:
+    """PSI lines into ``{"some": {...}, "full": {...}}`` (``full`` may be absent)."""
+    out: dict[str, dict[str, Any]] = {}
+    for line_no, line in enumerate(_lines(text), start=1):
+        fields = line.split()
+        if not fields or fields[0] not in _PSI_LINES:
+            raise ProbeParseError(f"{file}: line {line_no}: expected 'some' or 'full'")
+        if fields[0] in out:
+            raise ProbeParseError(f"{file}: line {line_no}: duplicate '{fields[0]}' line")
+        values: dict[str, Any] = {}
+        for pair in fields[1:]:
+            key, eq, value = pair.partition("=")
+            if not eq or key in values:
+                raise ProbeParseError(f"{file}: line {line_no}: expected key=value pairs")
+            if key in _PSI_AVERAGES:
+                values[key] = _average(value, file, line_no)
+            elif key == "total":
+                values[key] = _counter(value, file, line_no)
+            else:
+                raise ProbeParseError(f"{file}: line {line_no}: unknown pressure field")
+        missing = [key for key in (*_PSI_AVERAGES, "total") if key not in values]
+        if missing:
+            raise ProbeParseError(f"{file}: line {line_no}: missing {', '.join(missing)}")
+        out[fields[0]] = values
+    if "some" not in out:
+        raise ProbeParseError(f"{file}: no 'some' line")
+    return out
+
+
+def output_key(file: str) -> str:
+    """``memory.events`` -> ``memory_events``."""
+    return file.replace(".", "_")
+
+
+def counter_deltas(
+    previous: dict[str, dict[str, int]] | None,
+    current: dict[str, dict[str, int]],
+    *,
+    recreated: bool = False,
+) -> dict[str, Any] | None:
+    """Increase of every counter since ``previous``; ``None`` on the first reading.
+
+    A counter that went down (or ``recreated``: the directory is a new one)
+    means the cgroup was recreated: every baseline restarts at zero, so the
+    deltas are the new counters' values and ``reset`` is true. A counter or
+    file new since the previous reading also counts from zero.
+    """
+    if previous is None:
+        return None
+    reset = recreated or any(
+        value < previous.get(name, {}).get(key, 0)
+        for name, counters in current.items()
+        for key, value in counters.items()
+    )
+    deltas: dict[str, Any] = {}
+    for name, counters in current.items():
+        before = {} if reset else previous.get(name, {})
+        deltas[name] = {key: value - before.get(key, 0) for key, value in counters.items()}
+    deltas["reset"] = reset
+    return deltas
