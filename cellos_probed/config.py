@@ -13,14 +13,13 @@ import math
 import os
 import re
 import socket
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from cellos_probed import cgroupfs
-
-import tomllib
 
 DEFAULT_SUBJECT_PREFIX: Final = "dev.cellos.events.cell.observability.host.v1"
 DEFAULT_SERVERS: Final = ("nats://127.0.0.1:4222",)

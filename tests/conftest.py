@@ -1,0 +1,112 @@
+"""Shared fixtures: a real nats-server, privilege checks, a clean cgroup."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+NATS_SERVER = Path(sys.prefix) / "bin" / "nats-server"
+IS_ROOT = os.geteuid() == 0
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (netns, TAP, nftables, cgroups)")
+needs_nats = pytest.mark.skipif(
+    not NATS_SERVER.exists(), reason=f"nats-server not found at {NATS_SERVER} (make setup)"
+)
+
+
+@dataclass
+class NatsServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    store: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_nats_server(
+    workdir: Path, *, port: int = -1, extra: list[str] | None = None, jetstream: bool = False
+) -> NatsServer:
+    """Start nats-server on loopback; return once it accepts clients."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"nats-{time.monotonic_ns()}.log"
+    args = [str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(port), "-l", str(log)]
+    if jetstream:
+        args += ["-js", "-sd", str(workdir / "jetstream")]
+    args += extra or []
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    pattern = re.compile(r"Listening for client connections on 127\.0\.0\.1:(\d+)")
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.exists() else ""
+        found = pattern.search(text)
+        if found and "Server is ready" in text:
+            bound = int(found.group(1))
+            return NatsServer(f"nats://127.0.0.1:{bound}", bound, process, workdir)
+        if process.poll() is not None:
+            raise RuntimeError(f"nats-server exited: {text[-2000:]}")
+        time.sleep(0.02)  # polling a log file for a condition; nothing to await
+    process.kill()
+    raise RuntimeError("nats-server did not become ready in 10 s")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    if not NATS_SERVER.exists():
+        pytest.skip(f"nats-server not found at {NATS_SERVER} (make setup)")
+    server = start_nats_server(tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def real_cgroup() -> Iterator[Path]:
+    """A fresh cgroup under this host's cgroup2 mount, removed afterwards."""
+    from cellos_probed.cgroupfs import find_cgroup2_mount
+
+    if not IS_ROOT:
+        pytest.skip("creating a cgroup needs root")
+    mount = find_cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount on this host")
+    path = mount / f"cellos-test-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        procs = path / "cgroup.procs"
+        parent = path.parent / "cgroup.procs"
+        for _ in range(50):
+            pids = procs.read_text().split() if procs.exists() else []
+            for pid in pids:
+                try:
+                    parent.write_text(pid)
+                except OSError:
+                    pass
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)
