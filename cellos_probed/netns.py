@@ -12,6 +12,7 @@ Entering a namespace needs CAP_SYS_ADMIN; the error says so.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import queue
@@ -26,6 +27,16 @@ from cellos_probed.probes import ProbeIoError
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 _NSFS_MAGIC = 0x6E736673
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    # os.setns arrives in Python 3.12; the daemon targets 3.11
+    if _libc.setns(fd, nstype) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 class NamespaceError(ProbeIoError):
@@ -43,7 +54,7 @@ def enter_netns(path: str) -> None:
     except OSError as exc:
         raise NamespaceError(f"cannot open network namespace {path}: {exc.strerror}") from None
     try:
-        os.setns(fd, CLONE_NEWNET)
+        _setns(fd, CLONE_NEWNET)
     except OSError as exc:
         if exc.errno == errno.EPERM:
             raise NamespaceError(f"entering network namespace {path} needs CAP_SYS_ADMIN") from None
