@@ -56,6 +56,9 @@ class SharedResources:
         # cgroupfs reads are short; a few threads keep a slow disk from serialising cells
         self.file_reads = trio.CapacityLimiter(4)
         self.nursery: trio.Nursery | None = None
+        #: the index of the tick being run; shared queries key their results on it
+        #: so that every cell reading one table in one tick shares one query
+        self.tick_index = 0
 
 
 def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
@@ -161,6 +164,7 @@ class Prober:
 
     async def tick(self, index: int = 0) -> None:
         timeout = self.config.daemon.probe_timeout_seconds
+        self.shared.tick_index = index
         async with trio.open_nursery() as nursery:
             for runner in list(self.runners.values()):
                 for probe in runner.probes:
