@@ -1,0 +1,155 @@
+"""The cgroup probe on fixture trees in the kernel's format and on a real cgroup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from cellos_probed.config import CgroupProbeConfig
+from cellos_probed.probes import ProbeContext, ProbeIoError, ProbeParseError
+from cellos_probed.probes.cgroup import CGROUP_FILES, CgroupProbe
+from cellos_probed.probes.cgroup_parse import parse_flat_keyed
+from testbed.cgroup_tree import FakeCgroup
+from tests.conftest import needs_root
+
+CTX = ProbeContext("cell-1", "run-7", "sha256:abcd")
+
+
+def probe_for(path: Path, written: str = "cell-1") -> CgroupProbe:
+    return CgroupProbe(CgroupProbeConfig(written, path), trio.CapacityLimiter(2))
+
+
+async def test_full_tree_every_file_and_key(tmp_path: Path) -> None:
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.memory_events["oom_kill"] = 4
+    cgroup.cpu_stat["usage_usec"] = 123456
+    cgroup.pids_events["max"] = 2
+    cgroup.write()
+    reading = await probe_for(cgroup.path).read(CTX)
+    out = reading.output
+    assert reading.probe_source == "host.cgroup"
+    assert reading.inputs == {
+        "cgroup_path": "cell-1",
+        "files": [name for name, _ in CGROUP_FILES],
+    }
+    assert out["memory_events"] == {
+        "low": 0, "high": 0, "max": 0, "oom": 0, "oom_kill": 4, "oom_group_kill": 0,
+    }  # fmt: skip
+    assert out["cpu_stat"]["usage_usec"] == 123456
+    assert out["pids_events"] == {"max": 2}
+    assert out["memory_current"] == 8_388_608
+    assert out["memory_peak"] == 12_582_912
+    assert out["pids_current"] == 3
+    assert out["cpu_pressure"]["some"] == {"avg10": 0.0, "avg60": 0.0, "avg300": 0.0, "total": 0}
+    assert out["missing"] == []
+    assert out["deltas"] is None
+
+
+async def test_deltas_follow_the_files_and_reset_on_recreate(tmp_path: Path) -> None:
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.cpu_stat["usage_usec"] = 1000
+    cgroup.write()
+    probe = probe_for(cgroup.path)
+    await probe.read(CTX)
+    cgroup.memory_events["oom"] += 1
+    cgroup.memory_events["oom_kill"] += 1
+    cgroup.cpu_stat["usage_usec"] += 2500
+    cgroup.pids_events["max"] += 3
+    cgroup.write()
+    deltas = (await probe.read(CTX)).output["deltas"]
+    assert deltas["reset"] is False
+    assert deltas["memory_events"]["oom"] == 1
+    assert deltas["memory_events"]["oom_kill"] == 1
+    assert deltas["memory_events"]["max"] == 0
+    assert deltas["cpu_stat"]["usage_usec"] == 2500
+    assert deltas["pids_events"] == {"max": 3}
+
+    # the cgroup is removed and created again: a new directory, counters from zero
+    for name in os.listdir(cgroup.path):
+        os.unlink(cgroup.path / name)
+    cgroup.path.rmdir()
+    fresh = FakeCgroup(cgroup.path)
+    fresh.cpu_stat["usage_usec"] = 7
+    fresh.write()
+    deltas = (await probe.read(CTX)).output["deltas"]
+    assert deltas["reset"] is True
+    assert deltas["cpu_stat"]["usage_usec"] == 7
+
+
+async def test_files_the_kernel_does_not_offer_are_listed_missing(tmp_path: Path) -> None:
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    for name in ("memory.events", "memory.current", "memory.peak", "memory.pressure"):
+        os.unlink(cgroup.path / name)
+    reading = await probe_for(cgroup.path).read(CTX)
+    assert reading.output["missing"] == [
+        "memory.events", "memory.current", "memory.peak", "memory.pressure",
+    ]  # fmt: skip
+    assert "memory_events" not in reading.output
+    assert "memory.events" not in reading.inputs["files"]
+    assert reading.output["cpu_stat"]["usage_usec"] == 0
+
+
+async def test_a_missing_directory_is_an_io_error(tmp_path: Path) -> None:
+    with pytest.raises(ProbeIoError, match="cgroup directory does not exist: cell-9"):
+        await probe_for(tmp_path / "nope", "cell-9").read(CTX)
+
+
+async def test_a_symlinked_file_is_refused_and_its_target_never_read(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("usage_usec 424242\n")
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    os.unlink(cgroup.path / "cpu.stat")
+    os.symlink(secret, cgroup.path / "cpu.stat")
+    with pytest.raises(ProbeIoError, match="cpu.stat is a symlink") as caught:
+        await probe_for(cgroup.path).read(CTX)
+    assert "424242" not in str(caught.value)
+
+
+async def test_an_oversized_file_is_a_parse_error(tmp_path: Path) -> None:
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    (cgroup.path / "cpu.stat").write_text("usage_usec 1\n" * 10_000)
+    with pytest.raises(ProbeParseError, match="cpu.stat: larger than 65536 bytes"):
+        await probe_for(cgroup.path).read(CTX)
+
+
+@needs_root
+async def test_a_real_cgroup_reads_what_the_kernel_counts(real_cgroup: Path) -> None:
+    """cpu.stat and PSI of a real cgroup v2 directory, with a process burning CPU in it."""
+    probe = probe_for(real_cgroup, real_cgroup.name)
+    first = await probe.read(CTX)
+    assert "cpu.stat" in first.inputs["files"]
+    assert first.output["cpu_stat"] == parse_flat_keyed(
+        (real_cgroup / "cpu.stat").read_text(), "cpu.stat"
+    )
+    # controllers this kernel lacks are reported missing, not failed
+    for name in first.output["missing"]:
+        assert not (real_cgroup / name).exists()
+    burner = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nsys.stdin.readline()\nwhile True: pass"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        (real_cgroup / "cgroup.procs").write_text(str(burner.pid))
+        assert burner.stdin is not None
+        burner.stdin.write(b"go\n")
+        burner.stdin.flush()
+        with trio.fail_after(10):
+            while True:  # wait for the kernel to account some CPU time to the cgroup
+                second = await probe.read(CTX)
+                if second.output["deltas"]["cpu_stat"]["usage_usec"] > 10_000:
+                    break
+                await trio.sleep(0.05)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert second.output["deltas"]["reset"] is False
+    after = parse_flat_keyed((real_cgroup / "cpu.stat").read_text(), "cpu.stat")
+    assert after["usage_usec"] >= second.output["cpu_stat"]["usage_usec"] > 10_000

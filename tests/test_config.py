@@ -1,0 +1,146 @@
+"""Config loading: the commented example parses; every mistake names file, cell and key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cellos_probed.cli import EXIT_CONFIG, main
+from cellos_probed.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+CELL = 'id = "cell-1"\nrun_id = "r"\nspec_signature_hash = "sha256:x"\n'
+ROOTS = '[paths]\ncgroup_root = "/cg"\njail_root = "/jail"\nnetns_root = "/ns"\n'
+
+
+def test_the_shipped_example_parses() -> None:
+    config = load_config(REPO / "config" / "cellos-probed.toml")
+    assert config.daemon.tick_seconds == 1.0
+    assert config.daemon.probe_timeout_seconds == 0.5
+    assert [cell.id for cell in config.cells] == ["cell-1"]
+    assert config.cells[0].cgroup is not None
+    assert config.cells[0].cgroup.path == "firecracker/cell-1"
+
+
+def test_defaults_and_relative_paths() -> None:
+    config = parse_config(ROOTS + f"[[cell]]\n{CELL}[cell.cgroup]\npath = 'fc/cell-1'\n")
+    assert config.daemon.tick_seconds == 1.0
+    assert config.daemon.probe_timeout_seconds == 0.5
+    assert config.nats.servers == ("nats://127.0.0.1:4222",)
+    assert config.nats.subject_prefix == "dev.cellos.events.cell.observability.host.v1"
+    cgroup = config.cells[0].cgroup
+    assert cgroup is not None
+    assert cgroup.path == "fc/cell-1"  # reported as written
+    assert cgroup.resolved == Path("/cg/fc/cell-1")
+
+
+def test_timeout_defaults_to_half_the_tick() -> None:
+    assert parse_config("[daemon]\ntick_seconds = 3.0\n").daemon.probe_timeout_seconds == 1.5
+
+
+# (name, config text, the message an operator sees after "cellos-probed: configuration error: ")
+BROKEN = [
+    ("toml syntax", "[daemon\n", "{file}:1:8: TOML syntax error: Expected ']' at the end of a table declaration"),
+    ("unknown top-level key", "colour = 'blue'\n", "{file}: key 'colour': unknown key"),
+    ("unknown daemon key", "[daemon]\ntick = 1\n", "{file}: key 'daemon.tick': unknown key"),
+    ("tick is a string", "[daemon]\ntick_seconds = '1'\n", "{file}: key 'daemon.tick_seconds': must be a number, not a string"),
+    ("tick is a boolean", "[daemon]\ntick_seconds = true\n", "{file}: key 'daemon.tick_seconds': must be a number, not a boolean"),
+    ("absurd tick", "[daemon]\ntick_seconds = 0\n", "{file}: key 'daemon.tick_seconds': must be between 0.01 and 3600, got 0"),
+    ("timeout not below tick", "[daemon]\ntick_seconds = 1\nprobe_timeout_seconds = 1\n", "{file}: key 'daemon.probe_timeout_seconds': must be less than tick_seconds (1), got 1"),
+    ("host id not a token", "[daemon]\nhost_id = 'a.b'\n", "{file}: key 'daemon.host_id': must be a NATS subject token: [A-Za-z0-9_-]{{1,128}}"),
+    ("bad server url", "[nats]\nservers = ['http://x']\n", "{file}: key 'nats.servers': 'http://x' is not a nats:// or tls:// URL"),
+    ("wildcard prefix", "[nats]\nsubject_prefix = 'a.>'\n", "{file}: key 'nats.subject_prefix': must be dot-separated subject tokens, no wildcards"),
+    ("servers not a list", "[nats]\nservers = 'nats://a:1'\n", "{file}: key 'nats.servers': must be a list of strings, not a string"),
+    ("cell missing run_id", "[[cell]]\nid = 'c1'\nspec_signature_hash = 'h'\n", "{file}: cell 'c1': key 'cell.run_id': is required (a string)"),
+    ("cell id not a token", "[[cell]]\nid = 'cell 1'\nrun_id = 'r'\nspec_signature_hash = 'h'\n", "{file}: cell '#1': key 'cell.id': 'cell 1' is not a NATS subject token: [A-Za-z0-9_-]{{1,128}}"),
+    ("duplicate cell id", f"[[cell]]\n{CELL}[[cell]]\n{CELL}", "{file}: cell 'cell-1': key 'cell.id': duplicate cell id (also cell #1)"),
+    ("unknown cell key", f"[[cell]]\n{CELL}colour = 1\n", "{file}: cell 'cell-1': key 'cell.colour': unknown key"),
+    ("unknown cgroup key", f"{ROOTS}[[cell]]\n{CELL}[cell.cgroup]\npath = 'a'\npaht = 'b'\n", "{file}: cell 'cell-1': key 'cell.cgroup.paht': unknown key"),
+    ("cgroup path escapes", f"{ROOTS}[[cell]]\n{CELL}[cell.cgroup]\npath = '../etc'\n", "{file}: cell 'cell-1': key 'cell.cgroup.path': '../etc' is not under [paths] cgroup_root (/cg)"),
+    ("absolute path elsewhere", f"{ROOTS}[[cell]]\n{CELL}[cell.cgroup]\npath = '/etc/shadow'\n", "{file}: cell 'cell-1': key 'cell.cgroup.path': '/etc/shadow' is not under [paths] cgroup_root (/cg)"),
+    ("netns escapes", f"{ROOTS}[[cell]]\n{CELL}netns = '/proc/1/ns/net'\n", "{file}: cell 'cell-1': key 'cell.netns': '/proc/1/ns/net' is not under [paths] netns_root (/ns)"),
+    ("relative root", "[paths]\ncgroup_root = 'cg'\n", "{file}: key 'paths.cgroup_root': must be an absolute path"),
+    ("cell not a table", "cell = [1]\n", "{file}: cell '#1': key 'cell': must be a table ([[cell]])"),
+    ("cgroup without path", f"{ROOTS}[[cell]]\n{CELL}[cell.cgroup]\n", "{file}: cell 'cell-1': key 'cell.cgroup.path': is required (a string)"),
+    ("feature not built yet", "[spool]\npath = '/var/lib/x'\n", "{file}: key 'spool': is not supported yet: the disk spool arrive(s) in a later release of cellos-probed"),
+    ("jetstream not built yet", "[nats.jetstream]\nstream = 'S'\n", "{file}: key 'nats.jetstream': is not supported yet: JetStream delivery arrive(s) in a later release of cellos-probed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "text", "message"), BROKEN, ids=[case[0] for case in BROKEN])
+def test_check_config_names_the_mistake(
+    name: str, text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["check-config", "--config", str(path)]) == EXIT_CONFIG == 78
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cellos-probed: configuration error: {message.format(file=path)}"]
+
+
+def test_a_missing_or_unreadable_file_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.toml"
+    assert main(["check-config", "--config", str(missing)]) == 78
+    assert capsys.readouterr().err.strip() == (
+        f"cellos-probed: configuration error: {missing}: file not found"
+    )
+    assert main(["check-config", "--config", str(tmp_path)]) == 78
+    assert "is a directory, not a file" in capsys.readouterr().err
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"a = '\xff'\n")
+    assert main(["check-config", "--config", str(binary)]) == 78
+    assert "not UTF-8 (byte 5)" in capsys.readouterr().err
+
+
+def _load_as_nobody(path: Path) -> str:
+    """load_config in a forked child that dropped root; returns the error text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no trio here, only the loader
+        os.close(read_end)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            load_config(path)
+            message = "loaded"
+        except ConfigError as exc:
+            message = str(exc)
+        except BaseException as exc:
+            message = f"unexpected {exc!r}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "secret.toml"
+    path.write_text("[daemon]\n")
+    path.chmod(0o000)
+    if os.geteuid() == 0:  # root reads anything: see what a plain operator would
+        tmp_path.chmod(0o755)
+        message = _load_as_nobody(path)
+    else:
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        message = str(caught.value)
+    assert message == f"{path}: permission denied reading the file"
+
+
+def test_check_config_as_a_process_prints_a_summary(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cellos_probed", "check-config", "--config",
+         str(REPO / "config" / "cellos-probed.toml")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "OK: 1 cell(s) (cgroup x1)" in result.stdout

@@ -1,0 +1,153 @@
+"""The tick on trio's mock clock: no drift, skipped overruns, timeouts that isolate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from cellos_probed.cloudevent import CloudEvent
+from cellos_probed.config import CellConfig, Config, DaemonSettings, NatsSettings, PathRoots
+from cellos_probed.daemon import Prober
+from cellos_probed.probes import EventStamper, ProbeContext, ProbeParseError, ProbeReading
+from cellos_probed.scheduler import TickStats, run_fixed_tick
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_no_drift_over_a_thousand_ticks(autojump_clock: trio.testing.MockClock) -> None:
+    starts: list[float] = []
+    stats = TickStats()
+
+    async def tick(index: int) -> None:
+        starts.append(trio.current_time())
+        await trio.sleep(0.37)  # work that takes a good part of the tick
+
+    with trio.fail_after(2000):
+        async with trio.open_nursery() as nursery:
+            origin = trio.current_time()
+            await nursery.start(run_fixed_tick, 1.0, tick, stats)
+
+            while len(starts) < 1000:
+                await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    offsets = [start - origin - k for k, start in enumerate(starts[:1000])]
+    assert max(abs(offset) for offset in offsets) < 1e-6
+    assert stats.overruns == 0
+    assert stats.skipped_ticks == 0
+
+
+async def test_an_overrun_skips_the_missed_ticks_and_counts_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[tuple[int, float]] = []
+    stats = TickStats()
+
+    async def tick(index: int) -> None:
+        seen.append((index, trio.current_time()))
+        if index == 3:
+            await trio.sleep(2.5)  # runs through the deadlines at 4 and 5
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            origin = trio.current_time()
+            await nursery.start(run_fixed_tick, 1.0, tick, stats)
+            while len(seen) < 6:
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    assert [(index, round(at - origin, 6)) for index, at in seen[:6]] == [
+        (0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (6, 6.0), (7, 7.0),
+    ]  # fmt: skip
+    assert stats.overruns == 1
+    assert stats.skipped_ticks == 2
+
+
+class FakeProbe:
+    def __init__(self, name: str, delay: float | None, fail: bool = False) -> None:
+        self.name = name
+        self.delay = delay
+        self.fail = fail
+        self.cancelled = False
+
+    def probe_name(self) -> str:
+        return self.name
+
+    def inputs(self) -> dict[str, Any]:
+        return {"fake": self.name}
+
+    async def read(self, ctx: ProbeContext) -> ProbeReading:
+        try:
+            if self.delay is None:
+                await trio.sleep_forever()
+            await trio.sleep(self.delay)
+        except trio.Cancelled:
+            self.cancelled = True
+            raise
+        if self.fail:
+            raise ProbeParseError("bad cpu.stat")
+        return ProbeReading(f"host.{self.name}", self.inputs(), {"at": trio.current_time()})
+
+
+class TimedSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[float, CloudEvent]] = []
+
+    async def emit(self, event: CloudEvent) -> None:
+        self.events.append((trio.current_time(), event))
+
+
+def config_with(cells: list[str]) -> Config:
+    return Config(
+        "<test>",
+        DaemonSettings(tick_seconds=1.0, probe_timeout_seconds=0.5, host_id="h"),
+        PathRoots(cgroup_root=None),
+        NatsSettings(),
+        tuple(CellConfig(cell, "run", "sha256:x") for cell in cells),
+    )
+
+
+async def test_a_hung_probe_times_out_and_delays_nobody(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sink = TimedSink()
+    prober = Prober(config_with(["hung", "fast", "slow"]), sink, EventStamper())
+    hung = FakeProbe("cgroup", delay=None)
+    prober.runners["hung"].probes = [hung, FakeProbe("tap_link", delay=0.0)]
+    prober.runners["fast"].probes = [FakeProbe("cgroup", delay=0.0)]
+    prober.runners["slow"].probes = [FakeProbe("cgroup", delay=0.3, fail=True)]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            origin = trio.current_time()
+            await nursery.start(run_fixed_tick, 1.0, prober.tick, prober.tick_stats)
+            while prober.tick_stats.ticks < 2:
+                await trio.sleep(0.25)
+            nursery.cancel_scope.cancel()
+
+    first_tick = [(round(at - origin, 6), e) for at, e in sink.events if at - origin < 1.0]
+    by_cell = {(e.data["cellId"], e.data["probeSource"]): (at, e) for at, e in first_tick}
+    at, event = by_cell[("hung", "host.cgroup")]
+    assert at == 0.5
+    assert event.kind == "probe_error"
+    assert event.data["error"] == {
+        "kind": "timeout",
+        "message": "cgroup probe did not finish within 0.5s",
+    }
+    assert event.data["inputs"] == {"fake": "cgroup"}
+    assert hung.cancelled
+    # the other probes were not held back by the hung one
+    assert by_cell[("hung", "host.tap_link")][0] == 0.0
+    assert by_cell[("fast", "host.cgroup")][0] == 0.0
+    slow_at, slow = by_cell[("slow", "host.cgroup")]
+    assert slow_at == 0.3
+    assert slow.data["error"] == {"kind": "parse", "message": "bad cpu.stat"}
+    # the second tick started on its deadline
+    second = sorted(round(at - origin, 6) for at, _ in sink.events if at - origin >= 1.0)
+    assert second[0] == 1.0
+    assert prober.tick_stats.overruns == 0
+    assert [e.sequence for _, e in sink.events if e.data["cellId"] == "hung"].count("2") == 2
