@@ -59,7 +59,7 @@ def test_flat_keyed_rejects_malformed_lines_without_quoting_them(text: str, mess
 def test_single_value_files() -> None:
     assert parse_single_value("8388608\n", "memory.current") == 8388608
     for bad in ("", "max\n", "1\n2\n", "-1\n"):
-        with pytest.raises(ProbeParseError, match="memory.peak"):
+        with pytest.raises(ProbeParseError, match=r"memory\.peak"):
             parse_single_value(bad, "memory.peak")
 
 
@@ -86,7 +86,7 @@ def test_pressure_lines_keep_averages_as_numbers_and_total_as_integer() -> None:
     ],
 )
 def test_pressure_rejects_malformed_files(text: str) -> None:
-    with pytest.raises(ProbeParseError, match="io.pressure"):
+    with pytest.raises(ProbeParseError, match=r"io\.pressure"):
         parse_pressure(text, "io.pressure")
 
 

@@ -119,7 +119,8 @@ async def test_daemon_publishes_cloudevents_to_nats(
                 for line in map(json.loads, stderr.read_text().splitlines())
                 if line.get("event") == "stopped"
             ]
-            assert len(stopped) == 1 and stopped[0]["drained"] is True
+            assert len(stopped) == 1
+            assert stopped[0]["drained"] is True
             produced = stopped[0]["readings"] + stopped[0]["probe_errors"]
             with trio.fail_after(5):
                 await collector.wait_for(lambda: len(collector.events) >= produced)

@@ -23,18 +23,19 @@ def autojump_clock() -> trio.testing.MockClock:
 async def test_no_drift_over_a_thousand_ticks(autojump_clock: trio.testing.MockClock) -> None:
     starts: list[float] = []
     stats = TickStats()
+    done = trio.Event()
 
     async def tick(index: int) -> None:
         starts.append(trio.current_time())
         await trio.sleep(0.37)  # work that takes a good part of the tick
+        if len(starts) == 1000:
+            done.set()
 
     with trio.fail_after(2000):
         async with trio.open_nursery() as nursery:
             origin = trio.current_time()
             await nursery.start(run_fixed_tick, 1.0, tick, stats)
-
-            while len(starts) < 1000:
-                await trio.sleep(1)
+            await done.wait()
             nursery.cancel_scope.cancel()
     offsets = [start - origin - k for k, start in enumerate(starts[:1000])]
     assert max(abs(offset) for offset in offsets) < 1e-6
@@ -47,18 +48,20 @@ async def test_an_overrun_skips_the_missed_ticks_and_counts_them(
 ) -> None:
     seen: list[tuple[int, float]] = []
     stats = TickStats()
+    done = trio.Event()
 
     async def tick(index: int) -> None:
         seen.append((index, trio.current_time()))
         if index == 3:
             await trio.sleep(2.5)  # runs through the deadlines at 4 and 5
+        if len(seen) == 6:
+            done.set()
 
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
             origin = trio.current_time()
             await nursery.start(run_fixed_tick, 1.0, tick, stats)
-            while len(seen) < 6:
-                await trio.sleep(0.5)
+            await done.wait()
             nursery.cancel_scope.cancel()
     assert [(index, round(at - origin, 6)) for index, at in seen[:6]] == [
         (0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (6, 6.0), (7, 7.0),
@@ -121,12 +124,18 @@ async def test_a_hung_probe_times_out_and_delays_nobody(
     prober.runners["fast"].probes = [FakeProbe("cgroup", delay=0.0)]
     prober.runners["slow"].probes = [FakeProbe("cgroup", delay=0.3, fail=True)]
 
+    two_ticks = trio.Event()
+
+    async def tick(index: int) -> None:
+        await prober.tick(index)
+        if index == 1:
+            two_ticks.set()
+
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             origin = trio.current_time()
-            await nursery.start(run_fixed_tick, 1.0, prober.tick, prober.tick_stats)
-            while prober.tick_stats.ticks < 2:
-                await trio.sleep(0.25)
+            await nursery.start(run_fixed_tick, 1.0, tick, prober.tick_stats)
+            await two_ticks.wait()
             nursery.cancel_scope.cancel()
 
     first_tick = [(round(at - origin, 6), e) for at, e in sink.events if at - origin < 1.0]
