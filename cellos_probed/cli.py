@@ -154,9 +154,18 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     servers = args.server or servers
     prefix = args.prefix or prefix
     subject = tail_subject(prefix, args.cell, args.probe)
-    print(f"# tail {subject} on {', '.join(servers)} (Ctrl-C to stop)", file=sys.stderr)
+
+    def subscribed() -> None:
+        # printed once the server has the subscription: from here nothing is missed
+        print(f"# tail {subject} on {', '.join(servers)} (Ctrl-C to stop)", file=sys.stderr)
+        sys.stderr.flush()
+
     try:
-        trio.run(lambda: run_tail(servers, subject, as_json=args.json, limit=args.count))
+        trio.run(
+            lambda: run_tail(
+                servers, subject, as_json=args.json, limit=args.count, on_ready=subscribed
+            )
+        )
     except KeyboardInterrupt:
         pass
     except trio.TooSlowError:

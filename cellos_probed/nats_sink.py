@@ -54,6 +54,7 @@ class NatsSink:
         self._idle = trio.Event()
         self._idle.set()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._state_event = trio.Event()
 
     @property
     def connected(self) -> bool:
@@ -77,16 +78,25 @@ class NatsSink:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wakeup.set()
 
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Wait until the connection is (or is not) up."""
+        while self.connected != connected:
+            await self._state_event.wait()
+
     def _state_changed(self, what: str) -> None:
         # called on the asyncio thread: hop to trio to log with our context
         token = self._token
         if token is None:
             return
         state = self._publisher.state
+
+        def on_trio() -> None:
+            log.info(f"nats {what}", server=state.server, reconnects=state.reconnects)
+            self._state_event.set()
+            self._state_event = trio.Event()
+
         try:
-            token.run_sync_soon(
-                lambda: log.info(f"nats {what}", server=state.server, reconnects=state.reconnects)
-            )
+            token.run_sync_soon(on_trio)
         except trio.RunFinishedError:
             pass
 

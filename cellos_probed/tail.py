@@ -7,11 +7,10 @@ figures that matter for its probe.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import orjson
-import trio
 
 from cellos_probed.nats_bridge import open_subscription
 
@@ -132,14 +131,14 @@ async def run_tail(
     as_json: bool = False,
     out: TextIO | None = None,
     limit: int | None = None,
-    ready: trio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Print events on ``subject`` until cancelled (or ``limit`` events)."""
     stream = out or sys.stdout
     seen = 0
     async with open_subscription(servers, subject) as messages:
-        if ready is not None:
-            ready.set()
+        if on_ready is not None:
+            on_ready()
         async for message in messages:
             if as_json:
                 stream.write(message.data.decode("utf-8", "replace") + "\n")
