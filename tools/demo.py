@@ -1,0 +1,133 @@
+"""`make demo`: the daemon's main job on an embedded default.
+
+Starts a nats-server from the virtualenv on a free loopback port, builds
+demo cells from real kernel objects where the host allows (a cgroup under
+this host's cgroup2 mount with a process burning CPU in it), writes a
+config, runs `cellos-probed run` and prints what a subscriber receives,
+one readable line per event, until Ctrl-C or DEMO_SECONDS. Everything it
+created is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cellos_probed.cgroupfs import find_cgroup2_mount  # noqa: E402
+from cellos_probed.tail import run_tail  # noqa: E402
+from testbed.cgroup_tree import FakeCgroup, make_real_cgroup  # noqa: E402
+from tests.conftest import start_nats_server  # noqa: E402
+
+PREFIX = "dev.cellos.events.cell.observability.host.v1"
+
+
+def say(text: str) -> None:
+    print(f"demo: {text}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def burner_in(cgroup: Path) -> Iterator[None]:
+    """A process that uses some CPU (10 ms in every 100) inside ``cgroup``."""
+    code = (
+        "import time\n"
+        "while True:\n"
+        "    end = time.time() + 0.01\n"
+        "    while time.time() < end: pass\n"
+        "    time.sleep(0.09)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        (cgroup / "cgroup.procs").write_text(str(process.pid))
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def cgroup_cells(stack: ExitStack, workdir: Path) -> tuple[str, str]:
+    """Demo cells' [paths] line and [[cell]] tables for the cgroup probe."""
+    mount = find_cgroup2_mount()
+    cells = ""
+    if os.geteuid() == 0 and mount is not None and os.access(mount, os.W_OK):
+        parent = stack.enter_context(make_real_cgroup(mount, f"cellos-demo-{os.getpid()}"))
+        for name in ("cell-1", "cell-2"):
+            cgroup = stack.enter_context(make_real_cgroup(parent, name))
+            if name == "cell-1":
+                stack.enter_context(burner_in(cgroup))
+        root = mount
+        relative = parent.relative_to(mount)
+        say(f"cgroups: real, under {parent} (cell-1 has a process using ~10% CPU)")
+    else:
+        root = workdir / "cgroup"
+        relative = Path("firecracker")
+        for name in ("cell-1", "cell-2"):
+            FakeCgroup(root / relative / name).write()
+        say(f"cgroups: not root or no writable cgroup2 mount; fixture trees under {root}")
+    for name in ("cell-1", "cell-2"):
+        cells += (
+            f'[[cell]]\nid = "{name}"\nrun_id = "demo-run"\n'
+            f'spec_signature_hash = "sha256:demo"\n'
+            f'[cell.cgroup]\npath = "{relative / name}"\n\n'
+        )
+    # a cell whose cgroup is gone: the daemon says so instead of going silent
+    cells += (
+        '[[cell]]\nid = "cell-gone"\nrun_id = "demo-run"\nspec_signature_hash = "sha256:demo"\n'
+        f'[cell.cgroup]\npath = "{relative / "cell-gone"}"\n\n'
+    )
+    return f'cgroup_root = "{root}"\n', cells
+
+
+async def show(servers: list[str], seconds: float | None) -> None:
+    with trio.move_on_after(seconds if seconds else float("inf")):
+        await run_tail(servers, f"{PREFIX}.>")
+
+
+def main() -> int:
+    seconds = float(os.environ.get("DEMO_SECONDS", "0") or 0) or None
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="cellos-demo-") as tmp:
+        workdir = Path(tmp)
+        server = start_nats_server(workdir / "nats")
+        stack.callback(server.stop)
+        say(f"nats-server from the virtualenv on {server.url}")
+        paths, cells = cgroup_cells(stack, workdir)
+        config = workdir / "demo.toml"
+        config.write_text(
+            "[daemon]\ntick_seconds = 1.0\n\n"
+            f"[paths]\n{paths}\n"
+            f'[nats]\nservers = ["{server.url}"]\n\n{cells}'
+        )
+        say(f"config {config}; daemon log in {workdir / 'daemon.log'}")
+        log = (workdir / "daemon.log").open("wb")
+        stack.callback(log.close)
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "cellos-probed"), "run", "--config", str(config)],
+            stderr=log,
+        )
+
+        def stop_daemon() -> None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(10)
+            say(f"daemon stopped, exit code {daemon.returncode}")
+
+        stack.callback(stop_daemon)
+        say("events as a subscriber receives them (Ctrl-C to stop):")
+        try:
+            trio.run(show, [server.url], seconds)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
