@@ -38,7 +38,9 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
         processors=[*_SHARED, *tail, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        cache_logger_on_first_use=True,
+        # no caching: logging is rare here (state changes, not ticks), and an
+        # uncached logger follows a later reconfiguration (tests capture logs)
+        cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *_SHARED],

@@ -1,0 +1,105 @@
+"""The daemon in-process: repeated errors logged once, reload that keeps state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+from structlog.testing import capture_logs
+
+from cellos_probed.cloudevent import CloudEvent
+from cellos_probed.config import load_config
+from cellos_probed.daemon import DaemonHandle, Prober, run_daemon
+from cellos_probed.probes import CapturingSink, EventStamper
+from testbed.cgroup_tree import FakeCgroup
+
+
+class RunnableSink(CapturingSink):
+    """A capturing sink with the lifecycle the daemon expects of a network sink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = trio.Event()
+
+    async def emit(self, event: CloudEvent) -> None:
+        await super().emit(event)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def drain(self, timeout: float) -> bool:
+        return True
+
+    async def wait_for(self, count: int, cell: str) -> None:
+        while sum(e.data["cellId"] == cell for e in self.events) < count:
+            await self.changed.wait()
+
+
+def write_config(path: Path, root: Path, cells: list[str], tick: float = 0.05) -> Path:
+    text = f'[daemon]\ntick_seconds = {tick}\n[paths]\ncgroup_root = "{root}"\n'
+    for cell in cells:
+        text += (
+            f'[[cell]]\nid = "{cell}"\nrun_id = "r"\nspec_signature_hash = "h"\n'
+            f'[cell.cgroup]\npath = "{cell}"\n'
+        )
+    path.write_text(text)
+    return path
+
+
+async def test_a_failure_repeated_every_tick_is_logged_once(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["late"]))
+    prober = Prober(config, CapturingSink(), EventStamper())
+    with capture_logs() as logs, trio.fail_after(10):
+        for _ in range(3):
+            await prober.tick()
+        FakeCgroup(tmp_path / "late").write()  # the cell's cgroup appears
+        for _ in range(2):
+            await prober.tick()
+    failed = [entry for entry in logs if entry["event"] == "probe failed"]
+    recovered = [entry for entry in logs if entry["event"] == "probe recovered"]
+    assert len(failed) == 1
+    assert failed[0]["kind"] == "io"
+    assert len(recovered) == 1
+    assert prober.probe_stats.errors == 3
+    assert prober.probe_stats.readings == 2
+
+
+async def test_reload_keeps_unchanged_cells_and_their_state(tmp_path: Path) -> None:
+    for cell in ("a", "b", "c"):
+        FakeCgroup(tmp_path / cell).write()
+    path = write_config(tmp_path / "c.toml", tmp_path, ["a", "b"])
+    sink = RunnableSink()
+    stamper = EventStamper()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            handle: DaemonHandle = await nursery.start(
+                lambda task_status: run_daemon(
+                    load_config(path), sink, config_path=str(path), stamper=stamper,
+                    handle_signals=False, task_status=task_status,
+                )
+            )  # fmt: skip
+            await sink.wait_for(3, "a")
+            runner_a = handle.prober.runners["a"]
+            # a: unchanged; b: removed; c: added
+            write_config(path, tmp_path, ["a", "c"])
+            handle.reload()
+            await sink.wait_for(2, "c")
+            assert handle.prober.runners["a"] is runner_a
+            count_b = sum(e.data["cellId"] == "b" for e in sink.events)
+            await sink.wait_for(sum(e.data["cellId"] == "a" for e in sink.events) + 2, "a")
+            # a broken config changes nothing
+            path.write_text("[daemon]\ntick_seconds = 'soon'\n")
+            handle.reload()
+            await sink.wait_for(sum(e.data["cellId"] == "a" for e in sink.events) + 3, "a")
+            assert set(handle.prober.runners) == {"a", "c"}
+            handle.stop()
+    seq_a = [int(e.sequence or 0) for e in sink.events if e.data["cellId"] == "a"]
+    assert seq_a == list(range(1, len(seq_a) + 1))  # no restart, no hole
+    assert sum(e.data["cellId"] == "b" for e in sink.events) == count_b  # b stopped
+    deltas_a = [e.data["output"]["deltas"] for e in sink.events if e.data["cellId"] == "a"]
+    assert deltas_a[0] is None
+    assert all(d is not None for d in deltas_a[1:])  # the baseline survived the reload
+    assert {e.cellosagentboot for e in sink.events} == {stamper.boot_id}
