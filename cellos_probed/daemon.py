@@ -16,6 +16,7 @@ On stop, probing is cancelled first, then the sink drains what was read
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ from cellos_probed.probes import (
 )
 from cellos_probed.probes.cgroup import CgroupProbe
 from cellos_probed.scheduler import TickStats, run_fixed_tick
+from cellos_probed.systemd import Notifier
 
 log = structlog.get_logger("cellos_probed.daemon")
 
@@ -251,11 +253,14 @@ async def run_daemon(
     config_path: str | None = None,
     stamper: EventStamper | None = None,
     handle_signals: bool = True,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until stopped; ``sink`` must offer ``run``, ``emit`` and ``drain``."""
     stamper = stamper or EventStamper()
+    notifier = notifier or Notifier()
     prober = Prober(config, sink, stamper)
+    status = StatusReport(prober, sink)
     stop_requested = trio.Event()
     # capacity 1: reload requests that arrive during a reload fold into one
     reload_send, reload_receive = trio.open_memory_channel[None](1)
@@ -265,6 +270,19 @@ async def run_daemon(
         tick_seconds=config.daemon.tick_seconds,
         boot=stamper.boot_id,
     )
+    watchdog = notifier.watchdog_seconds
+    if watchdog is not None and config.daemon.tick_seconds > watchdog / 2:
+        log.warning(
+            "WatchdogSec is too short for the tick: pings come once per tick",
+            watchdog_seconds=watchdog,
+            tick_seconds=config.daemon.tick_seconds,
+        )
+
+    async def tick(index: int) -> None:
+        await prober.tick(index)
+        # the watchdog is fed only here: a wedged tick loop stops feeding it
+        if not notifier.tick_completed(status.line()) and status.due():
+            notifier.status(status.line())
 
     async with trio.open_nursery() as root:
         await root.start(sink.run)
@@ -286,13 +304,13 @@ async def run_daemon(
 
         async with trio.open_nursery() as probing:
             await probing.start(prober.run_services)
-            await probing.start(
-                run_fixed_tick, config.daemon.tick_seconds, prober.tick, prober.tick_stats
-            )
-            probing.start_soon(_reloader, prober, config_path, reload_receive)
+            await probing.start(run_fixed_tick, config.daemon.tick_seconds, tick, prober.tick_stats)
+            probing.start_soon(_reloader, prober, config_path, reload_receive, notifier, status)
+            notifier.ready(status.line())
             task_status.started(DaemonHandle(prober, sink, stop, reload))
             await stop_requested.wait()
             log.info("stopping: probing ends, publishing what was read")
+            notifier.stopping()
             probing.cancel_scope.cancel()
 
         drained = await sink.drain(prober.config.daemon.drain_timeout_seconds)
@@ -304,6 +322,49 @@ async def run_daemon(
             probe_errors=prober.probe_stats.errors,
         )
         root.cancel_scope.cancel()
+    notifier.close()
+
+
+class StatusReport:
+    """The one-line ``STATUS=`` an operator reads in ``systemctl status``."""
+
+    EVERY_SECONDS = 5.0
+
+    def __init__(self, prober: Prober, sink: Any) -> None:
+        self.prober = prober
+        self.sink = sink
+        self.problem: str | None = None
+        self._last_at = time.monotonic()
+        self._last_events = 0
+        self._last_status_at = float("-inf")
+        self._rate = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_status_at >= self.EVERY_SECONDS
+
+    def line(self) -> str:
+        now = time.monotonic()
+        stats = self.prober.probe_stats
+        events = stats.readings + stats.errors
+        if now - self._last_at >= 1.0:
+            self._rate = (events - self._last_events) / (now - self._last_at)
+            self._last_at, self._last_events = now, events
+        self._last_status_at = now
+        parts = [
+            f"{len(self.prober.runners)} cells",
+            f"{self._rate:.0f} events/s",
+            f"{stats.errors} probe errors",
+            f"{self.prober.tick_stats.overruns} overruns",
+        ]
+        connected = getattr(self.sink, "connected", None)
+        if connected is not None:
+            parts.append("nats connected" if connected else "nats DISCONNECTED")
+        outbox = getattr(self.sink, "outbox", None)
+        if outbox is not None:
+            parts.append(f"{len(outbox)} held, {outbox.dropped} dropped")
+        if self.problem:
+            parts.append(self.problem)
+        return "; ".join(parts)
 
 
 async def _watch_signals(
@@ -323,12 +384,17 @@ async def _watch_signals(
 
 
 async def _reloader(
-    prober: Prober, config_path: str | None, requests: trio.MemoryReceiveChannel[None]
+    prober: Prober,
+    config_path: str | None,
+    requests: trio.MemoryReceiveChannel[None],
+    notifier: Notifier,
+    status: StatusReport,
 ) -> None:
     async for _ in requests:
         if config_path is None:
             log.warning("reload requested but the daemon was not started from a file")
             continue
+        notifier.reloading()
         try:
             new = await trio.to_thread.run_sync(load_config, config_path)
         except ConfigError as exc:
@@ -336,8 +402,15 @@ async def _reloader(
                 "reload refused: the new config is invalid; keeping the running one",
                 error=str(exc),
             )
+            status.problem = f"RELOAD FAILED (running the previous config): {exc}"
+            notifier.ready(status.line())
             continue
+        status.problem = None
         if new.nats != prober.config.nats:
-            log.warning("reload: [nats] changes need a restart; keeping the connection")
+            apply_nats = getattr(prober.sink, "apply_settings", None)
+            if apply_nats is not None:
+                apply_nats(new.nats)
+                log.info("reload: reconnecting with the new [nats] settings")
         changes = prober.apply(new)
         log.info("reloaded", **{k: v for k, v in changes.items() if k != "kept"})
+        notifier.ready(status.line())

@@ -55,6 +55,7 @@ class NatsSink:
         self._idle.set()
         self._token: trio.lowlevel.TrioToken | None = None
         self._state_event = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     @property
     def connected(self) -> bool:
@@ -105,12 +106,30 @@ class NatsSink:
         self._token = trio.lowlevel.current_trio_token()
         self._publisher.state.on_change = self._state_changed
         self._publisher.start()
-        task_status.started()
         try:
-            await self._flush_forever()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._flush_forever()
         finally:
             with trio.CancelScope(shield=True):
                 await self._publisher.aclose()
+
+    def apply_settings(self, settings: NatsSettings) -> None:
+        """Reconnect with new settings (a reload); the outbox and what it holds stay.
+
+        A batch in flight on the old connection either completes there or is
+        retried on the new one: nothing held is dropped.
+        """
+        old = self._publisher
+        self.settings = settings
+        self.outbox.subject_prefix = settings.subject_prefix
+        self._publisher = NatsPublisher(settings.servers, settings.name)
+        self._publisher.state.on_change = self._state_changed
+        self._publisher.start()
+        if self._nursery is not None:
+            self._nursery.start_soon(old.aclose)
+        self._wakeup.set()
 
     async def _flush_forever(self) -> None:
         failing = False
