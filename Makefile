@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # iproute2 gives `ip` for test set-up; iputils-ping generates test traffic.
 APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping
 
-.PHONY: setup test lint demo clean check-config
+.PHONY: setup test lint demo clean check-config deb
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,12 @@ test: setup lint
 demo: setup
 	$(PY) tools/demo.py
 
+# the Debian package: dist/cellos-probed_<version>_<arch>.deb (see README, "Installing")
+deb: setup
+	bash packaging/build-deb.sh dist
+
 check-config: setup
 	$(VENV)/bin/cellos-probed check-config --config config/cellos-probed.toml
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache dist build
