@@ -289,7 +289,8 @@ async def run_daemon(
 
         def stop() -> None:
             if stop_requested.is_set():
-                log.warning("second stop request: stopping now")
+                held = getattr(getattr(sink, "outbox", None), "__len__", lambda: 0)()
+                log.warning("second stop request: stopping now", unpublished=held)
                 root.cancel_scope.cancel()
             stop_requested.set()
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +110,12 @@ def real_cgroup() -> Iterator[Path]:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+async def poll_until(predicate: Callable[[], bool], *, interval: float = 0.05) -> None:
+    """Wait for a condition in another process (a log line, a kernel state) that
+    offers nothing to await; callers bound it with ``trio.fail_after``."""
+    import trio
+
+    while not predicate():  # noqa: ASYNC110 - an external condition, nothing to await
+        await trio.sleep(interval)
