@@ -88,3 +88,32 @@ async def test_events_are_held_while_the_server_is_down_and_sent_on_reconnect(
         server.stop()
     assert sink.stats.published == 12
     assert sink.outbox.dropped == 0
+
+
+@needs_nats
+async def test_new_nats_settings_reconnect_without_dropping_what_is_held(
+    tmp_path: Path,
+) -> None:
+    old_port, new_port, monitor = free_port(), free_port(), free_port()
+    stamper = EventStamper()
+    # the configured server is down: events are held
+    sink = NatsSink(
+        NatsSettings(servers=(f"nats://127.0.0.1:{old_port}",)),
+        stamper.boot_id,
+        retry_seconds=0.05,
+    )
+    new = start_nats_server(tmp_path / "new", port=new_port, extra=["-m", str(monitor)])
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sink.run)
+                await emit_n(sink, stamper, 9)
+                assert len(sink.outbox) == 9
+                sink.apply_settings(NatsSettings(servers=(new.url,), name="reloaded"))
+                await emit_n(sink, stamper, 3)
+                assert await sink.drain(15)
+                assert server_in_msgs(monitor) == 12
+                nursery.cancel_scope.cancel()
+    finally:
+        new.stop()
+    assert sink.outbox.dropped == 0

@@ -174,6 +174,11 @@ async def test_daemon_notifies_ready_watchdog_reload_and_stop(tmp_path: Path) ->
                 write_config(config_path, tmp_path, ["a", "b"], tick=0.1)
                 handle.reload()
                 await sink.wait_for(3, "b")
+                config_path.write_text("[daemon]\ntick_seconds = 'often'\n")
+                handle.reload()
+                await sink.wait_for(
+                    len([e for e in sink.events if e.data["cellId"] == "b"]) + 3, "b"
+                )
                 handle.stop()
     finally:
         time.sleep(0.2)  # noqa: ASYNC251 - let the last datagrams reach the recorder thread
@@ -193,7 +198,11 @@ async def test_daemon_notifies_ready_watchdog_reload_and_stop(tmp_path: Path) ->
     after = [at for at in pings if at > wedged_at + 3.0]
     assert after, "pings resume once the loop runs again"
     reloading = [fields for _, fields in recorder.received if "RELOADING" in fields]
-    assert len(reloading) == 1
+    assert len(reloading) == 2
+    failed = [f for _, f in recorder.received if "RELOAD FAILED" in f.get("STATUS", "")]
+    assert failed, "a refused reload shows in STATUS="
+    assert "key 'daemon.tick_seconds'" in failed[0]["STATUS"]
+    assert failed[0].get("READY") == "1"
     assert int(reloading[0]["MONOTONIC_USEC"]) > 0
     index = keys.index("RELOADING")
     assert "READY" in keys[index + 1 :]
