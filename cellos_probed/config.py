@@ -32,18 +32,6 @@ _IFNAME: Final = re.compile(r"[^/\s:]{1,15}")
 # Keys the contract fixes whose feature arrives with a later issue. Each is
 # refused with this explanation until it is built.
 NOT_SUPPORTED_YET: Final[dict[str, str]] = {
-    "daemon.agent_event_every_ticks": "the daemon's own `agent` events",
-    "nats.credentials": "NATS authentication",
-    "nats.nkey_seed": "NATS authentication",
-    "nats.user": "NATS authentication",
-    "nats.password": "NATS authentication",
-    "nats.token": "NATS authentication",
-    "nats.tls_ca": "NATS TLS",
-    "nats.tls_cert": "NATS TLS",
-    "nats.tls_key": "NATS TLS",
-    "nats.jetstream": "JetStream delivery",
-    "buffer": "configurable delivery buffers",
-    "spool": "the disk spool",
     "cell.tap_link": "the tap_link probe",
     "cell.nftables": "the nftables probe",
     "cell.fc_metrics": "the fc_metrics probe",
@@ -95,6 +83,8 @@ class DaemonSettings:
     probe_timeout_seconds: float = 0.5
     host_id: str = "localhost"
     drain_timeout_seconds: float = 5.0
+    #: every this many ticks, the daemon's own `agent` event (0: never)
+    agent_event_every_ticks: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +95,43 @@ class PathRoots:
 
 
 @dataclass(frozen=True, slots=True)
+class JetStreamSettings:
+    stream: str = "CELLOS_HOST"
+    subjects: tuple[str, ...] = (f"{DEFAULT_SUBJECT_PREFIX}.>",)
+    create_stream: bool = True
+    replicas: int = 1
+    duplicate_window_seconds: float = 120.0
+    ack_timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class NatsSettings:
     servers: tuple[str, ...] = DEFAULT_SERVERS
     subject_prefix: str = DEFAULT_SUBJECT_PREFIX
     name: str = "cellos-probed"
+    credentials: str | None = None
+    nkey_seed: str | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    jetstream: JetStreamSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BufferSettings:
+    """The in-memory outbox bounds (used when no spool is configured)."""
+
+    max_events: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSettings:
+    path: Path
+    max_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +188,8 @@ class Config:
     paths: PathRoots
     nats: NatsSettings
     cells: tuple[CellConfig, ...]
+    buffer: BufferSettings = BufferSettings()
+    spool: SpoolSettings | None = None
 
 
 def default_host_id() -> str:
@@ -221,6 +246,15 @@ class _Table:
             raise self.error(name, f"must be between {low:g} and {high:g}, got {value:g}")
         return value
 
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        value = self._get(name, (int,), "an integer", default, False)
+        if not low <= value <= high:
+            raise self.error(name, f"must be between {low} and {high}, got {value}")
+        return int(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        return bool(self._get(name, (bool,), "true or false", default, False))
+
     def strings(self, name: str, *, required: bool = False) -> tuple[str, ...] | None:
         value = self._get(name, (list,), "a list of strings", None, required)
         if value is None:
@@ -273,9 +307,29 @@ class _Loader:
         daemon = self._daemon(top.table("daemon"))
         paths = self._paths(top.table("paths"))
         nats = self._nats(top.table("nats"))
+        buffer = self._buffer(top.table("buffer"))
+        spool = self._spool(top.table("spool"))
         cells = tuple(self._cells(top, paths))
         top.finish()
-        return Config(self.file, daemon, paths, nats, cells)
+        return Config(self.file, daemon, paths, nats, cells, buffer, spool)
+
+    def _buffer(self, table: _Table | None) -> BufferSettings:
+        if table is None:
+            return BufferSettings()
+        max_events = table.integer("max_events", 100_000, low=10, high=100_000_000)
+        max_bytes = table.integer("max_bytes", 64 * 1024 * 1024, low=4096, high=1 << 40)
+        table.finish()
+        return BufferSettings(max_events, max_bytes)
+
+    def _spool(self, table: _Table | None) -> SpoolSettings | None:
+        if table is None:
+            return None
+        path = table.string("path", required=True)
+        if not os.path.isabs(path):
+            raise table.error("path", "must be an absolute path")
+        max_bytes = table.integer("max_bytes", 1 << 30, low=1 << 20, high=1 << 44)
+        table.finish()
+        return SpoolSettings(Path(os.path.normpath(path)), max_bytes)
 
     def _daemon(self, table: _Table | None) -> DaemonSettings:
         if table is None:
@@ -291,8 +345,9 @@ class _Loader:
         if not SUBJECT_TOKEN.fullmatch(host_id):
             raise table.error("host_id", "must be a NATS subject token: [A-Za-z0-9_-]{1,128}")
         drain = table.number("drain_timeout_seconds", 5.0, low=0.0, high=600.0)
+        agent_every = table.integer("agent_event_every_ticks", 10, low=0, high=1_000_000)
         table.finish()
-        return DaemonSettings(tick, timeout, host_id, drain)
+        return DaemonSettings(tick, timeout, host_id, drain, agent_every)
 
     def _paths(self, table: _Table | None) -> PathRoots:
         found = cgroupfs.find_cgroup2_mount()
@@ -326,8 +381,43 @@ class _Loader:
                 "subject_prefix", "must be dot-separated subject tokens, no wildcards"
             )
         name = table.string("name", "cellos-probed")
+        auth = {
+            key: table.string(key)
+            for key in ("credentials", "nkey_seed", "user", "password", "token")
+        }
+        tls = {key: table.string(key) for key in ("tls_ca", "tls_cert", "tls_key")}
+        for key in ("credentials", "nkey_seed", *tls):
+            value = auth.get(key) or tls.get(key)
+            if value is not None and not os.path.isabs(value):
+                raise table.error(key, "must be an absolute path")
+        methods = [key for key in ("credentials", "nkey_seed", "user", "token") if auth[key]]
+        if len(methods) > 1:
+            raise table.error(
+                methods[1], f"conflicts with {methods[0]}: choose one way to authenticate"
+            )
+        if (auth["user"] is None) != (auth["password"] is None):
+            missing = "password" if auth["password"] is None else "user"
+            raise table.error(missing, "user and password go together")
+        if (tls["tls_cert"] is None) != (tls["tls_key"] is None):
+            missing = "tls_key" if tls["tls_key"] is None else "tls_cert"
+            raise table.error(missing, "tls_cert and tls_key go together")
+        jetstream = self._jetstream(table.table("jetstream"), prefix)
         table.finish()
-        return NatsSettings(servers, prefix, name)
+        return NatsSettings(servers, prefix, name, **auth, **tls, jetstream=jetstream)
+
+    def _jetstream(self, table: _Table | None, prefix: str) -> JetStreamSettings | None:
+        if table is None:
+            return None
+        stream = table.string("stream", "CELLOS_HOST")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", stream):
+            raise table.error("stream", "must be a stream name: [A-Za-z0-9_-]{1,64}")
+        subjects = table.strings("subjects") or (f"{prefix}.>",)
+        create = table.boolean("create_stream", True)
+        replicas = table.integer("replicas", 1, low=1, high=5)
+        window = table.number("duplicate_window_seconds", 120.0, low=0.1, high=86_400.0)
+        ack_timeout = table.number("ack_timeout_seconds", 2.0, low=0.01, high=600.0)
+        table.finish()
+        return JetStreamSettings(stream, subjects, create, replicas, window, ack_timeout)
 
     def _cells(self, top: _Table, paths: PathRoots) -> Iterator[CellConfig]:
         raw = top._get("cell", (list,), "an array of tables ([[cell]])", [], False)

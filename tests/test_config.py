@@ -66,8 +66,16 @@ BROKEN = [
     ("relative root", "[paths]\ncgroup_root = 'cg'\n", "{file}: key 'paths.cgroup_root': must be an absolute path"),
     ("cell not a table", "cell = [1]\n", "{file}: cell '#1': key 'cell': must be a table ([[cell]])"),
     ("cgroup without path", f"{ROOTS}[[cell]]\n{CELL}[cell.cgroup]\n", "{file}: cell 'cell-1': key 'cell.cgroup.path': is required (a string)"),
-    ("feature not built yet", "[spool]\npath = '/var/lib/x'\n", "{file}: key 'spool': is not supported yet: the disk spool arrive(s) in a later release of cellos-probed"),
-    ("jetstream not built yet", "[nats.jetstream]\nstream = 'S'\n", "{file}: key 'nats.jetstream': is not supported yet: JetStream delivery arrive(s) in a later release of cellos-probed"),
+    ("spool without path", "[spool]\nmax_bytes = 2000000\n", "{file}: key 'spool.path': is required (a string)"),
+    ("spool too small", "[spool]\npath = '/var/lib/x'\nmax_bytes = 10\n", "{file}: key 'spool.max_bytes': must be between 1048576 and 17592186044416, got 10"),
+    ("buffer count a float", "[buffer]\nmax_events = 1.5\n", "{file}: key 'buffer.max_events': must be an integer, not a number"),
+    ("bad stream name", "[nats.jetstream]\nstream = 'a.b'\n", "{file}: key 'nats.jetstream.stream': must be a stream name: [A-Za-z0-9_-]{{1,64}}"),
+    ("replicas absurd", "[nats.jetstream]\nreplicas = 9\n", "{file}: key 'nats.jetstream.replicas': must be between 1 and 5, got 9"),
+    ("user without password", "[nats]\nuser = 'u'\n", "{file}: key 'nats.password': user and password go together"),
+    ("two auth methods", "[nats]\ntoken = 't'\ncredentials = '/etc/x.creds'\n", "{file}: key 'nats.token': conflicts with credentials: choose one way to authenticate"),
+    ("relative credentials", "[nats]\ncredentials = 'x.creds'\n", "{file}: key 'nats.credentials': must be an absolute path"),
+    ("cert without key", "[nats]\ntls_cert = '/etc/c.pem'\n", "{file}: key 'nats.tls_key': tls_cert and tls_key go together"),
+    ("agent every negative", "[daemon]\nagent_event_every_ticks = -1\n", "{file}: key 'daemon.agent_event_every_ticks': must be between 0 and 1000000, got -1"),
 ]  # fmt: skip
 
 
@@ -80,6 +88,40 @@ def test_check_config_names_the_mistake(
     assert main(["check-config", "--config", str(path)]) == EXIT_CONFIG == 78
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cellos-probed: configuration error: {message.format(file=path)}"]
+
+
+def test_a_known_key_of_an_unbuilt_feature_is_refused_as_such(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cellos_probed.config as config_module
+
+    monkeypatch.setitem(config_module.NOT_SUPPORTED_YET, "nats.websocket", "websocket transport")
+    with pytest.raises(ConfigError) as caught:
+        parse_config("[nats]\nwebsocket = true\n", "f.toml")
+    assert str(caught.value) == (
+        "f.toml: key 'nats.websocket': is not supported yet: websocket transport "
+        "arrive(s) in a later release of cellos-probed"
+    )
+
+
+def test_delivery_options_parse() -> None:
+    config = parse_config(
+        "[nats]\nservers = ['nats://a:4222', 'tls://b:4222']\nuser = 'u'\npassword = 'p'\n"
+        "tls_ca = '/etc/ca.pem'\n[nats.jetstream]\nreplicas = 3\n"
+        "[buffer]\nmax_events = 500\n[spool]\npath = '/var/lib/cellos-probed/spool'\n"
+    )
+    assert config.nats.servers == ("nats://a:4222", "tls://b:4222")
+    assert (config.nats.user, config.nats.password, config.nats.tls_ca) == ("u", "p", "/etc/ca.pem")
+    assert config.nats.jetstream is not None
+    assert config.nats.jetstream.stream == "CELLOS_HOST"
+    assert config.nats.jetstream.subjects == ("dev.cellos.events.cell.observability.host.v1.>",)
+    assert config.nats.jetstream.replicas == 3
+    assert config.nats.jetstream.duplicate_window_seconds == 120.0
+    assert config.buffer.max_events == 500
+    assert config.spool is not None
+    assert config.spool.path == Path("/var/lib/cellos-probed/spool")
+    assert config.spool.max_bytes == 1 << 30
+    assert config.daemon.agent_event_every_ticks == 10
 
 
 def test_a_missing_or_unreadable_file_is_a_config_error(
