@@ -134,7 +134,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     stamper = EventStamper()
-    sink = NatsSink(config.nats, stamper.boot_id)
+    sink = NatsSink(config.nats, stamper.boot_id, buffer=config.buffer, spool=config.spool)
 
     async def main() -> None:
         await run_daemon(config, sink, config_path=args.config, stamper=stamper)

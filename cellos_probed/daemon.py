@@ -36,11 +36,13 @@ from cellos_probed.probes import (
     ProbeParseError,
     ProbeReading,
     ProbeTimeoutError,
+    build_agent_envelope,
     emit_probe_error,
     emit_reading,
 )
 from cellos_probed.probes.cgroup import CgroupProbe
 from cellos_probed.scheduler import TickStats, run_fixed_tick
+from cellos_probed.spool import spool_stats
 from cellos_probed.systemd import Notifier
 
 log = structlog.get_logger("cellos_probed.daemon")
@@ -280,6 +282,13 @@ async def run_daemon(
 
     async def tick(index: int) -> None:
         await prober.tick(index)
+        every = prober.config.daemon.agent_event_every_ticks
+        if every and prober.tick_stats.ticks % every == every - 1:
+            await sink.emit(
+                build_agent_envelope(
+                    prober.config.daemon.host_id, stamper.boot_id, collect_figures(prober, sink)
+                )
+            )
         # the watchdog is fed only here: a wedged tick loop stops feeding it
         if not notifier.tick_completed(status.line()) and status.due():
             notifier.status(status.line())
@@ -326,6 +335,41 @@ async def run_daemon(
     notifier.close()
 
 
+def collect_figures(prober: Prober, sink: Any) -> dict[str, Any]:
+    """The daemon's own figures: the ``agent`` event's data and the ``STATUS=`` line."""
+    stats = prober.probe_stats
+    ticks = prober.tick_stats
+    figures: dict[str, Any] = {
+        "cells": len(prober.runners),
+        "readingsProduced": stats.readings,
+        "probeErrors": stats.errors,
+        "probeErrorsByKind": dict(stats.errors_by_kind or {}),
+        "ticks": ticks.ticks,
+        "tickOverruns": ticks.overruns,
+        "skippedTicks": ticks.skipped_ticks,
+        "tickDurationMs": {
+            "p50": round(ticks.percentile(0.5) * 1000, 3),
+            "p99": round(ticks.percentile(0.99) * 1000, 3),
+            "max": round(max(ticks.durations, default=0.0) * 1000, 3),
+        },
+    }
+    sink_stats = getattr(sink, "stats", None)
+    outbox = getattr(sink, "outbox", None)
+    if sink_stats is not None and outbox is not None:
+        jetstream = getattr(getattr(sink, "settings", None), "jetstream", None)
+        figures.update(
+            published=sink_stats.published,
+            acknowledged=sink_stats.published if jetstream is not None else 0,
+            buffered=len(outbox),
+            dropped=outbox.dropped,
+            gapsDeclared=sink_stats.gaps,
+            reconnects=getattr(sink, "reconnects", 0),
+            connected=bool(getattr(sink, "connected", False)),
+            **spool_stats(outbox),
+        )
+    return figures
+
+
 class StatusReport:
     """The one-line ``STATUS=`` an operator reads in ``systemctl status``."""
 
@@ -351,18 +395,21 @@ class StatusReport:
             self._rate = (events - self._last_events) / (now - self._last_at)
             self._last_at, self._last_events = now, events
         self._last_status_at = now
+        figures = collect_figures(self.prober, self.sink)
         parts = [
-            f"{len(self.prober.runners)} cells",
+            f"{figures['cells']} cells",
             f"{self._rate:.0f} events/s",
-            f"{stats.errors} probe errors",
-            f"{self.prober.tick_stats.overruns} overruns",
+            f"{figures['probeErrors']} probe errors",
+            f"{figures['tickOverruns']} overruns",
+            f"tick p99 {figures['tickDurationMs']['p99']:.0f}ms",
         ]
-        connected = getattr(self.sink, "connected", None)
-        if connected is not None:
-            parts.append("nats connected" if connected else "nats DISCONNECTED")
-        outbox = getattr(self.sink, "outbox", None)
-        if outbox is not None:
-            parts.append(f"{len(outbox)} held, {outbox.dropped} dropped")
+        if "connected" in figures:
+            parts.append("nats connected" if figures["connected"] else "nats DISCONNECTED")
+            parts.append(
+                f"{figures['published']} published, {figures['buffered']} held, "
+                f"{figures['spooled']} spooled, {figures['dropped']} dropped, "
+                f"{figures['reconnects']} reconnects"
+            )
         if self.problem:
             parts.append(self.problem)
         return "; ".join(parts)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import random
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -24,7 +26,8 @@ import trio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from cellos_probed.cloudevent import NATS_HEADERS
+from cellos_probed.cloudevent import NATS_HEADERS, STRUCTURED_CONTENT_TYPE
+from cellos_probed.config import JetStreamSettings, NatsSettings
 
 T = TypeVar("T")
 log = structlog.get_logger("cellos_probed.nats")
@@ -98,15 +101,76 @@ class ConnectionState:
     on_change: Callable[[str], None] = field(default=lambda _: None)
 
 
-class NatsPublisher:
-    """A nats-py connection owned by an asyncio thread, fed batches from trio."""
+def backoff_with_jitter(
+    servers: list[Any], _info: dict[str, Any], *, base: float = 0.25, cap: float = 10.0
+) -> tuple[Any, float]:
+    """nats-py's reconnect hook: the least-tried server, after an exponential, jittered wait.
 
-    def __init__(self, servers: Sequence[str], name: str, *, flush_timeout: int = 5) -> None:
-        self._servers = list(servers)
-        self._name = name
+    Jitter keeps a fleet of hosts from reconnecting to a restarted server in
+    lock step; the cap keeps a long outage's retries a few seconds apart.
+    """
+    fewest = min(server.reconnects for server in servers)
+    candidates = [server for server in servers if server.reconnects == fewest]
+    chosen = random.choice(candidates)
+    delay = min(cap, base * 2 ** min(fewest, 8)) if fewest else 0.0
+    return chosen, delay * random.uniform(0.5, 1.0)
+
+
+def connect_options(settings: NatsSettings) -> dict[str, Any]:
+    """nats.connect keyword arguments for ``settings`` (auth and TLS included)."""
+    options: dict[str, Any] = {
+        "servers": list(settings.servers),
+        "name": settings.name,
+        "allow_reconnect": True,
+        # forever: nats-py drops its whole pending buffer when it gives up,
+        # and our own outbox upstream holds what matters
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1.0,
+        "reconnect_to_server_handler": backoff_with_jitter,
+        "connect_timeout": 2.0,
+        # notice a half-open connection in ~40 s, not the default 6 minutes
+        "ping_interval": 10,
+        "max_outstanding_pings": 3,
+        "pending_size": 8 * 1024 * 1024,
+    }
+    if settings.credentials:
+        options["user_credentials"] = settings.credentials
+    if settings.nkey_seed:
+        options["nkeys_seed"] = settings.nkey_seed
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password
+    if settings.token:
+        options["token"] = settings.token
+    if (
+        settings.tls_ca
+        or settings.tls_cert
+        or any(s.startswith("tls://") for s in settings.servers)
+    ):
+        context = ssl.create_default_context(cafile=settings.tls_ca)
+        if settings.tls_cert and settings.tls_key:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        options["tls"] = context
+    return options
+
+
+class NatsPublisher:
+    """A nats-py connection owned by an asyncio thread, fed batches from trio.
+
+    Core mode publishes and confirms a batch with one flush round trip
+    (at-most-once past a crash, at-least-once across reconnects). JetStream
+    mode waits for every PubAck, with ``Nats-Msg-Id`` set to the event id, so
+    a retried batch (same bytes, same ids) is stored once within the
+    stream's duplicate window.
+    """
+
+    def __init__(self, settings: NatsSettings, *, flush_timeout: int = 5) -> None:
+        self.settings = settings
         self._flush_timeout = flush_timeout
         self._thread = AsyncioThread("cellos-nats")
         self._nc: NatsClient | None = None
+        self._js: Any = None
+        self._stream_ready = False
         self._connected: asyncio.Event | None = None
         self._connect_task: concurrent.futures.Future[None] | None = None
         self.state = ConnectionState()
@@ -129,22 +193,14 @@ class NatsPublisher:
         async def error(exc: Exception) -> None:
             self.state.last_error = f"{type(exc).__name__}: {exc}"
 
-        # Reconnect forever: nats-py drops its whole pending buffer when it
-        # gives up, and our own buffer upstream holds what matters.
         self._nc = await nats.connect(
-            servers=self._servers,
-            name=self._name,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1.0,
-            connect_timeout=2.0,
-            ping_interval=10,
-            max_outstanding_pings=3,
-            pending_size=8 * 1024 * 1024,
+            **connect_options(self.settings),
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
         )
+        if self.settings.jetstream is not None:
+            self._js = self._nc.jetstream(timeout=self.settings.jetstream.ack_timeout_seconds)
         self._mark_connected(connected)
         self.state.on_change("connected")
 
@@ -158,17 +214,59 @@ class NatsPublisher:
         self.state.connected = True
         connected.set()
 
-    async def _publish_batch(self, batch: Sequence[tuple[str, bytes]]) -> int:
+    async def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> int:
         connected = self._connected
         if connected is None or self._nc is None or not connected.is_set():
             raise NatsUnavailable("not connected to any NATS server")
         nc = self._nc
-        for subject, payload in batch:
-            await nc.publish(subject, payload, headers=NATS_HEADERS)
-        # A PING/PONG round trip: the server has processed everything before it.
-        await nc.flush(timeout=self._flush_timeout)
+        jetstream = self.settings.jetstream
+        if jetstream is not None:
+            await self._publish_jetstream(batch, jetstream)
+        else:
+            for subject, payload, _ in batch:
+                await nc.publish(subject, payload, headers=NATS_HEADERS)
+            # A PING/PONG round trip: the server has processed everything before it.
+            await nc.flush(timeout=self._flush_timeout)
         self.state.published += len(batch)
         return len(batch)
+
+    async def _ensure_stream(self, jetstream: JetStreamSettings) -> None:
+        if self._stream_ready or not jetstream.create_stream:
+            return
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        try:
+            await self._js.stream_info(jetstream.stream)
+        except NotFoundError:
+            await self._js.add_stream(
+                StreamConfig(
+                    name=jetstream.stream,
+                    subjects=list(jetstream.subjects),
+                    storage=StorageType.FILE,
+                    num_replicas=jetstream.replicas,
+                    duplicate_window=jetstream.duplicate_window_seconds,
+                )
+            )
+            log.info("created JetStream stream", stream=jetstream.stream)
+        self._stream_ready = True
+
+    async def _publish_jetstream(
+        self, batch: Sequence[tuple[str, bytes, str]], jetstream: JetStreamSettings
+    ) -> None:
+        await self._ensure_stream(jetstream)
+        pending = [
+            await self._js.publish_async(
+                subject,
+                payload,
+                headers={"Content-Type": STRUCTURED_CONTENT_TYPE, "Nats-Msg-Id": msg_id},
+            )
+            for subject, payload, msg_id in batch
+        ]
+        # every PubAck, or the whole batch is retried (same ids: no duplicates)
+        await asyncio.wait_for(
+            asyncio.gather(*pending), timeout=jetstream.ack_timeout_seconds + 1.0
+        )
 
     async def _close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
@@ -182,8 +280,8 @@ class NatsPublisher:
         self._thread.start()
         self._connect_task = self._thread.submit(self._connect())
 
-    async def publish_batch(self, batch: Sequence[tuple[str, bytes]]) -> int:
-        """Publish and flush ``batch``; raises if it may not all have arrived."""
+    async def publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> int:
+        """Publish ``(subject, payload, event id)`` items; raises unless all were confirmed."""
         try:
             return await wait_future(self._thread.submit(self._publish_batch(list(batch))))
         except NatsUnavailable:

@@ -15,9 +15,10 @@ import structlog
 import trio
 
 from cellos_probed.cloudevent import CloudEvent
-from cellos_probed.config import NatsSettings
+from cellos_probed.config import BufferSettings, NatsSettings, SpoolSettings
 from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable
 from cellos_probed.outbox import Outbox
+from cellos_probed.spool import SpoolOutbox
 
 log = structlog.get_logger("cellos_probed.nats_sink")
 
@@ -37,19 +38,29 @@ class NatsSink:
         settings: NatsSettings,
         boot_id: str,
         *,
-        max_events: int = 100_000,
-        max_bytes: int = 64 * 1024 * 1024,
+        buffer: BufferSettings | None = None,
+        spool: SpoolSettings | None = None,
         batch_size: int = 500,
         retry_seconds: float = 0.25,
     ) -> None:
         self.settings = settings
-        self.outbox = Outbox(
-            settings.subject_prefix, boot_id, max_events=max_events, max_bytes=max_bytes
-        )
+        self.outbox: Outbox | SpoolOutbox
+        if spool is not None:
+            self.outbox = SpoolOutbox(
+                spool.path, settings.subject_prefix, boot_id, max_bytes=spool.max_bytes
+            )
+        else:
+            buffer = buffer or BufferSettings()
+            self.outbox = Outbox(
+                settings.subject_prefix,
+                boot_id,
+                max_events=buffer.max_events,
+                max_bytes=buffer.max_bytes,
+            )
         self.stats = SinkStats()
         self._batch_size = batch_size
         self._retry_seconds = retry_seconds
-        self._publisher = NatsPublisher(settings.servers, settings.name)
+        self._publisher = NatsPublisher(settings)
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -114,6 +125,8 @@ class NatsSink:
         finally:
             with trio.CancelScope(shield=True):
                 await self._publisher.aclose()
+            if isinstance(self.outbox, SpoolOutbox):
+                self.outbox.close()
 
     def apply_settings(self, settings: NatsSettings) -> None:
         """Reconnect with new settings (a reload); the outbox and what it holds stay.
@@ -124,7 +137,7 @@ class NatsSink:
         old = self._publisher
         self.settings = settings
         self.outbox.subject_prefix = settings.subject_prefix
-        self._publisher = NatsPublisher(settings.servers, settings.name)
+        self._publisher = NatsPublisher(settings)
         self._publisher.state.on_change = self._state_changed
         self._publisher.start()
         if self._nursery is not None:
@@ -152,7 +165,9 @@ class NatsSink:
             if not batch:
                 continue
             try:
-                await self._publisher.publish_batch([(e.subject, e.payload) for e in batch])
+                await self._publisher.publish_batch(
+                    [(e.subject, e.payload, e.msg_id) for e in batch]
+                )
             except NatsUnavailable as exc:
                 self.stats.publish_failures += 1
                 if not failing:

@@ -24,6 +24,8 @@ class OutboxEntry:
     serial: int
     subject: str
     payload: bytes
+    #: the event id, sent as Nats-Msg-Id so JetStream stores a retry once
+    msg_id: str
     # for gap accounting; None for events without a sequence (gap, agent)
     sequence: int | None
     probe_source: str | None
@@ -37,6 +39,8 @@ class GapRange:
     first: int
     last: int
     reason: str
+    #: the boot the dropped readings belong to ("" = this one)
+    boot_id: str = ""
 
 
 class Outbox:
@@ -74,6 +78,7 @@ class Outbox:
             next(self._serials),
             event.subject(self.subject_prefix),
             payload,
+            event.id,
             sequence,
             data.get("probeSource") if sequence is not None else None,
             {key: data[key] for key in ("cellId", "runId", "specSignatureHash")}
@@ -121,10 +126,17 @@ class Outbox:
 
     def _seal(self, gap: GapRange) -> None:
         event = build_gap_envelope(
-            gap.attribution, gap.probe_source, gap.first, gap.last, gap.reason, self.boot_id
+            gap.attribution,
+            gap.probe_source,
+            gap.first,
+            gap.last,
+            gap.reason,
+            gap.boot_id or self.boot_id,
         )
         self._sealed.append(
-            OutboxEntry(0, event.subject(self.subject_prefix), event.to_json(), None, None, None)
+            OutboxEntry(
+                0, event.subject(self.subject_prefix), event.to_json(), event.id, None, None, None
+            )
         )
 
     def batch(self, limit: int) -> list[OutboxEntry]:

@@ -45,11 +45,16 @@ class Collector:
     def __init__(self) -> None:
         self.messages: list[ReceivedMessage] = []
         self.events: list[dict[str, Any]] = []
+        self.agent_events: list[dict[str, Any]] = []
         self.changed = trio.Event()
 
     def add(self, message: ReceivedMessage) -> None:
-        self.messages.append(message)
-        self.events.append(orjson.loads(message.data))
+        event = orjson.loads(message.data)
+        if event["type"].endswith(".agent"):  # the daemon's own figures, not a cell's
+            self.agent_events.append(event)
+        else:
+            self.messages.append(message)
+            self.events.append(event)
         self.changed.set()
         self.changed = trio.Event()
 

@@ -177,7 +177,7 @@ async def test_daemon_notifies_ready_watchdog_reload_and_stop(tmp_path: Path) ->
                 config_path.write_text("[daemon]\ntick_seconds = 'often'\n")
                 handle.reload()
                 await sink.wait_for(
-                    len([e for e in sink.events if e.data["cellId"] == "b"]) + 3, "b"
+                    len([e for e in sink.events if e.data.get("cellId") == "b"]) + 3, "b"
                 )
                 handle.stop()
     finally:

@@ -331,3 +331,10 @@ def build_gap_envelope(
         "reason": reason,
     }
     return _envelope(GAP_KIND, attribution["cellId"], data, stamp, None, boot_id)
+
+
+def build_agent_envelope(host_id: str, boot_id: str, figures: dict[str, Any]) -> CloudEvent:
+    """The daemon's own figures, on ``<prefix>.agent.<hostId>``; no ``sequence``."""
+    stamp = rfc3339_millis(datetime.now(UTC))
+    data = {"hostId": host_id, "hostReceivedAt": stamp, **figures}
+    return _envelope(AGENT_KIND, host_id, data, stamp, None, boot_id)
