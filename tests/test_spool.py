@@ -7,8 +7,8 @@ from pathlib import Path
 
 import orjson
 
-from cellos_probed.spool import SpoolOutbox
 from cellos_probed.probes import EventStamper
+from cellos_probed.spool import SpoolOutbox
 from tests.test_outbox import reading
 
 PREFIX = "p.v1"
