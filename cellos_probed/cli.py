@@ -96,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--json", action="store_true", help="print the raw CloudEvent JSON")
     tail.add_argument("--count", type=int, help="stop after this many events")
+    tail.add_argument(
+        "--verify",
+        action="store_true",
+        help="report completeness per (boot, cell, probe) instead of printing events: "
+        "sequences received, duplicates, holes, holes declared by gap events; "
+        "exit 1 on an undeclared hole",
+    )
+    tail.add_argument("--stream", help="with --verify: read this JetStream stream from its start")
+    tail.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="with --verify: seconds to listen (core NATS), or at most to read a stream",
+    )
     return parser
 
 
@@ -144,16 +158,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
-    from cellos_probed.tail import run_tail, tail_subject
+    from cellos_probed.tail import run_tail, run_verify, tail_subject
 
     servers: Sequence[str] = DEFAULT_SERVERS
     prefix = DEFAULT_SUBJECT_PREFIX
+    settings = None
     if args.config:
         config = load_config(args.config)
         servers, prefix = config.nats.servers, config.nats.subject_prefix
+        settings = config.nats
     servers = args.server or servers
     prefix = args.prefix or prefix
     subject = tail_subject(prefix, args.cell, args.probe)
+    if args.verify:
+        try:
+            completeness = trio.run(
+                lambda: run_verify(
+                    servers, subject, stream=args.stream, duration=args.duration,
+                    settings=settings,
+                )
+            )  # fmt: skip
+        except trio.TooSlowError:
+            print(f"cellos-probed: cannot reach NATS at {', '.join(servers)}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(completeness.render())
+        return EXIT_OK if completeness.ok else EXIT_FAILURE
 
     def subscribed() -> None:
         # printed once the server has the subscription: from here nothing is missed

@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -280,10 +281,9 @@ async def run_daemon(
             tick_seconds=config.daemon.tick_seconds,
         )
 
-    async def tick(index: int) -> None:
-        await prober.tick(index)
+    async def after_tick() -> None:
         every = prober.config.daemon.agent_event_every_ticks
-        if every and prober.tick_stats.ticks % every == every - 1:
+        if every and prober.tick_stats.ticks % every == 0:
             await sink.emit(
                 build_agent_envelope(
                     prober.config.daemon.host_id, stamper.boot_id, collect_figures(prober, sink)
@@ -314,7 +314,12 @@ async def run_daemon(
 
         async with trio.open_nursery() as probing:
             await probing.start(prober.run_services)
-            await probing.start(run_fixed_tick, config.daemon.tick_seconds, tick, prober.tick_stats)
+            await probing.start(
+                partial(run_fixed_tick, after_tick=after_tick),
+                config.daemon.tick_seconds,
+                prober.tick,
+                prober.tick_stats,
+            )
             probing.start_soon(_reloader, prober, config_path, reload_receive, notifier, status)
             notifier.ready(status.line())
             task_status.started(DaemonHandle(prober, sink, stop, reload))

@@ -30,6 +30,7 @@ from cellos_probed.cloudevent import NATS_HEADERS, STRUCTURED_CONTENT_TYPE
 from cellos_probed.config import JetStreamSettings, NatsSettings
 
 T = TypeVar("T")
+STREAM_READ_ATTEMPTS = 5
 log = structlog.get_logger("cellos_probed.nats")
 
 
@@ -307,16 +308,26 @@ class ReceivedMessage:
     subject: str
     headers: dict[str, str]
     data: bytes
+    #: the message's sequence in its JetStream stream (stream reads only)
+    stream_sequence: int | None = None
 
 
 @asynccontextmanager
 async def open_subscription(
-    servers: Sequence[str], subject: str, *, connect_timeout: float = 5.0
+    servers: Sequence[str],
+    subject: str,
+    *,
+    connect_timeout: float = 5.0,
+    settings: NatsSettings | None = None,
+    stream: str | None = None,
 ) -> AsyncIterator[trio.MemoryReceiveChannel[ReceivedMessage]]:
     """Subscribe to ``subject``; messages arrive on the yielded trio channel.
 
     The subscription is registered with the server (flushed) before this
-    yields, so a publish that starts afterwards is seen.
+    yields, so a publish that starts afterwards is seen. With ``stream``,
+    read that JetStream stream from its first message instead (an ordered
+    consumer); the channel closes after the message that was last when
+    reading began.
     """
     thread = AsyncioThread("cellos-nats-sub")
     thread.start()
@@ -324,24 +335,68 @@ async def open_subscription(
     send, receive = trio.open_memory_channel[ReceivedMessage](math.inf)
     holder: dict[str, NatsClient] = {}
 
-    async def deliver(msg: Msg) -> None:
-        item = ReceivedMessage(msg.subject, dict(msg.headers or {}), msg.data)
+    last_sequence = [0]
+
+    def forward(item: ReceivedMessage | None) -> None:
+        if item is None:
+            send.close()
+            return
         try:
-            token.run_sync_soon(send.send_nowait, item)
+            send.send_nowait(item)
+        except trio.ClosedResourceError:
+            pass
+
+    def hand_over(item: ReceivedMessage | None) -> None:
+        try:
+            token.run_sync_soon(forward, item)
         except trio.RunFinishedError:
             pass
 
+    async def deliver(msg: Msg) -> None:
+        sequence = None
+        if stream is not None:
+            sequence = msg.metadata.sequence.stream
+        hand_over(ReceivedMessage(msg.subject, dict(msg.headers or {}), msg.data, sequence))
+        if sequence is not None and sequence >= last_sequence[0]:
+            hand_over(None)
+
     async def setup() -> None:
-        nc = await nats.connect(
+        base = settings or NatsSettings(servers=tuple(servers))
+        options = connect_options(base)
+        options.update(
             servers=list(servers),
             name="cellos-probed-tail",
             connect_timeout=connect_timeout,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1.0,
         )
+        nc = await nats.connect(**options)
         holder["nc"] = nc
-        await nc.subscribe(subject, cb=deliver, pending_msgs_limit=1_000_000)
-        await nc.flush()
+        if stream is None:
+            await nc.subscribe(subject, cb=deliver, pending_msgs_limit=1_000_000)
+            await nc.flush()
+            return
+        js = nc.jetstream()
+        # a clustered stream that just lost a node answers again once it has
+        # elected a new leader: retry for a while rather than fail the read
+        for attempt in range(STREAM_READ_ATTEMPTS):
+            try:
+                info = await js.stream_info(stream)
+                last_sequence[0] = info.state.last_seq
+                if info.state.messages == 0:
+                    hand_over(None)
+                    return
+                subjects = info.config.subjects or [subject]
+                await js.subscribe(
+                    subjects[0] if len(subjects) == 1 else subject,
+                    stream=stream,
+                    ordered_consumer=True,
+                    cb=deliver,
+                    pending_msgs_limit=1_000_000,
+                )
+                return
+            except nats.errors.TimeoutError:
+                if attempt == STREAM_READ_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(1.0)
 
     async def teardown() -> None:
         nc = holder.get("nc")
@@ -349,7 +404,7 @@ async def open_subscription(
             await asyncio.wait_for(nc.close(), timeout=2.0)
 
     try:
-        with trio.fail_after(connect_timeout + 1):
+        with trio.fail_after(connect_timeout + 1 + (STREAM_READ_ATTEMPTS * 6 if stream else 0)):
             await wait_future(thread.submit(setup()))
         async with receive:
             yield receive

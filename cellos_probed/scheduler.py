@@ -38,12 +38,14 @@ async def run_fixed_tick(
     stats: TickStats,
     *,
     first_deadline: float | None = None,
+    after_tick: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Call ``on_tick(index)`` at every deadline until cancelled.
 
     ``index`` counts deadlines, skipped ones included, so it also tells how
-    far into the schedule a tick is.
+    far into the schedule a tick is. ``after_tick`` runs once the tick's
+    figures are counted (the daemon's own reporting and watchdog).
     """
     deadline = trio.current_time() if first_deadline is None else first_deadline
     index = 0
@@ -64,3 +66,5 @@ async def run_fixed_tick(
             stats.skipped_ticks += missed
             index += missed
             deadline += missed * tick_seconds
+        if after_tick is not None:
+            await after_tick()

@@ -11,8 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import orjson
+import trio
 
+from cellos_probed.config import NatsSettings
 from cellos_probed.nats_bridge import open_subscription
+from cellos_probed.verify import Completeness
 
 
 def _get(tree: Any, *path: str) -> Any:
@@ -153,3 +156,23 @@ async def run_tail(
             if limit is not None and seen >= limit:
                 break
     return seen
+
+
+async def run_verify(
+    servers: Sequence[str],
+    subject: str,
+    *,
+    stream: str | None = None,
+    duration: float = 10.0,
+    settings: NatsSettings | None = None,
+) -> Completeness:
+    """Listen ``duration`` seconds (or read ``stream`` whole) and account for every sequence."""
+    completeness = Completeness(from_start=stream is not None)
+    async with open_subscription(servers, subject, stream=stream, settings=settings) as messages:
+        with trio.move_on_after(duration):
+            async for message in messages:
+                try:
+                    completeness.add(orjson.loads(message.data))
+                except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+                    completeness.other += 1
+    return completeness
