@@ -7,6 +7,7 @@ lost) so a run's output doubles as the report.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -391,6 +392,31 @@ async def test_user_password_and_token_authentication(tmp_path: Path) -> None:
                 assert await bad.stop() == 0
         finally:
             server.stop()
+
+
+async def test_nkey_seed_authentication(tmp_path: Path) -> None:
+    nkeys = pytest.importorskip("nkeys")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    conf = tmp_path / "nkey.conf"
+    conf.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    server = start_nats_server(tmp_path / "nk", extra=["-c", str(conf)])
+    try:
+        with trio.fail_after(30):
+            daemon = Daemon(
+                write_config(tmp_path, [server.url], nats_extra=f'nkey_seed = "{seed_file}"\n'),
+                tmp_path / "nkey.log",
+            )
+            await daemon.start()
+            await poll_until(lambda: daemon.count("nats connected") >= 1)
+            assert await daemon.stop() == 0
+    finally:
+        server.stop()
+    stopped = [e for e in daemon.entries() if e.get("event") == "stopped"]
+    assert stopped[0]["drained"] is True
+    assert daemon.produced() > 0
 
 
 async def test_tls_with_a_private_ca_and_a_client_certificate(tmp_path: Path) -> None:
