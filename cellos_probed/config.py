@@ -138,6 +138,9 @@ class SpoolSettings:
 class CgroupProbeConfig:
     path: str  # as written in the config; reported in `inputs`
     resolved: Path  # absolute, under [paths] cgroup_root
+    #: [paths] cgroup_root: opens walk down from it refusing symlinks
+    #: (None: only the directory's own name is checked)
+    root: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,7 +526,7 @@ class _Loader:
             )
         resolved = _under_root(table, "path", path, root, "cgroup_root")
         table.finish()
-        return CgroupProbeConfig(path, resolved)
+        return CgroupProbeConfig(path, resolved, root)
 
 
 def _under_root(table: _Table, name: str, value: str, root: Path, root_key: str) -> Path:

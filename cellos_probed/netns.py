@@ -46,12 +46,15 @@ class NamespaceError(ProbeIoError):
 def enter_netns(path: str) -> None:
     """``setns()`` the *calling thread* into the network namespace at ``path``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NOFOLLOW: a symlink planted where a namespace should be is refused
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise NamespaceError(f"network namespace does not exist: {path}") from None
     except PermissionError:
         raise NamespaceError(f"permission denied opening network namespace {path}") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NamespaceError(f"network namespace path is a symlink: {path}") from None
         raise NamespaceError(f"cannot open network namespace {path}: {exc.strerror}") from None
     try:
         _setns(fd, CLONE_NEWNET)

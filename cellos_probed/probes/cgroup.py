@@ -17,6 +17,7 @@ from typing import Any, Final
 import trio
 
 from cellos_probed.config import CgroupProbeConfig
+from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.probes import (
     ProbeContext,
     ProbeIoError,
@@ -80,10 +81,16 @@ def _read_bounded(fd: int, name: str) -> str:
         raise ProbeParseError(f"{name}: not ASCII text") from None
 
 
-def read_cgroup_files(directory: Path, label: str) -> CgroupFiles:
-    """Open ``directory`` and read every file of :data:`CGROUP_FILES` (blocking)."""
+def read_cgroup_files(directory: Path, label: str, root: Path | None = None) -> CgroupFiles:
+    """Open ``directory`` and read every file of :data:`CGROUP_FILES` (blocking).
+
+    The directory is reached from ``root`` one component at a time, refusing
+    symlinks, and each file is opened relative to it with ``O_NOFOLLOW``.
+    """
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = open_beneath(root or directory.parent, directory, os.O_RDONLY, directory=True)
+    except EscapeError:
+        raise ProbeIoError(f"cgroup path {label} goes through a symlink; refusing it") from None
     except FileNotFoundError:
         raise ProbeIoError(f"cgroup directory does not exist: {label}") from None
     except NotADirectoryError:
@@ -154,6 +161,7 @@ class CgroupProbe:
             read_cgroup_files,
             self._config.resolved,
             self._config.path,
+            self._config.root,
             limiter=self._limiter,
             abandon_on_cancel=True,
         )

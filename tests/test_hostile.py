@@ -1,0 +1,91 @@
+"""Hostile input: symlinks that try to leave their root, secrets that must not leak."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cellos_probed.confine import EscapeError, open_beneath
+from testbed.cgroup_tree import FakeCgroup
+
+SECRET = "usage_usec 987654321\n# s3cr3t-t0ken-do-not-leak\n"
+
+
+def test_open_beneath_refuses_symlinks_anywhere_below_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_text("ok")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_text("secret")
+    os.symlink(outside, root / "link")
+    os.symlink(outside / "f", root / "a" / "b" / "flink")
+    fd = open_beneath(root, root / "a" / "b" / "f", os.O_RDONLY)
+    assert os.read(fd, 10) == b"ok"
+    os.close(fd)
+    with pytest.raises(EscapeError):
+        open_beneath(root, root / "link" / "f", os.O_RDONLY)
+    with pytest.raises(EscapeError):
+        open_beneath(root, root / "link", os.O_RDONLY, directory=True)
+    with pytest.raises(EscapeError):
+        open_beneath(root, root / "a" / "b" / "flink", os.O_RDONLY)
+    with pytest.raises(FileNotFoundError):
+        open_beneath(root, root / "a" / "missing", os.O_RDONLY)
+
+
+def test_planted_symlinks_never_leak_a_secret_into_events_or_logs(tmp_path: Path) -> None:
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    for name in ("cpu.stat", "memory.events", "memory.current", "pids.events"):
+        (secret_dir / name).write_text(SECRET)
+    root = tmp_path / "cgroup"
+    # cell-file: one of its files is a symlink to a secret
+    file_cell = FakeCgroup(root / "cell-file")
+    file_cell.write()
+    os.unlink(file_cell.path / "cpu.stat")
+    os.symlink(secret_dir / "cpu.stat", file_cell.path / "cpu.stat")
+    # cell-dir: its directory is a symlink to a directory of secrets
+    os.symlink(secret_dir, root / "cell-dir")
+    # cell-parent: a component above it is a symlink
+    os.symlink(secret_dir.parent, root / "up")
+    # cell-garbage: a file holds binary junk that is not the kernel's format
+    garbage = FakeCgroup(root / "cell-garbage")
+    garbage.write()
+    (garbage.path / "memory.events").write_bytes(b"oom \xff\xfe s3cr3t-t0ken-do-not-leak\n")
+    config = tmp_path / "c.toml"
+    text = f'[paths]\ncgroup_root = "{root}"\n'
+    for cell, path in (
+        ("cell-file", "cell-file"),
+        ("cell-dir", "cell-dir"),
+        ("cell-parent", "up/secrets"),
+        ("cell-garbage", "cell-garbage"),
+    ):
+        text += (
+            f'[[cell]]\nid = "{cell}"\nrun_id = "r"\nspec_signature_hash = "h"\n'
+            f'[cell.cgroup]\npath = "{path}"\n'
+        )
+    config.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "cellos_probed", "--log-level", "debug", "once",
+         "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    everything = result.stdout + result.stderr
+    assert "s3cr3t" not in everything
+    assert "987654321" not in everything
+    assert "Traceback" not in everything
+    errors = {
+        line.split('"cellId":"')[1].split('"')[0]: line
+        for line in result.stdout.splitlines()
+        if '.probe_error"' in line
+    }
+    assert set(errors) == {"cell-file", "cell-dir", "cell-parent", "cell-garbage"}
+    assert "cpu.stat is a symlink; refusing to follow it" in errors["cell-file"]
+    assert "goes through a symlink; refusing it" in errors["cell-dir"]
+    assert "goes through a symlink; refusing it" in errors["cell-parent"]
+    assert '"kind":"parse"' in errors["cell-garbage"]
