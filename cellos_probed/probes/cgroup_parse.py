@@ -20,12 +20,14 @@ logs must not leak what a hostile file holds.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 from cellos_probed.probes import ProbeParseError
 
 _PSI_AVERAGES: Final = ("avg10", "avg60", "avg300")
 _PSI_LINES: Final = ("some", "full")
+_KEY: Final = re.compile(r"[A-Za-z0-9_.]+", re.ASCII)
 
 
 def _lines(text: str) -> list[str]:
@@ -47,7 +49,7 @@ def parse_flat_keyed(text: str, file: str) -> dict[str, int]:
         if len(fields) != 2:
             raise ProbeParseError(f"{file}: line {line_no}: expected 'key value'")
         key, value = fields
-        if not key.isascii() or not key.replace("_", "").replace(".", "").isalnum():
+        if not _KEY.fullmatch(key):
             raise ProbeParseError(f"{file}: line {line_no}: malformed key")
         if key in out:
             raise ProbeParseError(f"{file}: line {line_no}: duplicate key")
