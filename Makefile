@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # iproute2 gives `ip` for test set-up; iputils-ping generates test traffic.
 APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping
 
-.PHONY: setup test lint demo clean check-config deb
+.PHONY: setup test lint demo clean check-config deb fuzz
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,18 @@ demo: setup
 # the Debian package: dist/cellos-probed_<version>_<arch>.deb (see README, "Installing")
 deb: setup
 	bash packaging/build-deb.sh dist
+
+# coverage-guided fuzzing of every parser (not run by CI): FUZZ_SECONDS per target
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(PY) -m pip install -q atheris
+	mkdir -p fuzz/logs
+	set -e; for target in $$($(PY) fuzz/targets.py --list); do \
+	  echo "fuzz: $$target for $(FUZZ_SECONDS)s"; \
+	  $(PY) fuzz/targets.py $$target -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    > fuzz/logs/$$target.log 2>&1 || { tail -30 fuzz/logs/$$target.log; exit 1; }; \
+	  grep -E "^Done|stat::number_of_executed_units" fuzz/logs/$$target.log | tr '\n' ' '; echo; \
+	done
 
 check-config: setup
 	$(VENV)/bin/cellos-probed check-config --config config/cellos-probed.toml
