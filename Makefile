@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml tools/apt-install.sh
 	touch $@
 
 lint: setup
-	$(VENV)/bin/ruff check cellos_probed tests tools
+	$(VENV)/bin/ruff check cellos_probed tests tools testbed fuzz bench
 	$(VENV)/bin/mypy
 
 test: setup lint

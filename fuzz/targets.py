@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import atheris  # noqa: E402
+import atheris
 
 with atheris.instrument_imports():
     from cellos_probed.config import ConfigError, parse_config
