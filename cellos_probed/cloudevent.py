@@ -20,8 +20,8 @@ NATS_HEADERS: Final = {"Content-Type": STRUCTURED_CONTENT_TYPE}
 
 def rfc3339_millis(instant: datetime) -> str:
     """RFC 3339 UTC with milliseconds and a ``Z``: ``2026-11-25T10:15:02.123Z``."""
-    utc = instant.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # isoformat is C code, several times faster than strftime on the hot path
+    return instant.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ one component at a time from a descriptor of the root, each step with
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from pathlib import Path
@@ -20,12 +21,14 @@ class EscapeError(OSError):
     """A component of the path is a symlink: following it could leave the root."""
 
 
-def _relative_parts(root: Path, path: Path) -> list[str]:
+@functools.lru_cache(maxsize=65536)
+def _relative_parts(root: Path, path: Path) -> tuple[str, ...]:
+    # cached: the same few thousand configured paths are opened every tick
     relative = path.relative_to(root)  # ValueError if not under root: a config bug
     parts = [part for part in relative.parts if part not in ("", ".")]
     if ".." in parts:
         raise EscapeError(errno.EXDEV, f"'..' in a confined path: {path}")
-    return parts
+    return tuple(parts)
 
 
 def open_beneath(root: Path, path: Path, flags: int, *, directory: bool = False) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 import trio
 
+from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CellConfig, Config, ConfigError, load_config
 from cellos_probed.log import RepeatedErrorFilter
 from cellos_probed.probes import (
@@ -60,6 +61,8 @@ class SharedResources:
     def __init__(self) -> None:
         # cgroupfs reads are short; a few threads keep a slow disk from serialising cells
         self.file_reads = trio.CapacityLimiter(4)
+        #: gathers every cell's cgroup reads of a tick into a few thread hops
+        self.file_batcher = ThreadBatcher(self.file_reads)
         self.nursery: trio.Nursery | None = None
         #: the index of the tick being run; shared queries key their results on it
         #: so that every cell reading one table in one tick shares one query
@@ -70,7 +73,7 @@ def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
     """A cell runs exactly the probes whose table it has."""
     probes: list[HostProbe] = []
     if cell.cgroup is not None:
-        probes.append(CgroupProbe(cell.cgroup, shared.file_reads))
+        probes.append(CgroupProbe(cell.cgroup, shared.file_batcher))
     return probes
 
 

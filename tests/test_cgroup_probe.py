@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CgroupProbeConfig
 from cellos_probed.probes import ProbeContext, ProbeIoError, ProbeParseError
 from cellos_probed.probes.cgroup import CGROUP_FILES, CgroupProbe
@@ -21,7 +22,7 @@ CTX = ProbeContext("cell-1", "run-7", "sha256:abcd")
 
 
 def probe_for(path: Path, written: str = "cell-1") -> CgroupProbe:
-    return CgroupProbe(CgroupProbeConfig(written, path), trio.CapacityLimiter(2))
+    return CgroupProbe(CgroupProbeConfig(written, path), ThreadBatcher(trio.CapacityLimiter(2)))
 
 
 async def test_full_tree_every_file_and_key(tmp_path: Path) -> None:

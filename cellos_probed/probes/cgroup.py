@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import trio
-
+from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CgroupProbeConfig
 from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.probes import (
@@ -66,17 +65,14 @@ class CgroupFiles:
 
 
 def _read_bounded(fd: int, name: str) -> str:
-    chunks, size = [], 0
-    while True:
-        chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_FILE_BYTES:
-            raise ProbeParseError(f"{name}: larger than {MAX_FILE_BYTES} bytes, not read")
+    # One read: cgroupfs (kernfs seq_file) and regular files hand over all
+    # they have up to the size asked; asking one byte more than the bound
+    # tells an oversized file from a full one.
+    data = os.read(fd, MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ProbeParseError(f"{name}: larger than {MAX_FILE_BYTES} bytes, not read")
     try:
-        return b"".join(chunks).decode("ascii")
+        return data.decode("ascii")
     except UnicodeDecodeError:
         raise ProbeParseError(f"{name}: not ASCII text") from None
 
@@ -143,9 +139,9 @@ def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
 class CgroupProbe:
     """Reads one cell's cgroup and reports counter increases between readings."""
 
-    def __init__(self, config: CgroupProbeConfig, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, config: CgroupProbeConfig, batcher: ThreadBatcher) -> None:
         self._config = config
-        self._limiter = limiter
+        self._batcher = batcher
         self._baseline: dict[str, dict[str, int]] | None = None
         self._directory_id: tuple[int, int] | None = None
 
@@ -157,13 +153,9 @@ class CgroupProbe:
         return {"cgroup_path": self._config.path, "files": read}
 
     async def read(self, ctx: ProbeContext) -> ProbeReading:
-        files = await trio.to_thread.run_sync(
-            read_cgroup_files,
-            self._config.resolved,
-            self._config.path,
-            self._config.root,
-            limiter=self._limiter,
-            abandon_on_cancel=True,
+        # one worker-thread hop for every cell's files in this tick, not one per cell
+        files = await self._batcher.run(
+            read_cgroup_files, self._config.resolved, self._config.path, self._config.root
         )
         output = parse_cgroup_files(files)
         counters = {

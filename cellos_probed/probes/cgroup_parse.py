@@ -41,8 +41,27 @@ def _counter(token: str, file: str, line_no: int) -> int:
     return int(token)
 
 
+# The whole file in the kernel's exact format, checked in one regex pass: the
+# fast path for every tick. Anything else goes through the line-by-line
+# parser below, which names the line and the reason.
+_FLAT_KEYED_FILE: Final = re.compile(r"(?:[A-Za-z0-9_.]+ [0-9]+\n)*", re.ASCII)
+_PSI_LINE: Final = (
+    r" avg10=([0-9]+\.[0-9]+) avg60=([0-9]+\.[0-9]+) avg300=([0-9]+\.[0-9]+) total=([0-9]+)\n"
+)
+_PSI_FILE: Final = re.compile(f"some{_PSI_LINE}(?:full{_PSI_LINE})?", re.ASCII)
+
+
 def parse_flat_keyed(text: str, file: str) -> dict[str, int]:
     """``key value`` per line, every key passed through as an integer."""
+    if _FLAT_KEYED_FILE.fullmatch(text):
+        fields = text.split()
+        keys = fields[0::2]
+        if len(set(keys)) == len(keys):
+            return dict(zip(keys, map(int, fields[1::2]), strict=True))
+    return _parse_flat_keyed_slowly(text, file)
+
+
+def _parse_flat_keyed_slowly(text: str, file: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for line_no, line in enumerate(_lines(text), start=1):
         fields = line.split()
@@ -74,6 +93,19 @@ def _average(token: str, file: str, line_no: int) -> float:
 
 def parse_pressure(text: str, file: str) -> dict[str, dict[str, Any]]:
     """PSI lines into ``{"some": {...}, "full": {...}}`` (``full`` may be absent)."""
+    exact = _PSI_FILE.fullmatch(text)
+    if exact:
+        g = exact.groups()
+        out = {"some": {"avg10": float(g[0]), "avg60": float(g[1]), "avg300": float(g[2]),
+                        "total": int(g[3])}}  # fmt: skip
+        if g[4] is not None:
+            out["full"] = {"avg10": float(g[4]), "avg60": float(g[5]), "avg300": float(g[6]),
+                           "total": int(g[7])}  # fmt: skip
+        return out
+    return _parse_pressure_slowly(text, file)
+
+
+def _parse_pressure_slowly(text: str, file: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for line_no, line in enumerate(_lines(text), start=1):
         fields = line.split()
