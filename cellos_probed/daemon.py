@@ -43,6 +43,7 @@ from cellos_probed.probes import (
     emit_reading,
 )
 from cellos_probed.probes.cgroup import CgroupProbe
+from cellos_probed.probes.tap_link import LinkWatchers, TapLinkProbe
 from cellos_probed.scheduler import TickStats, run_fixed_tick
 from cellos_probed.spool import spool_stats
 from cellos_probed.systemd import Notifier
@@ -67,6 +68,8 @@ class SharedResources:
         #: the index of the tick being run; shared queries key their results on it
         #: so that every cell reading one table in one tick shares one query
         self.tick_index = 0
+        #: one rtnetlink link watcher per network namespace, shared by its cells
+        self.link_watchers = LinkWatchers(lambda: self.nursery)
 
 
 def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
@@ -74,6 +77,9 @@ def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
     probes: list[HostProbe] = []
     if cell.cgroup is not None:
         probes.append(CgroupProbe(cell.cgroup, shared.file_batcher))
+    if cell.tap_link is not None:
+        netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
+        probes.append(TapLinkProbe(cell.tap_link, cell.netns, netns, shared.link_watchers))
     return probes
 
 

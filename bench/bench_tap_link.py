@@ -1,0 +1,151 @@
+"""Benchmark (not a test): the tap_link probe's CPU per tick next to `ip -j link show`.
+
+1,000 TAPs in one scratch namespace (every other one administratively up),
+one cell per TAP. Each round measures, in the same run:
+
+* the probe: one tick's 1,000 ``TapLinkProbe.read`` calls, each in its own
+  task as the daemon runs them (process CPU time, all threads);
+* the daemon's whole tick for the same cells (reads plus envelopes, into a
+  capturing sink), for context;
+* iproute2: ``ip -j -n NS link show`` (the child's user + system CPU).
+
+It prints the medians and the ratio, and the cost of the watcher's dump
+(at start, and on each resynchronisation, every 60 s by default).
+Run as root: ``.venv/bin/python bench/bench_tap_link.py [--taps N] [--rounds N]``.
+Everything it makes is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cellos_probed.config import parse_config
+from cellos_probed.daemon import Prober
+from cellos_probed.probes import CapturingSink, EventStamper, ProbeContext
+from cellos_probed.probes.tap_link import (
+    LinkWatcher,
+    LinkWatchers,
+    TapLinkProbe,
+)
+from testbed.taps import many_taps, network_namespace, unique_name
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def iproute2_once(ns: str) -> tuple[float, float]:
+    """(CPU seconds of the `ip` child, wall seconds) for one `ip -j link show`."""
+    cpu, wall = children_cpu(), time.perf_counter()
+    subprocess.run(["ip", "-j", "-n", ns, "link", "show"], stdout=subprocess.DEVNULL, check=True)
+    return children_cpu() - cpu, time.perf_counter() - wall
+
+
+def config_for(path: Path, names: list[str]) -> str:
+    text = "[daemon]\ntick_seconds = 1.0\n"
+    for index, name in enumerate(names):
+        text += (
+            f'[[cell]]\nid = "c{index}"\nrun_id = "r"\nspec_signature_hash = "h"\n'
+            f'netns = "{path}"\n[cell.tap_link]\ninterface = "{name}"\n'
+        )
+    return text
+
+
+async def measure(path: Path, ns: str, names: list[str], rounds: int) -> None:
+    config = parse_config(config_for(path, names))
+    async with trio.open_nursery() as nursery:
+        # the probes alone, sharing one watcher as the daemon's cells do
+        watchers = LinkWatchers(lambda: nursery)
+        cpu = time.process_time()
+        watcher = await watchers.watcher(path)
+        first_dump = time.process_time() - cpu
+        assert len(watcher.by_name) == len(names) + 1, "the dump missed links"
+        probes = [
+            TapLinkProbe(cell.tap_link, cell.netns, str(path), watchers)
+            for cell in config.cells
+            if cell.tap_link is not None
+        ]
+        context = ProbeContext("bench", "r", "h")
+
+        async def read_all() -> None:
+            async with trio.open_nursery() as tick:
+                for probe in probes:
+                    tick.start_soon(probe.read, context)
+
+        prober = Prober(config, CapturingSink(), EventStamper())
+        await nursery.start(prober.run_services)
+        await prober.tick()  # its watcher's first dump, outside the measurement
+        await read_all()
+
+        probe_cpu, tick_cpu, ip_cpu, ip_wall = [], [], [], []
+        for _ in range(rounds):
+            cpu = time.process_time()
+            await read_all()
+            probe_cpu.append(time.process_time() - cpu)
+            sink = prober.sink
+            assert isinstance(sink, CapturingSink)
+            sink.events.clear()
+            cpu = time.process_time()
+            await prober.tick()
+            tick_cpu.append(time.process_time() - cpu)
+            assert len(sink.events) == len(names)
+            assert all(e.type.endswith(".tap_link") for e in sink.events)
+            child_cpu, wall = iproute2_once(ns)
+            ip_cpu.append(child_cpu)
+            ip_wall.append(wall)
+
+        cpu = time.process_time()
+        await watcher_resync(watcher)
+        resync = time.process_time() - cpu
+        nursery.cancel_scope.cancel()
+
+    probe_ms = statistics.median(probe_cpu) * 1000
+    ip_ms = statistics.median(ip_cpu) * 1000
+    print(f"links in the namespace:                 {len(names) + 1}")
+    print(f"cells (one TAP each):                   {len(names)}")
+    print(f"rounds:                                 {rounds}")
+    print(f"probe, 1,000 reads per tick (CPU):      {probe_ms:8.2f} ms")
+    print(f"daemon tick incl. envelopes (CPU):      {statistics.median(tick_cpu) * 1000:8.2f} ms")
+    print(f"ip -j link show (child CPU):            {ip_ms:8.2f} ms")
+    print(f"ip -j link show (wall, incl. spawn):    {statistics.median(ip_wall) * 1000:8.2f} ms")
+    print(f"ratio probe / ip (CPU):                 {probe_ms / ip_ms:8.2f}")
+    print(f"watcher start: socket + dump (CPU):     {first_dump * 1000:8.2f} ms")
+    print(f"resync dump, every 60 s (CPU):          {resync * 1000:8.2f} ms")
+
+
+async def watcher_resync(watcher: LinkWatcher) -> None:
+    """One resynchronising dump, waited for (the periodic one, brought forward)."""
+    done = watcher.dumps + 1
+    await watcher.request_resync()
+    await watcher.wait_until(lambda: watcher.dumps >= done)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--taps", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_tap_link: needs root (it makes a namespace and TAP devices)")
+    ns = unique_name("bench")
+    names = [f"tap{index}" for index in range(args.taps)]
+    started = time.perf_counter()
+    with network_namespace(ns) as path, many_taps(ns, names, up_every=2):
+        print(f"made {args.taps} TAPs in {ns} in {time.perf_counter() - started:.1f} s")
+        trio.run(measure, path, ns, names, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

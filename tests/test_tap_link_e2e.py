@@ -1,0 +1,103 @@
+"""End to end: `cellos-probed run` as a process, a TAP in a namespace, a NATS subscriber."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from cellos_probed.nats_bridge import open_subscription
+from testbed.taps import attached_tap, link_details, network_namespace, tap_device, unique_name
+from tests.conftest import NatsServer, needs_nats, needs_root
+
+PREFIX = "dev.cellos.events.cell.observability.host.v1"
+
+
+@needs_root
+@needs_nats
+async def test_tap_link_readings_arrive_on_their_subject(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    ns, tap = unique_name("cle"), unique_name("tap")
+    events: list[dict[str, Any]] = []
+    headers: list[dict[str, str] | None] = []
+    changed = trio.Event()
+    with network_namespace(ns) as path, tap_device(tap, ns):
+        config = tmp_path / "cellos-probed.toml"
+        config.write_text(
+            "[daemon]\ntick_seconds = 0.2\n"
+            f'[nats]\nservers = ["{nats_server.url}"]\n'
+            '[[cell]]\nid = "cell-7"\nrun_id = "run-7"\nspec_signature_hash = "sha256:77"\n'
+            f'netns = "{path}"\n[cell.tap_link]\ninterface = "{tap}"\n'
+        )
+        stderr = tmp_path / "daemon.log"
+        with trio.fail_after(30):
+            async with (
+                open_subscription([nats_server.url], f"{PREFIX}.tap_link.cell-7") as messages,
+                trio.open_nursery() as nursery,
+            ):
+
+                async def collect() -> None:
+                    nonlocal changed
+                    async for message in messages:
+                        events.append(orjson.loads(message.data))
+                        headers.append(message.headers)
+                        changed.set()
+                        changed = trio.Event()
+
+                async def wait_for(condition: Any) -> None:
+                    while not condition():
+                        await changed.wait()
+
+                nursery.start_soon(collect)
+                with stderr.open("wb") as log:
+                    daemon = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                    )
+                try:
+                    await wait_for(lambda: len(events) >= 1)
+                    with attached_tap(tap, ns):  # the VMM starts
+                        await wait_for(lambda: any(e["data"]["output"]["carrier"] for e in events))
+                finally:
+                    daemon.send_signal(signal.SIGTERM)
+                    with trio.fail_after(5):
+                        returncode = await daemon.wait()
+                nursery.cancel_scope.cancel()
+        details = link_details(tap, ns)
+    assert returncode == 0, stderr.read_text()
+
+    first = events[0]
+    assert first["type"] == f"{PREFIX}.tap_link"
+    assert headers[0] is not None
+    assert headers[0]["Content-Type"] == "application/cloudevents+json"
+    assert first["data"]["probeSource"] == "host.tap_link"
+    assert first["data"]["cellId"] == "cell-7"
+    assert first["data"]["inputs"] == {"interface": tap, "netns": str(path)}
+    assert first["data"]["output"] == {
+        "ifindex": details["ifindex"],
+        "operstate": "DOWN",
+        "carrier": False,
+        "carrier_changes": 1,
+        "flags": ["UP", "BROADCAST", "MULTICAST"],
+        "admin_up": True,
+        "mtu": 1500,
+        "address": details["address"],
+        "transitions": [],
+    }
+    up = next(e for e in events if e["data"]["output"]["carrier"])
+    assert up["data"]["output"]["transitions"] == [
+        {
+            "at": up["data"]["output"]["transitions"][0]["at"],
+            "carrier": True,
+            "operstate": "UP",
+            "admin_up": True,
+        }
+    ]
+    assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
