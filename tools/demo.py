@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -27,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from cellos_probed.cgroupfs import find_cgroup2_mount  # noqa: E402
 from cellos_probed.tail import run_tail  # noqa: E402
 from testbed.cgroup_tree import FakeCgroup, make_real_cgroup  # noqa: E402
+from testbed.taps import attached_tap, network_namespace, set_link, tap_device  # noqa: E402
 from tests.conftest import start_nats_server  # noqa: E402
 
 PREFIX = "dev.cellos.events.cell.observability.host.v1"
@@ -55,7 +58,9 @@ def burner_in(cgroup: Path) -> Iterator[None]:
         process.wait()
 
 
-def cgroup_cells(stack: ExitStack, workdir: Path) -> tuple[str, str]:
+def cgroup_cells(
+    stack: ExitStack, workdir: Path, extra: dict[str, str]
+) -> tuple[str, str]:
     """Demo cells' [paths] line and [[cell]] tables for the cgroup probe."""
     mount = find_cgroup2_mount()
     cells = ""
@@ -77,7 +82,7 @@ def cgroup_cells(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     for name in ("cell-1", "cell-2"):
         cells += (
             f'[[cell]]\nid = "{name}"\nrun_id = "demo-run"\n'
-            f'spec_signature_hash = "sha256:demo"\n'
+            f'spec_signature_hash = "sha256:demo"\n{extra.get(name, "")}'
             f'[cell.cgroup]\npath = "{relative / name}"\n\n'
         )
     # a cell whose cgroup is gone: the daemon says so instead of going silent
@@ -86,6 +91,45 @@ def cgroup_cells(stack: ExitStack, workdir: Path) -> tuple[str, str]:
         f'[cell.cgroup]\npath = "{relative / "cell-gone"}"\n\n'
     )
     return f'cgroup_root = "{root}"\n', cells
+
+
+@contextmanager
+def flapping(name: str, netns: str, every: float) -> Iterator[None]:
+    """Take ``name`` administratively down and up again every ``every`` seconds."""
+    stop = threading.Event()
+
+    def flap() -> None:
+        while not stop.wait(every):
+            set_link(name, "down", netns)
+            time.sleep(0.2)  # a flap shorter than the tick: transitions still show it
+            set_link(name, "up", netns)
+
+    thread = threading.Thread(target=flap, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def tap_cells(stack: ExitStack) -> dict[str, str]:
+    """Each demo cell's netns line and [cell.tap_link] table: real TAPs in a namespace."""
+    if os.geteuid() != 0:
+        say("TAPs: not root; the demo cells have no tap_link probe")
+        return {}
+    name = f"cellos-demo-{os.getpid()}"
+    netns = stack.enter_context(network_namespace(name))
+    tables = {}
+    for cell in ("cell-1", "cell-2"):
+        tap = f"tap-{cell}"
+        stack.enter_context(tap_device(tap, name))
+        tables[cell] = f'netns = "{netns}"\n[cell.tap_link]\ninterface = "{tap}"\n'
+    # cell-1's VMM holds its TAP open (carrier up); cell-2's flaps every 3 s
+    stack.enter_context(attached_tap("tap-cell-1", name))
+    stack.enter_context(flapping("tap-cell-2", name, 3.0))
+    say(f"TAPs: tap-cell-1 (held open: carrier) and tap-cell-2 (flapping) in netns {name}")
+    return tables
 
 
 async def show(servers: list[str], seconds: float | None) -> None:
@@ -100,7 +144,8 @@ def main() -> int:
         server = start_nats_server(workdir / "nats")
         stack.callback(server.stop)
         say(f"nats-server from the virtualenv on {server.url}")
-        paths, cells = cgroup_cells(stack, workdir)
+        taps = tap_cells(stack)
+        paths, cells = cgroup_cells(stack, workdir, taps)
         config = workdir / "demo.toml"
         config.write_text(
             "[daemon]\ntick_seconds = 1.0\n\n"
