@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 CGROUP_FILES = (
@@ -76,7 +77,7 @@ def flush_vm(api_socket: str, fifo_fd: int, pending: bytearray) -> None:
 
 
 def main() -> None:
-    spec: dict[str, Any] = json.loads(open(sys.argv[1]).read())
+    spec: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
     host_ns = os.open("/proc/self/ns/net", os.O_RDONLY)
     cell_ns = os.open(spec["netns"], os.O_RDONLY) if spec.get("netns") else None
     nft = None
