@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # iproute2 gives `ip` for test set-up; iputils-ping generates test traffic.
 APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping
 
-.PHONY: setup test lint demo clean check-config deb fuzz
+.PHONY: setup test lint demo clean check-config deb fuzz bench soak
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,17 @@ demo: setup
 # the Debian package: dist/cellos-probed_<version>_<arch>.deb (see README, "Installing")
 deb: setup
 	bash packaging/build-deb.sh dist
+
+# the scale benchmark (bench/README.md): BENCH_N=100,500,1000,2000 BENCH_TICKS=30
+bench: setup
+	bash tools/apt-install.sh prometheus-node-exporter
+	$(PY) -m pip install -q matplotlib
+	$(PY) bench/bench_daemon.py
+
+# N=1000 for SOAK_SECONDS (default 600): RSS must stay flat
+SOAK_SECONDS ?= 600
+soak: setup
+	$(PY) bench/bench_daemon.py --soak $(SOAK_SECONDS)
 
 # coverage-guided fuzzing of every parser (not run by CI): FUZZ_SECONDS per target
 FUZZ_SECONDS ?= 600

@@ -1,0 +1,401 @@
+"""`make bench`: the daemon at N cells from real kernel objects, against the floor and a peer.
+
+For each N it builds N cells (a TAP each in one network namespace, two named
+nftables counters each in one table there, a real cgroup each under the
+cgroup2 mount, an emulated Firecracker VM each when the emulator is
+available), starts a nats-server and a subscriber, runs `cellos-probed run`
+for a fixed number of ticks, removes everything, and reports:
+
+- per tick: duration p50/p99/max (the daemon's own `agent` figures), overruns;
+- the daemon's CPU seconds per tick (from /proc/<pid>/stat), peak RSS, RSS growth;
+- events per second delivered to the subscriber, and how many were lost;
+- the floor (bench/floor.py: the same kernel reads by the simplest loop) and
+  the ratio of the daemon's CPU to it;
+- a peer: node_exporter's netclass collector scraping the same TAPs, its CPU
+  per scrape next to our tap_link cost per tick.
+
+Results: bench/results/<name>.json, bench/results/<name>.md, bench/results/<name>.png.
+Usage: python bench/bench_daemon.py [--n 100,500,1000,2000] [--ticks 30] [--soak SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cellos_probed.cgroupfs import find_cgroup2_mount  # noqa: E402
+from cellos_probed.netns import NamespaceThread  # noqa: E402
+from testbed.taps import ip, many_taps, network_namespace  # noqa: E402
+from tests.conftest import start_nats_server  # noqa: E402
+
+PREFIX = "dev.cellos.events.cell.observability.host.v1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+VENV_BIN = Path(sys.executable).parent
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def real_cgroups(n: int) -> Iterator[tuple[Path, list[str]]]:
+    mount = find_cgroup2_mount()
+    assert mount is not None, "no cgroup2 mount"
+    parent = mount / f"cellos-bench-{os.getpid()}"
+    parent.mkdir()
+    names = [f"c{i}" for i in range(n)]
+    try:
+        for name in names:
+            (parent / name).mkdir()
+        yield parent, names
+    finally:
+        for name in names:
+            try:
+                (parent / name).rmdir()
+            except OSError:
+                pass
+        parent.rmdir()
+
+
+@contextmanager
+def nft_table(netns: str, family: str, table: str, cells: int) -> Iterator[None]:
+    lines = [f"table {family} {table} {{"]
+    for i in range(cells):
+        lines += [f"  counter c{i}-rx {{ }}", f"  counter c{i}-tx {{ }}"]
+    lines.append("}")
+    script = Path(tempfile.mkstemp(suffix=".nft")[1])
+    script.write_text("\n".join(lines) + "\n")
+    try:
+        subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", str(script)], check=True)
+        yield
+    finally:
+        script.unlink()
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "nft", "delete", "table", family, table], check=False
+        )
+
+
+def fc_emulator_available() -> bool:
+    try:
+        import testbed.fc_emulator  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def emulated_vms(workdir: Path, n: int) -> Iterator[list[dict[str, str]] | None]:
+    """N emulated VMs from the Firecracker emulator, if this tree has one."""
+    if not fc_emulator_available():
+        yield None
+        return
+    from testbed.fc_emulator import emulator_process  # type: ignore[attr-defined]
+
+    with emulator_process(workdir / "jail", n) as vms:
+        yield vms
+
+
+def write_config(
+    path: Path, n: int, *, cgroup_parent: Path, netns: Path, taps: list[str],
+    vms: list[dict[str, str]] | None, jail: Path, nats_url: str, ticks: int,
+) -> None:  # fmt: skip
+    text = (
+        f"[daemon]\ntick_seconds = 1.0\nprobe_timeout_seconds = 0.5\n"
+        f"agent_event_every_ticks = {ticks}\ndrain_timeout_seconds = 10\n"
+        f'[paths]\ncgroup_root = "{cgroup_parent}"\njail_root = "{jail}"\n'
+        f'[nats]\nservers = ["{nats_url}"]\n'
+    )
+    for i in range(n):
+        text += (
+            f'[[cell]]\nid = "c{i}"\nrun_id = "bench"\nspec_signature_hash = "sha256:bench"\n'
+            f'netns = "{netns}"\n'
+            f'[cell.cgroup]\npath = "c{i}"\n'
+            f'[cell.tap_link]\ninterface = "{taps[i]}"\n'
+            f'[cell.nftables]\nfamily = "inet"\ntable = "cellosbench"\n'
+            f'counters = ["c{i}-rx", "c{i}-tx"]\n'
+        )
+        if vms is not None:
+            text += (
+                f'[cell.fc_metrics]\napi_socket = "{vms[i]["api_socket"]}"\n'
+                f'metrics_path = "{vms[i]["metrics_path"]}"\n'
+            )
+    path.write_text(text)
+
+
+def supported_probes() -> set[str]:
+    from cellos_probed.config import BUILT_PROBES
+
+    return set(BUILT_PROBES)
+
+
+def strip_unbuilt(config: Path) -> None:
+    """Drop the probe tables of probes this tree has not built yet (so the bench runs)."""
+    built = supported_probes()
+    out, skip = [], False
+    for line in config.read_text().splitlines():
+        if line.startswith("[cell."):
+            skip = line.strip("[]").split(".", 1)[1] not in built
+        elif line.startswith("["):
+            skip = False
+        if not skip:
+            out.append(line)
+    config.write_text("\n".join(out) + "\n")
+
+
+def run_daemon(config: Path, workdir: Path, ticks: int, nats_url: str) -> dict[str, Any]:
+    sub_out = workdir / "subscriber.json"
+    subscriber = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "subscriber.py"), nats_url, PREFIX, str(sub_out)]
+    )
+    while not Path(str(sub_out) + ".ready").exists():
+        time.sleep(0.05)
+    log = (workdir / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [str(VENV_BIN / "cellos-probed"), "run", "--config", str(config)], stderr=log
+    )
+    # warm up: start-up, imports, first dumps; then measure whole ticks
+    time.sleep(3.0)
+    cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+    rss_start = rss_kib(daemon.pid)
+    rss_samples = []
+    for _ in range(ticks):
+        time.sleep(1.0)
+        rss_samples.append(rss_kib(daemon.pid))
+        if daemon.poll() is not None:
+            raise RuntimeError(f"daemon exited: {(workdir / 'daemon.log').read_text()[-2000:]}")
+    cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
+    peak = rss_kib(daemon.pid, "VmHWM")
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(30)
+    log.close()
+    time.sleep(1.0)
+    subscriber.send_signal(signal.SIGTERM)
+    subscriber.wait(30)
+    sub = json.loads(sub_out.read_text())
+    entries = [
+        json.loads(x)
+        for x in (workdir / "daemon.log").read_text().splitlines()
+        if x.startswith("{")
+    ]
+    stopped = next(e for e in entries if e.get("event") == "stopped")
+    produced = stopped["readings"] + stopped["probe_errors"]
+    agent = sub["agent"][-1] if sub["agent"] else {}
+    elapsed_ticks = (t1 - t0) / 1.0
+    return {
+        "cpu_seconds_per_tick": (cpu1 - cpu0) / elapsed_ticks,
+        "rss_start_mib": rss_start / 1024,
+        "rss_end_mib": rss_samples[-1] / 1024,
+        "rss_peak_mib": peak / 1024,
+        "rss_growth_pct": 100.0 * (rss_samples[-1] - rss_samples[0]) / max(1, rss_samples[0]),
+        "tick_ms": agent.get("tickDurationMs", {}),
+        "overruns": agent.get("tickOverruns"),
+        "produced": produced,
+        "delivered": sub["received"],
+        "lost": produced - sub["received"],
+        "undeclared_holes": sub["undeclared"],
+        "duplicates": sub["duplicates"],
+        "events_per_second": sub["received"] / max(1e-9, sub["last_at"] - sub["first_at"]),
+        "probe_errors": stopped["probe_errors"],
+    }
+
+
+def run_floor(workdir: Path, spec: dict[str, Any], ticks: int) -> dict[str, Any]:
+    path = workdir / "floor.json"
+    path.write_text(json.dumps({**spec, "ticks": ticks, "tick_seconds": 1.0}))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "floor.py"), str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return dict(json.loads(result.stdout))
+
+
+def run_node_exporter(netns_name: str, netns: Path, scrapes: int) -> dict[str, Any] | None:
+    binary = shutil.which("prometheus-node-exporter")
+    if binary is None:
+        return None
+    ip("link", "set", "lo", "up", netns=netns_name)
+    port = 19100
+    exporter = subprocess.Popen(
+        ["ip", "netns", "exec", netns_name, binary, "--collector.disable-defaults",
+         "--collector.netclass", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    scraper = NamespaceThread(str(netns))
+    scraper.start()
+
+    def scrape() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+            return len(reply.read())
+
+    import trio
+
+    async def scrape_all() -> dict[str, Any]:
+        for _ in range(50):  # wait until it listens
+            try:
+                await scraper.run(scrape)
+                break
+            except OSError:
+                await trio.sleep(0.1)
+        pid = exporter.pid
+        # ip netns exec execs the exporter in place: the pid is the exporter's
+        cpu0 = cpu_seconds(pid)
+        size = 0
+        for _ in range(scrapes):
+            size = await scraper.run(scrape)
+        return {
+            "cpu_seconds_per_scrape": (cpu_seconds(pid) - cpu0) / scrapes,
+            "metrics_bytes": size,
+        }
+
+    try:
+        return trio.run(scrape_all)
+    finally:
+        scraper.stop()
+        exporter.send_signal(signal.SIGTERM)
+        exporter.wait(10)
+
+
+def bench_one(n: int, ticks: int) -> dict[str, Any]:
+    say(f"N={n}: building {n} cells")
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cellos-bench-")))
+        netns_name = f"cellosbench{os.getpid()}"
+        netns = stack.enter_context(network_namespace(netns_name))
+        taps = stack.enter_context(
+            many_taps(netns_name, [f"bt{os.getpid() % 10000}x{i}" for i in range(n)])
+        )
+        stack.enter_context(nft_table(netns_name, "inet", "cellosbench", n))
+        cgroup_parent, cgroups = stack.enter_context(real_cgroups(n))
+        vms = stack.enter_context(emulated_vms(workdir, n))
+        server = start_nats_server(workdir / "nats")
+        stack.callback(server.stop)
+        config = workdir / "bench.toml"
+        write_config(config, n, cgroup_parent=cgroup_parent, netns=netns, taps=taps, vms=vms,
+                     jail=workdir / "jail", nats_url=server.url, ticks=ticks)  # fmt: skip
+        strip_unbuilt(config)
+        probes = sorted(supported_probes() & {"cgroup", "tap_link", "nftables", "fc_metrics"})
+        if vms is None:
+            probes = [p for p in probes if p != "fc_metrics"]
+        say(f"N={n}: daemon for {ticks} ticks with probes {', '.join(probes)}")
+        daemon = run_daemon(config, workdir, ticks, server.url)
+        say(f"N={n}: floor")
+        floor = run_floor(workdir, {
+            "cgroup_dirs": [str(cgroup_parent / c) for c in cgroups],
+            "netns": str(netns),
+            "nft": {"family": "inet", "table": "cellosbench"} if "nftables" in probes else None,
+            "vms": vms or [] if "fc_metrics" in probes else [],
+        }, min(ticks, 10))  # fmt: skip
+        say(f"N={n}: node_exporter")
+        peer = run_node_exporter(netns_name, netns, 5)
+    return {
+        "n": n,
+        "ticks": ticks,
+        "probes": probes,
+        "daemon": daemon,
+        "floor": floor,
+        "ratio_to_floor": daemon["cpu_seconds_per_tick"] / max(1e-9, floor["cpu_seconds_per_tick"]),
+        "node_exporter": peer,
+    }
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| N | probes | tick p50 / p99 / max ms | overruns | daemon CPU s/tick | floor CPU s/tick "
+        "| ratio | peak RSS MiB | RSS growth | events/s | lost | node_exporter CPU s/scrape |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        d, tick = r["daemon"], r["daemon"]["tick_ms"]
+        peer = r["node_exporter"]
+        peer_text = f"{peer['cpu_seconds_per_scrape']:.3f}" if peer else "n/a"
+        rows.append(
+            f"| {r['n']} | {'+'.join(r['probes'])} | {tick.get('p50', 0):.0f} / "
+            f"{tick.get('p99', 0):.0f} / {tick.get('max', 0):.0f} | {d['overruns']} | "
+            f"{d['cpu_seconds_per_tick']:.3f} | {r['floor']['cpu_seconds_per_tick']:.3f} | "
+            f"{r['ratio_to_floor']:.1f}x | {d['rss_peak_mib']:.0f} | {d['rss_growth_pct']:+.1f}% | "
+            f"{d['events_per_second']:.0f} | {d['lost']} | {peer_text} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["n"] for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("p50", "tick p50"), ("p99", "tick p99"), ("max", "tick max")):
+        left.plot(ns, [r["daemon"]["tick_ms"].get(key, 0) for r in results], "o-", label=label)
+    left.axhline(500, color="red", linestyle=":", label="target p99 (500 ms)")
+    left.set(xlabel="cells (N)", ylabel="ms", title="tick duration")
+    left.legend()
+    right.plot(ns, [r["daemon"]["cpu_seconds_per_tick"] for r in results], "o-", label="daemon")
+    right.plot(ns, [r["floor"]["cpu_seconds_per_tick"] for r in results], "s--", label="floor")
+    right.axhline(0.5, color="red", linestyle=":", label="target (0.5 core-s)")
+    right.set(xlabel="cells (N)", ylabel="CPU seconds per 1 s tick", title="CPU per tick")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default=os.environ.get("BENCH_N", "100,500,1000,2000"))
+    parser.add_argument("--ticks", type=int, default=int(os.environ.get("BENCH_TICKS", "30")))
+    parser.add_argument("--name", default=os.environ.get("BENCH_NAME", "scale"))
+    parser.add_argument(
+        "--soak", type=int, default=0, help="seconds at N=1000 (RSS must stay flat)"
+    )
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root (namespaces, TAPs, nftables, cgroups)", file=sys.stderr)
+        return 1
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.soak:
+        results = [bench_one(1000, args.soak)]
+        name = f"{args.name}-soak"
+    else:
+        results = [bench_one(int(n), args.ticks) for n in args.n.split(",")]
+        name = args.name
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (out / f"{name}.md").write_text(table)
+    if len(results) > 1:
+        plot(results, out / f"{name}.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

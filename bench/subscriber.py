@@ -1,0 +1,68 @@
+"""The benchmark's subscriber: counts what a consumer receives and checks completeness.
+
+Usage: python bench/subscriber.py URL PREFIX OUT.json
+Runs until SIGTERM/SIGINT, then writes {received, first_at, last_at, agent, completeness}.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cellos_probed.nats_bridge import open_subscription  # noqa: E402
+from cellos_probed.verify import Completeness  # noqa: E402
+
+
+async def main(url: str, prefix: str, out: Path) -> None:
+    completeness = Completeness(from_start=True)
+    received = 0
+    first_at = last_at = 0.0
+    agent: list[dict[str, Any]] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            async with open_subscription([url], f"{prefix}.>") as messages:
+                Path(str(out) + ".ready").write_text("ready")
+                async for message in messages:
+                    event = orjson.loads(message.data)
+                    now = time.monotonic()
+                    if event["type"].endswith(".agent"):
+                        agent.append(event["data"])
+                        continue
+                    received += 1
+                    first_at = first_at or now
+                    last_at = now
+                    completeness.add(event)
+    rows = completeness.rows()
+    out.write_text(
+        json.dumps(
+            {
+                "received": received,
+                "first_at": first_at,
+                "last_at": last_at,
+                "agent": agent,
+                "duplicates": sum(len(row.duplicates) for row in rows),
+                "holes": sum(len(row.holes) for row in rows),
+                "undeclared": sum(len(row.undeclared) for row in rows),
+                "streams": len(rows),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1], sys.argv[2], Path(sys.argv[3]))
