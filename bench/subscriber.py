@@ -18,8 +18,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellos_probed.nats_bridge import open_subscription  # noqa: E402
-from cellos_probed.verify import Completeness  # noqa: E402
+from cellos_probed.nats_bridge import open_subscription
+from cellos_probed.verify import Completeness
 
 
 async def main(url: str, prefix: str, out: Path) -> None:
