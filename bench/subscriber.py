@@ -36,7 +36,7 @@ async def main(url: str, prefix: str, out: Path) -> None:
 
             nursery.start_soon(stop_on_signal)
             async with open_subscription([url], f"{prefix}.>") as messages:
-                Path(str(out) + ".ready").write_text("ready")
+                await trio.Path(str(out) + ".ready").write_text("ready")
                 async for message in messages:
                     event = orjson.loads(message.data)
                     now = time.monotonic()
@@ -48,7 +48,7 @@ async def main(url: str, prefix: str, out: Path) -> None:
                     last_at = now
                     completeness.add(event)
     rows = completeness.rows()
-    out.write_text(
+    await trio.Path(out).write_text(
         json.dumps(
             {
                 "received": received,
