@@ -1,0 +1,61 @@
+"""Property test: whatever the bounds and the order of puts and confirmations, every
+sequence is either delivered or declared by a gap event, never both, never neither."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellos_probed.outbox import Outbox
+from cellos_probed.probes import EventStamper
+from tests.test_outbox import reading
+
+actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(["a", "b", "c"])),
+        st.tuples(st.just("send"), st.integers(1, 7)),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(actions, st.integers(10, 30))
+def test_every_sequence_is_delivered_or_declared(
+    steps: list[tuple[str, object]], bound: int
+) -> None:
+    stamper = EventStamper()
+    outbox = Outbox("p", stamper.boot_id, max_events=bound, max_bytes=1 << 30)
+    delivered: list[dict[str, object]] = []
+    produced: dict[str, int] = {}
+    for action, arg in steps:
+        if action == "put":
+            cell = str(arg)
+            outbox.put(reading(stamper, cell))
+            produced[cell] = produced.get(cell, 0) + 1
+        else:
+            outbox.seal_gaps()
+            batch = outbox.batch(int(str(arg)))
+            delivered += [orjson.loads(entry.payload) for entry in batch]
+            outbox.confirm(batch)
+    outbox.seal_gaps()
+    while batch := outbox.batch(50):
+        delivered += [orjson.loads(entry.payload) for entry in batch]
+        outbox.confirm(batch)
+    got = [(e["data"]["cellId"], int(e["sequence"])) for e in delivered if "sequence" in e]
+    declared = [
+        (e["data"]["cellId"], n)
+        for e in delivered
+        if str(e["type"]).endswith(".gap")
+        for n in range(e["data"]["firstSequence"], e["data"]["lastSequence"] + 1)
+    ]
+    assert len(got) == len(set(got))  # nothing twice
+    assert not set(got) & set(declared)  # nothing both delivered and declared lost
+    everything = {(cell, n) for cell, count in produced.items() for n in range(1, count + 1)}
+    assert set(got) | set(declared) == everything
+    assert len(declared) == outbox.dropped
+    # per cell, delivered readings keep their order
+    for cell in produced:
+        order = [n for c, n in got if c == cell]
+        assert order == sorted(order)
