@@ -185,4 +185,4 @@ def test_check_config_as_a_process_prints_a_summary(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "OK: 1 cell(s) (cgroup x1)" in result.stdout
+    assert "OK: 1 cell(s) (cgroup x1, tap_link x1)" in result.stdout

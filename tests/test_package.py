@@ -86,7 +86,7 @@ def test_installed_package_runs_check_config(deb: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"cellos-probed {__version__}"
-    assert "OK: 1 cell(s) (cgroup x1)" in lines[1]
+    assert "OK: 1 cell(s) (cgroup x1, tap_link x1)" in lines[1]
     # one tick of the shipped config: the example cell's cgroup does not exist here
     assert '"type":"dev.cellos.events.cell.observability.host.v1.probe_error"' in lines[2]
     assert not Path("/opt/cellos-probed").exists()
