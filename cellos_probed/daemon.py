@@ -28,6 +28,7 @@ import trio
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CellConfig, Config, ConfigError, load_config
 from cellos_probed.log import RepeatedErrorFilter
+from cellos_probed.netns import NamespaceThreads
 from cellos_probed.probes import (
     EventSink,
     EventStamper,
@@ -43,6 +44,7 @@ from cellos_probed.probes import (
     emit_reading,
 )
 from cellos_probed.probes.cgroup import CgroupProbe
+from cellos_probed.probes.nftables import NftablesProbe, NftTableQueries
 from cellos_probed.probes.tap_link import LinkWatchers, TapLinkProbe
 from cellos_probed.scheduler import TickStats, run_fixed_tick
 from cellos_probed.spool import spool_stats
@@ -70,6 +72,11 @@ class SharedResources:
         self.tick_index = 0
         #: one rtnetlink link watcher per network namespace, shared by its cells
         self.link_watchers = LinkWatchers(lambda: self.nursery)
+        #: one libnftables query per (namespace, family, table) per tick, on a
+        #: thread (and context) of its own per namespace
+        self.nft_tables = NftTableQueries(
+            NamespaceThreads(), lambda: self.nursery, lambda: self.tick_index
+        )
 
 
 def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
@@ -80,6 +87,9 @@ def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
     if cell.tap_link is not None:
         netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
         probes.append(TapLinkProbe(cell.tap_link, cell.netns, netns, shared.link_watchers))
+    if cell.nftables is not None:
+        netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
+        probes.append(NftablesProbe(cell.nftables, cell.netns, netns, shared.nft_tables))
     return probes
 
 
