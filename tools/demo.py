@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 from cellos_probed.cgroupfs import find_cgroup2_mount  # noqa: E402
 from cellos_probed.tail import run_tail  # noqa: E402
 from testbed.cgroup_tree import FakeCgroup, make_real_cgroup  # noqa: E402
-from testbed.taps import attached_tap, network_namespace, set_link, tap_device  # noqa: E402
+from testbed.nft import CellRules, TableSpec, nft_table, ping  # noqa: E402
+from testbed.taps import attached_tap, ip, network_namespace, set_link, tap_device  # noqa: E402
 from tests.conftest import start_nats_server  # noqa: E402
 
 PREFIX = "dev.cellos.events.cell.observability.host.v1"
@@ -113,22 +114,50 @@ def flapping(name: str, netns: str, every: float) -> Iterator[None]:
         thread.join()
 
 
-def tap_cells(stack: ExitStack) -> dict[str, str]:
-    """Each demo cell's netns line and [cell.tap_link] table: real TAPs in a namespace."""
+@contextmanager
+def pinging(netns: str, every: float) -> Iterator[None]:
+    """ICMP on the namespace's loopback every ``every`` seconds: the counters move."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every):
+            ping(netns, 2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def network_cells(stack: ExitStack) -> dict[str, str]:
+    """Each demo cell's netns, [cell.tap_link] and [cell.nftables]: real kernel objects."""
     if os.geteuid() != 0:
-        say("TAPs: not root; the demo cells have no tap_link probe")
+        say("TAPs and nftables: not root; the demo cells have only the cgroup probe")
         return {}
     name = f"cellos-demo-{os.getpid()}"
     netns = stack.enter_context(network_namespace(name))
+    ip("link", "set", "lo", "up", netns=name)
+    cells = ("cell-1", "cell-2")
+    spec = TableSpec("inet", "cellos", [CellRules(cell) for cell in cells])
+    stack.enter_context(nft_table(spec, name))
     tables = {}
-    for cell in ("cell-1", "cell-2"):
-        tap = f"tap-{cell}"
+    for rules in spec.cells:
+        tap = f"tap-{rules.cell}"
         stack.enter_context(tap_device(tap, name))
-        tables[cell] = f'netns = "{netns}"\n[cell.tap_link]\ninterface = "{tap}"\n'
+        tables[rules.cell] = (
+            f'netns = "{netns}"\n[cell.tap_link]\ninterface = "{tap}"\n'
+            f'[cell.nftables]\nfamily = "inet"\ntable = "cellos"\n'
+            f'counters = ["{rules.rx}", "{rules.tx}"]\nchain = "{rules.chain}"\n'
+        )
     # cell-1's VMM holds its TAP open (carrier up); cell-2's flaps every 3 s
     stack.enter_context(attached_tap("tap-cell-1", name))
     stack.enter_context(flapping("tap-cell-2", name, 3.0))
+    stack.enter_context(pinging(name, 1.0))
     say(f"TAPs: tap-cell-1 (held open: carrier) and tap-cell-2 (flapping) in netns {name}")
+    say("nftables: table inet cellos there, counters moved by a ping every second")
     return tables
 
 
@@ -144,7 +173,7 @@ def main() -> int:
         server = start_nats_server(workdir / "nats")
         stack.callback(server.stop)
         say(f"nats-server from the virtualenv on {server.url}")
-        taps = tap_cells(stack)
+        taps = network_cells(stack)
         paths, cells = cgroup_cells(stack, workdir, taps)
         config = workdir / "demo.toml"
         config.write_text(
