@@ -104,10 +104,10 @@ def nft_table(netns: str, family: str, table: str, cells: int) -> Iterator[None]
 
 def fc_emulator_available() -> bool:
     try:
-        import testbed.fc_emulator  # noqa: F401
+        import testbed.fc_emulator as emulator
     except ImportError:
         return False
-    return True
+    return hasattr(emulator, "emulator_process")
 
 
 @contextmanager
@@ -184,6 +184,13 @@ def run_daemon(config: Path, workdir: Path, ticks: int, nats_url: str) -> dict[s
     time.sleep(3.0)
     cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
     rss_start = rss_kib(daemon.pid)
+    profile = os.environ.get("BENCH_PROFILE")  # where the time goes: py-spy, GIL holder only
+    if profile and shutil.which("py-spy", path=str(VENV_BIN)):
+        subprocess.Popen(
+            [str(VENV_BIN / "py-spy"), "record", "-p", str(daemon.pid), "-d", str(ticks),
+             "-f", "raw", "-o", profile, "--gil", "-r", "200"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     rss_samples = []
     for _ in range(ticks):
         time.sleep(1.0)

@@ -27,7 +27,7 @@ import trio
 
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CellConfig, Config, ConfigError, load_config
-from cellos_probed.log import RepeatedErrorFilter
+from cellos_probed.log import RepeatedErrorFilter, probe_context
 from cellos_probed.netns import NamespaceThreads
 from cellos_probed.probes import (
     EventSink,
@@ -172,7 +172,7 @@ class Prober:
     async def _run_cell_background(
         self, runner: CellRunner, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        structlog.contextvars.bind_contextvars(cell=runner.context.cell_id)
+        probe_context.set((runner.context.cell_id, None))
         started = False
         with runner.scope:
             async with trio.open_nursery() as nursery:
@@ -197,7 +197,7 @@ class Prober:
     async def _run_probe(self, runner: CellRunner, probe: HostProbe, timeout: float) -> None:
         name = probe.probe_name()
         cell = runner.context.cell_id
-        structlog.contextvars.bind_contextvars(cell=cell, probe=name)
+        probe_context.set((cell, name))
         result: ProbeReading | ProbeError = ProbeTimeoutError(
             f"{name} probe did not finish within {timeout:g}s"
         )
