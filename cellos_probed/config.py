@@ -39,7 +39,7 @@ NOT_SUPPORTED_YET: Final[dict[str, str]] = {
 
 #: Probe tables parsed and validated here whose probe is built; the others
 #: are refused with NOT_SUPPORTED_YET even though their keys are known.
-BUILT_PROBES: Final = frozenset({"cgroup", "tap_link", "nftables"})
+BUILT_PROBES: Final = frozenset({"cgroup", "tap_link", "nftables", "fc_metrics"})
 
 
 class ConfigError(Exception):

@@ -44,6 +44,7 @@ from cellos_probed.probes import (
     emit_reading,
 )
 from cellos_probed.probes.cgroup import CgroupProbe
+from cellos_probed.probes.fc_metrics import FcMetricsProbe
 from cellos_probed.probes.nftables import NftablesProbe, NftTableQueries
 from cellos_probed.probes.tap_link import LinkWatchers, TapLinkProbe
 from cellos_probed.scheduler import TickStats, run_fixed_tick
@@ -90,6 +91,8 @@ def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
     if cell.nftables is not None:
         netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
         probes.append(NftablesProbe(cell.nftables, cell.netns, netns, shared.nft_tables))
+    if cell.fc_metrics is not None:
+        probes.append(FcMetricsProbe(cell.fc_metrics))
     return probes
 
 

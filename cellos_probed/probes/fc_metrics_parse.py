@@ -1,0 +1,269 @@
+"""Firecracker's metrics stream, pure: lines out of bytes, lines summed into readings.
+
+Firecracker writes one compact JSON object per ``\\n``-terminated line, in
+writes of at most 1 KiB, so a reader sees lines in pieces. A line whose
+write hit a full pipe leaves a prefix behind, and the next line follows it
+on the same ``\\n``: the complete object is then the text from the last
+``{"utc_timestamp_ms":`` on (reference section 1). Counters in a line are
+the deltas since the previous flush, so every line is summed; gauges
+(``SharedStoreMetric``) are current values, so the newest wins (section 4).
+
+Nothing here does I/O; :class:`MetricsAccumulator` is fed bytes and asked
+for readings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+#: A line is about 6 KB; far more than any plausible device count needs.
+MAX_LINE_BYTES: Final = 256 * 1024
+#: Where a line begins; a torn line is retried from its last occurrence.
+LINE_START: Final = b'{"utc_timestamp_ms":'
+TIMESTAMP_KEY: Final = "utc_timestamp_ms"
+
+#: Sections whose every field is a gauge.
+_GAUGE_SECTIONS: Final = frozenset({"api_server", "latencies_us"})
+#: Single gauge fields of otherwise-counter sections.
+_GAUGE_FIELDS: Final = frozenset({("seccomp", "num_faults"), ("vmm", "panic_count")})
+_AGG_GAUGES: Final = frozenset({"min_us", "max_us"})
+_gauge_cache: dict[tuple[str, str], bool] = {}
+_GAUGE_CACHE_LIMIT: Final = 100_000
+
+
+def is_gauge(section: str, field: str, sub: str | None = None) -> bool:
+    """Whether a leaf holds a current value (take the newest) rather than a delta (sum).
+
+    ``sub`` is the key inside a ``*_agg`` object: its ``min_us``/``max_us``
+    are lifetime values, its ``sum_us`` a delta.
+    """
+    if sub is not None:
+        return sub in _AGG_GAUGES
+    key = (section, field)
+    cached = _gauge_cache.get(key)
+    if cached is None:
+        cached = _classify(section, field)
+        if len(_gauge_cache) < _GAUGE_CACHE_LIMIT:  # ids are few; stay bounded regardless
+            _gauge_cache[key] = cached
+    return cached
+
+
+def _classify(section: str, field: str) -> bool:
+    if section in _GAUGE_SECTIONS or (section, field) in _GAUGE_FIELDS:
+        return True
+    if section == "signals":  # deadly-signal flags are 0/1 stores; sigpipe counts
+        return field != "sigpipe"
+    if section.startswith("vhost_user_"):
+        return field.endswith("_time_us")
+    return False
+
+
+class LineSplitter:
+    """Complete lines out of chunks, whatever the chunking; memory stays bounded.
+
+    A line longer than ``max_line`` is dropped (up to its ``\\n``) and counted
+    in ``oversize``.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self.max_line = max_line
+        self._partial = bytearray()
+        self._skipping = False
+        self.oversize = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._partial)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            if self._skipping:
+                self._skipping = False
+            elif self._partial:
+                self._partial += data[start:end]
+                if len(self._partial) > self.max_line:
+                    self.oversize += 1
+                else:
+                    lines.append(bytes(self._partial))
+                self._partial.clear()
+            elif end - start > self.max_line:
+                self.oversize += 1
+            else:
+                lines.append(data[start:end])
+            start = end + 1
+        if start < len(data) and not self._skipping:
+            self._partial += data[start:]
+            if len(self._partial) > self.max_line:
+                self.oversize += 1
+                self._partial.clear()
+                self._skipping = True
+        return lines
+
+    def discard_partial(self) -> bool:
+        """Forget an unfinished line (the file under it was truncated); True if there was one."""
+        had = bool(self._partial) or self._skipping
+        self._partial.clear()
+        self._skipping = False
+        return had
+
+
+def parse_line(line: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """``(object, torn)``: the line's object (None if unusable) and whether it was corrupt.
+
+    Leading NUL bytes (the hole a truncated regular file leaves) are skipped;
+    a blank line is ``(None, False)``: nothing to count.
+    """
+    line = line.lstrip(b"\0")
+    if not line.strip():
+        return None, False
+    found = _load(line)
+    if found is not None:
+        return found, False
+    start = line.rfind(LINE_START)
+    if start > 0:
+        return _load(line[start:]), True
+    return None, True
+
+
+def _load(text: bytes) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get(TIMESTAMP_KEY), int):
+        return value
+    return None
+
+
+def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` plus one line (or one sum of lines) ``new``, as a new object.
+
+    Counters add, gauges and anything not an integer (``id``, ``properties``)
+    take ``new``'s value. Neither argument is changed, so a published sum is
+    never altered afterwards. ``utc_timestamp_ms`` is not summed.
+    """
+    out: dict[str, Any] = {} if old is None else dict(old)
+    for section, values in new.items():
+        if section == TIMESTAMP_KEY:
+            continue
+        before = out.get(section)
+        if isinstance(values, dict) and isinstance(before, dict):
+            out[section] = _merge_section(section, before, values)
+        else:
+            out[section] = values
+    return out
+
+
+def _merge_section(section: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(old)
+    for field, value in new.items():
+        before = out.get(field)
+        if type(value) is int and type(before) is int:
+            if not is_gauge(section, field):
+                out[field] = before + value
+            else:
+                out[field] = value
+        elif isinstance(value, dict) and isinstance(before, dict):
+            agg = dict(before)
+            for sub, number in value.items():
+                earlier = agg.get(sub)
+                if type(number) is int and type(earlier) is int and sub not in _AGG_GAUGES:
+                    agg[sub] = earlier + number
+                else:
+                    agg[sub] = number
+            out[field] = agg
+        else:
+            out[field] = value
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsReading:
+    """What the lines read since the previous reading add up to.
+
+    ``lines``: objects summed (recovered torn lines included); ``torn_lines``:
+    corrupt lines, recovered or not; ``unparsed_lines``: corrupt lines nothing
+    could be recovered from (oversize ones included); ``lost_lines``: lines
+    Firecracker itself failed to write (its ``logger.missed_metrics_count``).
+    """
+
+    utc_timestamp_ms: int | None
+    lines: int
+    torn_lines: int
+    unparsed_lines: int
+    lost_lines: int
+    delta: dict[str, Any]
+    totals: dict[str, Any]
+
+
+class MetricsAccumulator:
+    """Every line of one VMM's metrics stream, summed since the reader began."""
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self._splitter = LineSplitter(max_line)
+        self._pending: dict[str, Any] | None = None
+        self._totals: dict[str, Any] = {}
+        self._newest_timestamp: int | None = None
+        self._lines = 0
+        self._torn = 0
+        self._unparsed = 0
+        self._oversize_seen = 0
+        #: every record ended by ``\\n`` so far (usable or not): "did a line arrive?"
+        self.records = 0
+
+    def feed(self, data: bytes) -> int:
+        """Take a chunk of the stream; returns how many records it completed."""
+        lines = self._splitter.feed(data)
+        for line in lines:
+            found, torn = parse_line(line)
+            if found is None and not torn:
+                continue  # blank: a hole in a truncated file, nothing was written there
+            self.records += 1
+            self._torn += torn
+            if found is None:
+                self._unparsed += 1
+                continue
+            self._lines += 1
+            self._newest_timestamp = found[TIMESTAMP_KEY]
+            self._pending = merge(self._pending, found)
+        oversize = self._splitter.oversize - self._oversize_seen
+        if oversize:
+            self._oversize_seen = self._splitter.oversize
+            self.records += oversize
+            self._torn += oversize
+            self._unparsed += oversize
+        return len(lines) + oversize
+
+    def truncated(self) -> None:
+        """The file was truncated under the reader: an unfinished line is torn."""
+        if self._splitter.discard_partial():
+            self._torn += 1
+            self._unparsed += 1
+
+    def take_reading(self) -> MetricsReading:
+        """The sums since the previous call, and the totals; counts start again."""
+        delta = self._pending or {}
+        if self._pending is not None:
+            self._totals = merge(self._totals, self._pending)
+        logger = delta.get("logger")
+        missed = logger.get("missed_metrics_count", 0) if isinstance(logger, dict) else 0
+        reading = MetricsReading(
+            self._newest_timestamp,
+            self._lines,
+            self._torn,
+            self._unparsed,
+            missed if type(missed) is int else 0,
+            delta,
+            self._totals,
+        )
+        self._pending = None
+        self._lines = self._torn = self._unparsed = 0
+        return reading

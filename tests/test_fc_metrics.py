@@ -1,0 +1,257 @@
+"""The fc_metrics probe against the Firecracker emulator.
+
+Between ticks the tests await the probe's follower having read a line
+(``wait_for_records``), never a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from testbed.fc_emulator import open_emulator
+from tests.fc_helpers import (
+    counters_only,
+    events_of,
+    fc_config,
+    fc_probe,
+    last_output,
+    minus,
+    running,
+    short_root,
+)
+
+
+@pytest.fixture
+def fc_root() -> Iterator[Path]:
+    yield from short_root()
+
+
+async def test_totals_equal_the_vmms_true_counts_after_many_ticks(fc_root: Path) -> None:
+    rng = random.Random(5)
+    with trio.fail_after(30):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1", nets=("eth0", "eth1")))
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                probe = fc_probe(prober, "cell-1")
+                previous: dict[tuple[str, ...], int] = {}
+                for tick in range(25):
+                    vm.metrics.bump_everything(rng)
+                    if tick % 3 == 0:  # Firecracker's own timer fires between ticks
+                        records = probe.accumulator.records
+                        vm.periodic_flush()
+                        await probe.follower.wait_for_records(records + 1)
+                        vm.metrics.bump_everything(rng)
+                    await prober.tick(tick)
+                    output = last_output(prober, "cell-1")
+                    assert output["lines"] == (3 if tick == 0 else 2 if tick % 3 == 0 else 1)
+                    counters = counters_only(output["totals"])
+                    assert all(counters[leaf] >= value for leaf, value in previous.items())
+                    previous = counters
+                # exactly what the lines carried, field by field, gauges included
+                assert output["totals"] == vm.emitted_totals()
+                true = vm.true_counts()
+                # ... and what happened, but for the GET / the probe made after the last line
+                true["get_api_requests"]["instance_info_count"] -= 1
+                assert output["totals"] == true
+    assert output["instance"] == {"id": "cell-1", "state": "Running", "vmm_version": "1.16.1"}
+    assert output["torn_lines"] == 0
+    assert output["lost_lines"] == 0
+    assert output["totals"]["net"]["rx_bytes_count"] == (
+        output["totals"]["net_eth0"]["rx_bytes_count"]
+        + output["totals"]["net_eth1"]["rx_bytes_count"]
+    )
+
+
+async def test_delta_is_the_sum_since_the_previous_reading(fc_root: Path) -> None:
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1"))
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                probe = fc_probe(prober, "cell-1")
+                await prober.tick(0)
+                vm.metrics.add("net_eth0", "rx_bytes_count", 1000)
+                vm.metrics.observe_latency("net_eth0", "tap_write_agg", 70)
+                vm.metrics.set_gauge("seccomp", "num_faults", 4)
+                vm.periodic_flush()
+                await probe.follower.wait_for_records(3)
+                vm.metrics.add("net_eth0", "rx_bytes_count", 24)
+                vm.metrics.observe_latency("net_eth0", "tap_write_agg", 30)
+                await prober.tick(1)
+                output = last_output(prober, "cell-1")
+                assert output["utc_timestamp_ms"] == vm.last_timestamp_ms
+    delta = output["delta"]
+    assert output["lines"] == 2
+    assert delta["net_eth0"]["rx_bytes_count"] == 1024
+    assert delta["net"]["rx_bytes_count"] == 1024
+    assert delta["net_eth0"]["tap_write_agg"] == {"min_us": 30, "max_us": 70, "sum_us": 100}
+    assert delta["net"]["tap_write_agg"] == {"min_us": 0, "max_us": 0, "sum_us": 100}
+    assert delta["seccomp"]["num_faults"] == 4  # a gauge: the latest, not 8
+    assert delta["put_api_requests"]["actions_count"] == 1
+    assert delta["get_api_requests"]["instance_info_count"] == 1  # the previous tick's GET /
+    assert output["totals"]["put_api_requests"]["actions_count"] == 2
+    assert "utc_timestamp_ms" not in delta
+
+
+async def test_full_fifo_before_the_probe_shows_as_loss(fc_root: Path) -> None:
+    rng = random.Random(9)
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1"))
+            missed = 0
+            while missed < 3:  # nobody reads: the pipe fills, lines are dropped and counted
+                vm.metrics.bump_everything(rng)
+                outcome = vm.periodic_flush()
+                assert outcome is not None
+                missed += not outcome.written
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                await prober.tick(0)
+                output = last_output(prober, "cell-1")
+                assert output["totals"] == vm.emitted_totals()
+                # the lines that fit, then the flush's own line
+                assert output["lines"] == vm.metrics.lines_written
+    assert output["torn_lines"] == 1  # the flush's line, behind a lost line's prefix
+    assert output["unparsed_lines"] == 0
+    assert output["lost_lines"] == 3
+    assert output["totals"]["logger"]["missed_metrics_count"] == 3
+    lost = counters_only(vm.lost_totals())
+    assert any(value > 0 for value in lost.values())
+
+
+async def test_flush_refused_for_a_full_pipe_then_the_torn_line_is_recovered(
+    fc_root: Path,
+) -> None:
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1"))
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                await prober.tick(0)
+                vm.metrics.bump_everything(random.Random(2))
+                vm.inject_full_pipe(after_writes=3)
+                await prober.tick(1)
+                error = events_of(prober, "cell-1")[-1]
+                await prober.tick(2)
+                output = last_output(prober, "cell-1")
+                assert output["totals"] == vm.emitted_totals()
+    assert error["type"] == "probe_error"
+    assert error["error"] == {
+        "kind": "io",
+        "message": "FlushMetrics refused: 400 Internal VMM error: Metrics error: "
+        "Resource temporarily unavailable (os error 11)",
+    }
+    assert output["torn_lines"] == 1
+    assert output["lines"] == 1
+    assert output["lost_lines"] == 0  # the API path does not count a missed line
+
+
+async def test_hung_api_times_out_alone_within_the_probe_timeout(fc_root: Path) -> None:
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            await emulator.add(emulator.spec("cell-1"))
+            hung = await emulator.add(emulator.spec("cell-2"))
+            config = fc_config(fc_root, ["cell-1", "cell-2"], tick=1.0, timeout=0.3)
+            async with running(config) as prober:
+                await prober.tick(0)
+                hung.hang_api()
+                for tick in (1, 2):
+                    started = trio.current_time()
+                    await prober.tick(tick)
+                    assert trio.current_time() - started < 0.3 + 0.15
+                    assert events_of(prober, "cell-1")[-1]["type"] == "fc_metrics"
+                    error = events_of(prober, "cell-2")[-1]
+                    assert error["type"] == "probe_error"
+                    assert error["error"]["kind"] == "timeout"
+                hung.release_api()
+                await prober.tick(3)
+                output = last_output(prober, "cell-2")
+                assert output["totals"] == hung.emitted_totals()
+    # the flushes the VMM answered late were lines too: nothing was lost
+    assert output["lines"] == 3
+
+
+async def test_restart_keeps_totals_monotonic_and_shows_the_new_instance(fc_root: Path) -> None:
+    rng = random.Random(3)
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1"))
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                vm.metrics.bump_everything(rng)
+                await prober.tick(0)
+                before = last_output(prober, "cell-1")
+                vm.metrics.bump_everything(rng)
+                await emulator.restart(vm, new_id="cell-1-b", recreate_fifo=True)
+                vm.metrics.bump_everything(rng)
+                await prober.tick(1)
+                after = last_output(prober, "cell-1")
+                assert after["totals"] == vm.emitted_totals()
+    assert before["instance"]["id"] == "cell-1"
+    assert after["instance"] == {"id": "cell-1-b", "state": "Running", "vmm_version": "1.16.1"}
+    assert after["lines"] == 3  # the old process's exit line, the new one's boot and flush lines
+    old, new = counters_only(before["totals"]), counters_only(after["totals"])
+    assert all(new[leaf] >= value for leaf, value in old.items())
+    assert new[("vcpu", "exit_io_in")] > old[("vcpu", "exit_io_in")]
+
+
+async def test_vm_errors_are_clear_and_cost_only_that_cell(fc_root: Path) -> None:
+    cells = ["ok", "preboot", "gone", "stale", "noline", "nometrics"]
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            await emulator.add(emulator.spec("ok"))
+            await emulator.add(emulator.spec("preboot", boot=False))
+            gone = await emulator.add(emulator.spec("gone"))
+            stale = await emulator.add(emulator.spec("stale"))
+            await emulator.add(emulator.spec("noline", metrics_path=None))
+            noline = emulator.spec("noline")
+            assert noline.metrics_path is not None
+            os.mkfifo(noline.metrics_path)  # there, but Firecracker was never told of it
+            async with running(fc_config(fc_root, cells)) as prober:
+                await gone.stop(clean=False)
+                gone.spec.api_socket.unlink()
+                await stale.stop(clean=False)  # its socket file stays: connection refused
+                await prober.tick(0)
+                errors = {cell: events_of(prober, cell)[-1] for cell in cells}
+    assert errors.pop("ok")["type"] == "fc_metrics"
+    kinds = {cell: event["error"]["kind"] for cell, event in errors.items()}
+    assert kinds == dict.fromkeys(errors, "io")
+    messages = {cell: event["error"]["message"] for cell, event in errors.items()}
+    assert messages == {
+        "preboot": "FlushMetrics refused: 400 The requested operation is not supported "
+        "before starting the microVM.",
+        "gone": "API socket does not exist: the VM is gone (or not started yet)",
+        "stale": "API socket refused the connection: the VM is gone (stale socket)",
+        "noline": "FlushMetrics answered 204 but no line arrived at metrics_path "
+        "(metrics not configured, or configured elsewhere)",
+        "nometrics": "metrics path does not exist: "
+        f"{fc_root}/firecracker/nometrics/root/metrics.fifo",
+    }
+    assert errors["gone"]["inputs"] == {
+        "api_socket": f"{fc_root}/firecracker/gone/root/run/firecracker.socket",
+        "metrics_path": f"{fc_root}/firecracker/gone/root/metrics.fifo",
+    }
+
+
+async def test_regular_file_is_followed_from_its_end_through_truncation(fc_root: Path) -> None:
+    rng = random.Random(4)
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1", transport="file"))
+            vm.metrics.bump_everything(rng)
+            vm.periodic_flush()  # history: written before the probe looked
+            history = vm.emitted_totals()
+            config = fc_config(fc_root, ["cell-1"], transport="file")
+            async with running(config) as prober:
+                for tick in range(4):
+                    vm.metrics.bump_everything(rng)
+                    if tick == 2:  # someone truncates the file; Firecracker writes on at its offset
+                        assert vm.spec.metrics_path is not None
+                        os.truncate(vm.spec.metrics_path, 0)
+                        vm.periodic_flush()
+                    await prober.tick(tick)
+                    output = last_output(prober, "cell-1")
+                assert output["totals"] == minus(vm.emitted_totals(), history)
+    assert output["torn_lines"] == 0

@@ -1,0 +1,112 @@
+"""The pure half of fc_metrics: splitting, torn-line recovery, summing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+from cellos_probed.probes.fc_metrics_parse import (
+    LineSplitter,
+    MetricsAccumulator,
+    is_gauge,
+    merge,
+    parse_line,
+)
+
+
+def line(ts: int, rx: int, faults: int, agg: tuple[int, int, int], missed: int = 0) -> bytes:
+    body = {
+        "utc_timestamp_ms": ts,
+        "api_server": {"process_startup_time_us": 9},
+        "logger": {"missed_metrics_count": missed},
+        "net_eth0": {
+            "rx_bytes_count": rx,
+            "tap_write_agg": dict(zip(("min_us", "max_us", "sum_us"), agg, strict=True)),
+        },
+        "seccomp": {"num_faults": faults},
+        "signals": {"sigpipe": 1, "sigsegv": 1},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def test_lines_split_the_same_whatever_the_chunking() -> None:
+    stream = b"".join(line(i, i, 0, (1, 2, 3)) + b"\n" for i in range(20))
+    rng = random.Random(0)
+    for _ in range(50):
+        splitter, lines, at = LineSplitter(), [], 0
+        while at < len(stream):
+            size = rng.randint(1, 1024)
+            lines += splitter.feed(stream[at : at + size])
+            at += size
+        assert lines == stream.split(b"\n")[:-1]
+        assert splitter.pending_bytes == 0
+
+
+def test_oversize_lines_are_dropped_and_counted_memory_stays_bounded() -> None:
+    splitter = LineSplitter(max_line=100)
+    assert splitter.feed(b"x" * 60) == []
+    assert splitter.feed(b"x" * 60) == []  # over the bound: dropped now, skipped to its end
+    assert splitter.pending_bytes == 0
+    assert splitter.feed(b"xx\nok\n" + b"y" * 200 + b"\nfine\n") == [b"ok", b"fine"]
+    assert splitter.oversize == 2
+
+
+def test_torn_line_is_recovered_from_the_last_line_start() -> None:
+    whole = line(2, 5, 0, (1, 2, 3))
+    torn = line(1, 7, 0, (1, 2, 3))[:50] + whole
+    assert parse_line(torn) == (json.loads(whole), True)
+    assert parse_line(b'{"utc_timestamp_ms":1,"net":{') == (None, True)
+    assert parse_line(b"\0\0\0" + whole) == (json.loads(whole), False)  # a truncated file's hole
+    assert parse_line(b"\0\0") == (None, False)
+    assert parse_line(b"[1,2]") == (None, True)
+
+
+def test_gauges_follow_firecrackers_store_metrics() -> None:
+    assert is_gauge("latencies_us", "pause_vm")
+    assert is_gauge("api_server", "process_startup_time_us")
+    assert is_gauge("seccomp", "num_faults")
+    assert is_gauge("vmm", "panic_count")
+    assert is_gauge("signals", "sigsegv")
+    assert not is_gauge("signals", "sigpipe")
+    assert is_gauge("vhost_user_block_vu0", "init_time_us")
+    assert not is_gauge("vhost_user_block_vu0", "cfg_fails")
+    assert is_gauge("net_eth0", "tap_write_agg", "max_us")
+    assert not is_gauge("net_eth0", "tap_write_agg", "sum_us")
+    assert not is_gauge("net_eth0", "rx_bytes_count")
+
+
+def test_merge_sums_counters_keeps_latest_gauges_and_changes_nothing() -> None:
+    first = json.loads(line(1, 10, 2, (5, 50, 100)))
+    second = json.loads(line(2, 4, 3, (5, 70, 30)))
+    kept = copy.deepcopy((first, second))
+    total = merge(merge(None, first), second)
+    assert (first, second) == kept
+    assert total == {
+        "api_server": {"process_startup_time_us": 9},
+        "logger": {"missed_metrics_count": 0},
+        "net_eth0": {
+            "rx_bytes_count": 14,
+            "tap_write_agg": {"min_us": 5, "max_us": 70, "sum_us": 130},
+        },
+        "seccomp": {"num_faults": 3},
+        "signals": {"sigpipe": 2, "sigsegv": 1},
+    }
+
+
+def test_accumulator_readings_count_lines_torn_and_loss() -> None:
+    acc = MetricsAccumulator()
+    acc.feed(line(1, 10, 0, (1, 1, 1)) + b"\n" + line(2, 5, 0, (1, 1, 1))[:30])
+    assert acc.records == 1
+    acc.feed(line(3, 1, 0, (1, 1, 1), missed=1) + b"\ngarbage\n")
+    first = acc.take_reading()
+    assert (first.lines, first.torn_lines, first.unparsed_lines, first.lost_lines) == (2, 2, 1, 1)
+    assert first.utc_timestamp_ms == 3
+    assert first.delta["net_eth0"]["rx_bytes_count"] == 11
+    acc.feed(line(4, 100, 0, (1, 1, 1)) + b"\n")
+    second = acc.take_reading()
+    assert (second.lines, second.torn_lines, second.lost_lines) == (1, 0, 0)
+    assert second.delta["net_eth0"]["rx_bytes_count"] == 100
+    assert second.totals["net_eth0"]["rx_bytes_count"] == 111
+    assert second.totals["logger"]["missed_metrics_count"] == 1
+    assert first.totals["net_eth0"]["rx_bytes_count"] == 11  # published sums never change
