@@ -25,7 +25,7 @@ mkdir -p "$STAGE/src"
 cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/cellos_probed" "$STAGE/src/"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "$STAGE/src" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
-"$VENV/bin/python" -c "import cellos_probed, nats, trio, pyroute2, nftables, httpx" \
+"$VENV/bin/python" -c "import cellos_probed, nats, trio, pyroute2, nftables, h11" \
     || { echo "build-deb: the staged virtualenv is incomplete" >&2; exit 1; }
 # pip itself is not needed at run time
 "$VENV/bin/python" -m pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true

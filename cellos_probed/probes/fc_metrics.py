@@ -15,20 +15,17 @@ writes and sums them (``fc_metrics_parse``). Two parts per cell:
   publishes the sums. Firecracker writes the line before it replies, so it
   is in the pipe when the 204 arrives.
 
-HTTP goes through httpx over the Unix socket, one kept-alive connection per
-VM (Firecracker serves at most ten).
+HTTP goes through h11 over the Unix socket (``fc_api``), one kept-alive
+connection per VM (Firecracker serves at most ten).
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import ssl
 import stat
 from typing import Any, Final
 
-import httpx
 import structlog
 import trio
 
@@ -37,10 +34,9 @@ from cellos_probed.probes import (
     ProbeContext,
     ProbeError,
     ProbeIoError,
-    ProbeParseError,
     ProbeReading,
-    ProbeTimeoutError,
 )
+from cellos_probed.probes.fc_api import FirecrackerApi
 from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
 
 log = structlog.get_logger("cellos_probed.fc_metrics")
@@ -54,11 +50,8 @@ NO_WRITER_RETRY_SECONDS: Final = 0.25
 #: How often a missing metrics path is looked for again, and a regular file polled.
 REOPEN_SECONDS: Final = 0.5
 FILE_POLL_SECONDS: Final = 0.5
-#: A backstop only: the daemon cancels a read at ``probe_timeout_seconds``.
-API_TIMEOUT_SECONDS: Final = 5.0
-FLUSH_BODY: Final = b'{"action_type":"FlushMetrics"}'
-#: Room for Firecracker's fault messages in a probe_error, never more.
-MAX_FAULT_CHARS: Final = 200
+#: ``GET /`` at least this often (in readings); see FcMetricsProbe._instance.
+INSTANCE_REFRESH_READS: Final = 10
 
 
 class MetricsFollower:
@@ -205,121 +198,6 @@ class MetricsFollower:
                 await self._wakeup.wait()
 
 
-class FirecrackerApi:
-    """The VMM's API socket, spoken to with httpx; failures as typed probe errors."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self._client: httpx.AsyncClient | None = None
-
-    def _get_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            transport = httpx.AsyncHTTPTransport(
-                uds=self.socket_path,
-                verify=_no_tls_context(),
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                retries=0,
-            )
-            self._client = httpx.AsyncClient(
-                transport=transport, base_url="http://localhost", timeout=API_TIMEOUT_SECONDS
-            )
-        return self._client
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await client.aclose()
-
-    async def request(self, method: str, path: str, body: bytes | None = None) -> httpx.Response:
-        what = f"{method} {path}"
-        # a kept-alive connection the VMM closed (it restarted) fails once: ask again
-        for attempt in (1, 2):
-            try:
-                headers = {"Content-Type": "application/json"} if body is not None else None
-                return await self._get_client().request(method, path, content=body, headers=headers)
-            except httpx.TimeoutException:
-                raise ProbeTimeoutError(f"API socket did not answer {what}") from None
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                if attempt == 2:
-                    raise ProbeIoError(
-                        f"API socket closed the connection during {what}: {_cause(exc)}"
-                    ) from None
-            except httpx.ConnectError as exc:
-                raise ProbeIoError(_connect_message(exc)) from None
-            except httpx.HTTPError as exc:
-                raise ProbeIoError(f"{what} failed: {type(exc).__name__}") from None
-        raise AssertionError("unreachable")
-
-    async def flush_metrics(self) -> None:
-        response = await self.request("PUT", "/actions", FLUSH_BODY)
-        if response.status_code == 204:
-            return
-        raise ProbeIoError(f"FlushMetrics refused: {_describe(response)}")
-
-    async def instance(self) -> dict[str, Any]:
-        response = await self.request("GET", "/")
-        if response.status_code != 200:
-            raise ProbeIoError(f"GET / refused: {_describe(response)}")
-        try:
-            info = response.json()
-        except ValueError:
-            raise ProbeParseError("GET / answered with a body that is not JSON") from None
-        if not isinstance(info, dict):
-            raise ProbeParseError("GET / answered with JSON that is not an object")
-        return {key: info.get(key) for key in ("id", "state", "vmm_version")}
-
-
-@functools.cache
-def _no_tls_context() -> ssl.SSLContext:
-    """One context for every client: plain HTTP on a Unix socket never uses it, but httpx
-    would otherwise build one per client, loading the CA bundle (~20 ms each)."""
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-
-
-def _cause(exc: BaseException) -> str:
-    """The innermost OS error's text, else the exception's class."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    return type(exc).__name__
-
-
-def _errno_of(exc: BaseException) -> int | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return seen.errno
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _connect_message(exc: httpx.ConnectError) -> str:
-    code = _errno_of(exc)
-    if code == errno.ENOENT:
-        return "API socket does not exist: the VM is gone (or not started yet)"
-    if code == errno.ECONNREFUSED:
-        return "API socket refused the connection: the VM is gone (stale socket)"
-    if code in (errno.EACCES, errno.EPERM):
-        return "permission denied on the API socket"
-    return f"cannot connect to the API socket: {_cause(exc)}"
-
-
-def _describe(response: httpx.Response) -> str:
-    """``400 <fault_message>``: Firecracker's own words, bounded and printable."""
-    message = ""
-    try:
-        body = response.json()
-        if isinstance(body, dict) and isinstance(body.get("fault_message"), str):
-            message = body["fault_message"]
-    except ValueError:
-        pass
-    message = "".join(ch if ch.isprintable() else "?" for ch in message[:MAX_FAULT_CHARS])
-    return f"{response.status_code} {message}".rstrip()
-
-
 class FcMetricsProbe:
     """One cell's VMM: flush, check the line arrived, publish the sums."""
 
@@ -328,6 +206,9 @@ class FcMetricsProbe:
         self.accumulator = MetricsAccumulator()
         self.follower = MetricsFollower(str(config.metrics_path_resolved), self.accumulator)
         self.api = FirecrackerApi(str(config.api_socket_resolved))
+        self._instance_cache: dict[str, Any] | None = None
+        self._instance_connections = -1
+        self._reads_since_instance = 0
 
     def probe_name(self) -> str:
         return "fc_metrics"
@@ -356,6 +237,26 @@ class FcMetricsProbe:
         self.follower.close()
         await self.api.aclose()
 
+    async def _instance(self) -> dict[str, Any]:
+        """``GET /``: every INSTANCE_REFRESH_READS readings, and at once after a reconnect.
+
+        The id and version only change with a new VMM process, which means a
+        new API connection (or a failed read, which drops the cache); the
+        state (Running/Paused) may lag by a few ticks. Asking every tick
+        cost as much as the flush itself at a thousand VMs.
+        """
+        connections = self.api.connections
+        if (
+            self._instance_cache is None
+            or connections != self._instance_connections
+            or self._reads_since_instance >= INSTANCE_REFRESH_READS
+        ):
+            self._instance_cache = await self.api.instance()
+            self._instance_connections = self.api.connections
+            self._reads_since_instance = 0
+        self._reads_since_instance += 1
+        return self._instance_cache
+
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         self.follower.ensure_open()
         self.follower.drain()  # what arrived since the background task last ran
@@ -367,7 +268,7 @@ class FcMetricsProbe:
                 "FlushMetrics answered 204 but no line arrived at metrics_path "
                 "(metrics not configured, or configured elsewhere)"
             )
-        instance = await self.api.instance()
+        instance = await self._instance()
         reading = self.accumulator.take_reading()
         output = {
             "instance": instance,

@@ -232,8 +232,11 @@ class MetricsAccumulator:
                 self._unparsed += 1
                 continue
             self._lines += 1
-            self._newest_timestamp = found[TIMESTAMP_KEY]
-            self._pending = merge(self._pending, found)
+            # a fresh object from the parser: popping the timestamp (never summed) is safe
+            self._newest_timestamp = found.pop(TIMESTAMP_KEY)
+            # the first line of a reading is taken as it is: it is a fresh
+            # object nobody else holds, so there is nothing to copy
+            self._pending = found if self._pending is None else merge(self._pending, found)
         oversize = self._splitter.oversize - self._oversize_seen
         if oversize:
             self._oversize_seen = self._splitter.oversize
