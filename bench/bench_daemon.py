@@ -116,7 +116,7 @@ def emulated_vms(workdir: Path, n: int) -> Iterator[list[dict[str, str]] | None]
     if not fc_emulator_available():
         yield None
         return
-    from testbed.fc_emulator import emulator_process  # type: ignore[attr-defined]
+    from testbed.fc_emulator import emulator_process
 
     with emulator_process(workdir / "jail", n) as vms:
         yield vms
@@ -311,13 +311,24 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         if vms is None:
             probes = [p for p in probes if p != "fc_metrics"]
         say(f"N={n}: daemon for {ticks} ticks with probes {', '.join(probes)}")
+        emulator_pid = int(vms[0]["emulator_pid"]) if vms else None
+        emulator_cpu0 = cpu_seconds(emulator_pid) if emulator_pid else 0.0
+        started = time.monotonic()
         daemon = run_daemon(config, workdir, ticks, server.url)
+        emulator_cpu = (
+            (cpu_seconds(emulator_pid) - emulator_cpu0) / (time.monotonic() - started)
+            if emulator_pid
+            else None
+        )
         say(f"N={n}: floor")
         floor = run_floor(workdir, {
             "cgroup_dirs": [str(cgroup_parent / c) for c in cgroups],
             "netns": str(netns),
             "nft": {"family": "inet", "table": "cellosbench"} if "nftables" in probes else None,
-            "vms": vms or [] if "fc_metrics" in probes else [],
+            "vms": [
+                {key: str(workdir / "jail" / vm[key]) for key in ("api_socket", "metrics_path")}
+                for vm in (vms or [])
+            ] if "fc_metrics" in probes else [],
         }, min(ticks, 10))  # fmt: skip
         say(f"N={n}: node_exporter")
         peer = run_node_exporter(netns_name, netns, 5)
@@ -329,6 +340,7 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         "floor": floor,
         "ratio_to_floor": daemon["cpu_seconds_per_tick"] / max(1e-9, floor["cpu_seconds_per_tick"]),
         "node_exporter": peer,
+        "emulator_cpu_seconds_per_second": emulator_cpu,
     }
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from cellos_probed.cgroupfs import find_cgroup2_mount  # noqa: E402
 from cellos_probed.tail import run_tail  # noqa: E402
 from testbed.cgroup_tree import FakeCgroup, make_real_cgroup  # noqa: E402
+from testbed.fc_emulator import emulator_process  # noqa: E402
 from testbed.nft import CellRules, TableSpec, nft_table, ping  # noqa: E402
 from testbed.taps import attached_tap, ip, network_namespace, set_link, tap_device  # noqa: E402
 from tests.conftest import start_nats_server  # noqa: E402
@@ -161,6 +162,23 @@ def network_cells(stack: ExitStack) -> dict[str, str]:
     return tables
 
 
+def vm_cells(stack: ExitStack, workdir: Path) -> tuple[str, dict[str, str]]:
+    """An emulated Firecracker VM per demo cell: its [paths] jail_root and [cell.fc_metrics]."""
+    jail = workdir / "jail"
+    vms = stack.enter_context(
+        emulator_process(jail, 2, prefix="cell-", interval=4.0, activity=True)
+    )
+    say("Firecracker: 2 emulated VMs (API socket + metrics FIFO, a periodic flush every 4 s)")
+    tables = {
+        f"cell-{index + 1}": (
+            f'[cell.fc_metrics]\napi_socket = "{vm["api_socket"]}"\n'
+            f'metrics_path = "{vm["metrics_path"]}"\n'
+        )
+        for index, vm in enumerate(vms)
+    }
+    return f'jail_root = "{jail}"\n', tables
+
+
 async def show(servers: list[str], seconds: float | None) -> None:
     with trio.move_on_after(seconds if seconds else float("inf")):
         await run_tail(servers, f"{PREFIX}.>")
@@ -174,7 +192,11 @@ def main() -> int:
         stack.callback(server.stop)
         say(f"nats-server from the virtualenv on {server.url}")
         taps = network_cells(stack)
+        jail, vms = vm_cells(stack, workdir)
+        for cell, table in vms.items():
+            taps[cell] = taps.get(cell, "") + table
         paths, cells = cgroup_cells(stack, workdir, taps)
+        paths += jail
         config = workdir / "demo.toml"
         config.write_text(
             "[daemon]\ntick_seconds = 1.0\n\n"

@@ -11,6 +11,9 @@ or as a process: ``python -m testbed.fc_emulator --root DIR --vms N``.
 """
 
 from testbed.fc_emulator.host import FcEmulator, jail_paths, open_emulator
+from testbed.fc_emulator.process import emulator_process
 from testbed.fc_emulator.vm import EmulatedVm, VmSpec
 
-__all__ = ["EmulatedVm", "FcEmulator", "VmSpec", "jail_paths", "open_emulator"]
+__all__ = [
+    "EmulatedVm", "FcEmulator", "VmSpec", "emulator_process", "jail_paths", "open_emulator",
+]  # fmt: skip
