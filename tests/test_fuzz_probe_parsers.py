@@ -1,0 +1,186 @@
+"""Property tests for the nftables, Firecracker-metrics and API-answer parsers:
+every input parses to the documented shape or raises the documented typed error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cellos_probed.probes import ProbeError, ProbeParseError
+from cellos_probed.probes.fc_api import FirecrackerApi
+from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
+from cellos_probed.probes.nftables_parse import cell_view, parse_table_listing, view_output
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FIXTURES = Path(__file__).parent / "fixtures" / "nftables"
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False),
+    st.text(max_size=8),
+)  # fmt: skip
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+# --- nftables -----------------------------------------------------------------
+
+nft_items = st.one_of(
+    st.fixed_dictionaries({"counter": st.fixed_dictionaries({
+        "family": st.sampled_from(["inet", "ip"]), "table": st.sampled_from(["cellos", "other"]),
+        "name": st.text(min_size=1, max_size=6), "handle": json_values,
+        "packets": json_values, "bytes": json_values})}),
+    st.dictionaries(st.sampled_from(["table", "chain", "rule", "metainfo", "set"]), json_values,
+                    min_size=1, max_size=1),
+    json_values,
+)  # fmt: skip
+
+
+def check_listing(text: bytes) -> None:
+    try:
+        snapshot = parse_table_listing(text, "inet", "cellos")
+    except ProbeParseError as error:
+        assert error.message  # a reason, typed
+        return
+    for name, counter in snapshot.counters.items():
+        assert isinstance(name, str)
+        assert counter.packets >= 0
+        assert counter.bytes >= 0
+    view = cell_view(snapshot, tuple(snapshot.counters)[:2], None)
+    output = view_output(view)
+    assert set(output["counters"]) <= set(snapshot.counters)
+
+
+@FUZZ
+@given(st.lists(st.lists(nft_items, max_size=6), max_size=3))
+def test_nftables_listing_of_arbitrary_documents(documents: list[list[Any]]) -> None:
+    check_listing(b"\n".join(orjson.dumps({"nftables": items}) for items in documents))
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_nftables_listing_of_arbitrary_bytes(data: bytes) -> None:
+    check_listing(data)
+
+
+@FUZZ
+@given(st.data())
+def test_nftables_real_output_cut_anywhere(data: st.DataObject) -> None:
+    text = (FIXTURES / "list_table.json").read_bytes()
+    cut = data.draw(st.integers(0, len(text)))
+    check_listing(text[:cut])
+
+
+# --- Firecracker metrics lines --------------------------------------------------
+
+
+@FUZZ
+@given(st.lists(st.one_of(st.binary(max_size=200), st.sampled_from([
+    b'{"utc_timestamp_ms":1,"net_eth0":{"rx_bytes_count":5}}\n',
+    b'{"utc_timestamp_ms":2,"latencies_us":{"pause_vm":7}}\n', b"\n", b"\0\0\0",
+    b'{"utc_timestamp_ms":"x"}\n', b'{"utc_timestamp_ms":3,"vcpu":{"exit_io_in_agg":{"min_us":1}}}',
+])), max_size=20))  # fmt: skip
+def test_metrics_stream_of_arbitrary_chunks(chunks: list[bytes]) -> None:
+    accumulator = MetricsAccumulator(max_line=4096)
+    for chunk in chunks:
+        accumulator.feed(chunk)
+    reading = accumulator.take_reading()
+    assert reading.lines >= 0
+    assert reading.torn_lines >= reading.unparsed_lines >= 0
+    assert isinstance(reading.delta, dict)
+    assert isinstance(reading.totals, dict)
+    assert "utc_timestamp_ms" not in reading.delta
+
+
+@FUZZ
+@given(json_values, json_values)
+def test_metrics_lines_with_wrong_types_never_crash(first: Any, second: Any) -> None:
+    accumulator = MetricsAccumulator()
+    for value in (first, second):
+        line = orjson.dumps({"utc_timestamp_ms": 1, "net_eth0": value, "vcpu": value}) + b"\n"
+        accumulator.feed(line)
+    reading = accumulator.take_reading()
+    assert reading.lines == 2
+
+
+def test_integers_beyond_64_bits_are_a_parse_error_or_a_torn_line() -> None:
+    huge = str(2**70).encode()
+    check_listing(b'{"nftables": [{"counter": {"family": "inet", "table": "cellos", "name": "a",'
+                  b' "handle": 1, "packets": ' + huge + b', "bytes": 1}}]}')  # fmt: skip
+    accumulator = MetricsAccumulator()
+    accumulator.feed(b'{"utc_timestamp_ms":1,"vmm":{"panic_count":' + huge + b"}}\n")
+    assert accumulator.take_reading().lines in (0, 1)
+
+
+def test_a_huge_line_is_counted_not_kept() -> None:
+    accumulator = MetricsAccumulator(max_line=8192)
+    accumulator.feed(b'{"utc_timestamp_ms":1,"x":"' + b"a" * 100_000)
+    accumulator.feed(b'"}\n{"utc_timestamp_ms":2,"vmm":{"panic_count":0}}\n')
+    reading = accumulator.take_reading()
+    assert reading.unparsed_lines == 1
+    assert reading.lines == 1
+    assert reading.utc_timestamp_ms == 2
+
+
+# --- answers on the API socket ----------------------------------------------------
+
+
+async def answer_with(data: bytes, tmp: Path) -> Any:
+    """Serve ``data`` as the answer to one request; what the client makes of it."""
+    path = tmp / f"api-{abs(hash(data)) % 10**9}.sock"
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen(1)
+    api = FirecrackerApi(str(path))
+
+    async def serve() -> None:
+        conn, _ = await listener.accept()
+        listener.close()  # one answer only: a retry finds the VM gone
+        with conn:
+            await conn.recv(65536)
+            await conn.send(data)
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                try:
+                    return await api.request("PUT", "/actions", b"{}")
+                except ProbeError as error:
+                    return error
+                finally:
+                    await api.aclose()
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+
+
+responses = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda status, body: b"HTTP/1.1 " + status + b" \r\nServer: Firecracker API\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+              st.sampled_from([b"204", b"400", b"200", b"999", b"abc"]), st.binary(max_size=80)),
+)  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=responses)
+def test_api_answers_of_any_shape_become_a_response_or_a_typed_error(
+    data: bytes, tmp_path: Path
+) -> None:
+    result = trio.run(answer_with, data, tmp_path)
+    if isinstance(result, ProbeError):
+        assert result.kind in ("io", "parse", "timeout")
+        assert data.decode("latin-1")[20:60] not in result.message or len(data) < 60
+    else:
+        assert 100 <= result.status_code <= 999
+        assert len(result.body) <= 64 * 1024
