@@ -162,6 +162,8 @@ class FcMetricsProbeConfig:
     metrics_path: str  # as written
     api_socket_resolved: Path  # absolute, under [paths] jail_root
     metrics_path_resolved: Path
+    #: [paths] jail_root: opens walk down from it refusing symlinks (None: not checked)
+    root: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,7 +515,7 @@ class _Loader:
         api_resolved = _under_root(table, "api_socket", api, paths.jail_root, "jail_root")
         metrics_resolved = _under_root(table, "metrics_path", metrics, paths.jail_root, "jail_root")
         table.finish()
-        return FcMetricsProbeConfig(api, metrics, api_resolved, metrics_resolved)
+        return FcMetricsProbeConfig(api, metrics, api_resolved, metrics_resolved, paths.jail_root)
 
     def _cgroup(self, table: _Table | None, paths: PathRoots) -> CgroupProbeConfig | None:
         if table is None:

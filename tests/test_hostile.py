@@ -89,3 +89,38 @@ def test_planted_symlinks_never_leak_a_secret_into_events_or_logs(tmp_path: Path
     assert "goes through a symlink; refusing it" in errors["cell-dir"]
     assert "goes through a symlink; refusing it" in errors["cell-parent"]
     assert '"kind":"parse"' in errors["cell-garbage"]
+
+
+async def test_firecracker_paths_through_a_symlink_are_refused(tmp_path: Path) -> None:
+    """A jailed VMM owns its chroot: a symlinked directory there must not be followed."""
+    import socket as socket_module
+
+    import trio
+
+    from cellos_probed.config import parse_config
+    from cellos_probed.daemon import run_once
+    from cellos_probed.probes import CapturingSink
+
+    jail, elsewhere = tmp_path / "jail", tmp_path / "elsewhere"
+    (jail / "vm").mkdir(parents=True)
+    elsewhere.mkdir()
+    listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    listener.bind(str(elsewhere / "api.sock"))
+    listener.listen(1)
+    os.mkfifo(elsewhere / "metrics.fifo")
+    os.symlink(elsewhere, jail / "vm" / "root")
+    config = parse_config(
+        f'[paths]\njail_root = "{jail}"\n'
+        '[[cell]]\nid = "c"\nrun_id = "r"\nspec_signature_hash = "h"\n'
+        '[cell.fc_metrics]\napi_socket = "vm/root/api.sock"\nmetrics_path = "vm/root/metrics.fifo"\n'
+    )
+    sink = CapturingSink()
+    try:
+        with trio.fail_after(10):
+            await run_once(config, sink)
+    finally:
+        listener.close()
+    (event,) = sink.events
+    assert event.kind == "probe_error"
+    assert event.data["error"]["kind"] == "io"
+    assert "symlink" in event.data["error"]["message"]

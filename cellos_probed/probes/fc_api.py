@@ -12,13 +12,17 @@ reopened once. Answers are bounded; failures are typed probe errors.
 from __future__ import annotations
 
 import errno
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import h11
 import orjson
 import trio
 
+from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.probes import ProbeIoError, ProbeParseError, ProbeTimeoutError
 
 #: A backstop only: the daemon cancels a read at ``probe_timeout_seconds``.
@@ -46,8 +50,9 @@ class _Retry(Exception):
 class FirecrackerApi:
     """The VMM's API socket; failures as typed probe errors."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, root: Path | None = None) -> None:
         self.socket_path = socket_path
+        self.root = root
         self._stream: trio.SocketStream | None = None
         self._conn: h11.Connection | None = None
         #: connections opened so far: a new one may mean a new VMM process
@@ -62,12 +67,33 @@ class FirecrackerApi:
     async def _connect(self) -> tuple[trio.SocketStream, h11.Connection]:
         if self._stream is None or self._conn is None:
             try:
-                self._stream = await trio.open_unix_socket(self.socket_path)
+                self._stream = await self._open_confined()
+            except EscapeError:
+                raise ProbeIoError("API socket path goes through a symlink, not followed") from None
             except OSError as exc:
                 raise ProbeIoError(_connect_message(exc)) from None
             self.connections += 1
             self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16 * 1024)
         return self._stream, self._conn
+
+    async def _open_confined(self) -> trio.SocketStream:
+        """Connect without following a symlink anywhere below the jail root.
+
+        connect() has no O_NOFOLLOW: the socket's directory is opened from the
+        root refusing symlinks, and the socket reached through that open
+        directory (``/proc/self/fd/N/name``), after checking the name itself is
+        not a symlink.
+        """
+        if self.root is None:
+            return await trio.open_unix_socket(self.socket_path)
+        path = Path(self.socket_path)
+        dir_fd = open_beneath(self.root, path.parent, os.O_RDONLY, directory=True)
+        try:
+            if stat.S_ISLNK(os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                raise EscapeError(errno.ELOOP, "the API socket is a symlink")
+            return await trio.open_unix_socket(f"/proc/self/fd/{dir_fd}/{path.name}")
+        finally:
+            os.close(dir_fd)
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> ApiResponse:
         what = f"{method} {path}"

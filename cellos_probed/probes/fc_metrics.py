@@ -24,12 +24,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
 import trio
 
 from cellos_probed.config import FcMetricsProbeConfig
+from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.probes import (
     ProbeContext,
     ProbeError,
@@ -57,8 +59,11 @@ INSTANCE_REFRESH_READS: Final = 10
 class MetricsFollower:
     """The metrics path of one VMM, drained into a :class:`MetricsAccumulator`."""
 
-    def __init__(self, path: str, accumulator: MetricsAccumulator) -> None:
+    def __init__(
+        self, path: str, accumulator: MetricsAccumulator, root: Path | None = None
+    ) -> None:
         self.path = path
+        self.root = root
         self.accumulator = accumulator
         self.fd: int | None = None
         self.is_fifo = False
@@ -91,8 +96,17 @@ class MetricsFollower:
         if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
             raise ProbeIoError(f"metrics path is neither a FIFO nor a regular file: {self.path}")
         try:
-            # O_NOFOLLOW: a jailed VMM owns its chroot and could plant a symlink there
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+            # a jailed VMM owns its chroot and could plant a symlink there: walk
+            # down from the jail root refusing symlinks at every step
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+            if self.root is not None:
+                fd = open_beneath(self.root, Path(self.path), flags)
+            else:
+                fd = os.open(self.path, flags)
+        except EscapeError:
+            raise ProbeIoError(
+                f"metrics path goes through a symlink, not followed: {self.path}"
+            ) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ProbeIoError(
@@ -204,8 +218,10 @@ class FcMetricsProbe:
     def __init__(self, config: FcMetricsProbeConfig) -> None:
         self._config = config
         self.accumulator = MetricsAccumulator()
-        self.follower = MetricsFollower(str(config.metrics_path_resolved), self.accumulator)
-        self.api = FirecrackerApi(str(config.api_socket_resolved))
+        self.follower = MetricsFollower(
+            str(config.metrics_path_resolved), self.accumulator, config.root
+        )
+        self.api = FirecrackerApi(str(config.api_socket_resolved), config.root)
         self._instance_cache: dict[str, Any] | None = None
         self._instance_connections = -1
         self._reads_since_instance = 0
