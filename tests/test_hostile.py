@@ -112,7 +112,8 @@ async def test_firecracker_paths_through_a_symlink_are_refused(tmp_path: Path) -
     config = parse_config(
         f'[paths]\njail_root = "{jail}"\n'
         '[[cell]]\nid = "c"\nrun_id = "r"\nspec_signature_hash = "h"\n'
-        '[cell.fc_metrics]\napi_socket = "vm/root/api.sock"\nmetrics_path = "vm/root/metrics.fifo"\n'
+        '[cell.fc_metrics]\napi_socket = "vm/root/api.sock"\n'
+        'metrics_path = "vm/root/metrics.fifo"\n'
     )
     sink = CapturingSink()
     try:
