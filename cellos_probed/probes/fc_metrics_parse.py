@@ -162,16 +162,29 @@ def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: per section, each field's "is it a gauge" answer: one dict lookup per leaf on the hot path
+_section_gauges: dict[str, dict[str, bool]] = {}
+
+
 def _merge_section(section: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    gauges = _section_gauges.get(section)
+    if gauges is None:
+        gauges = {}
+        if len(_section_gauges) < _GAUGE_CACHE_LIMIT:  # device ids are few; stay bounded anyway
+            _section_gauges[section] = gauges
     out = dict(old)
     for field, value in new.items():
         before = out.get(field)
-        if type(value) is int and type(before) is int:
-            if not is_gauge(section, field):
-                out[field] = before + value
+        kind = type(value)
+        if kind is int:
+            if type(before) is int:
+                gauge = gauges.get(field)
+                if gauge is None:
+                    gauge = gauges[field] = is_gauge(section, field)
+                out[field] = value if gauge else before + value
             else:
                 out[field] = value
-        elif isinstance(value, dict) and isinstance(before, dict):
+        elif kind is dict and type(before) is dict:
             agg = dict(before)
             for sub, number in value.items():
                 earlier = agg.get(sub)
