@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,46 @@ class GapRange:
     boot_id: str = ""
 
 
+class GapTracker:
+    """Dropped sequences per (boot, cell, probe), kept as contiguous ranges until sealed.
+
+    Oldest-first dropping makes each key's drops contiguous; a drop that is
+    not (an earlier range was already sealed and published, say) seals the
+    open range and starts a new one.
+    """
+
+    def __init__(self, seal: Callable[[GapRange], None]) -> None:
+        self._open: dict[tuple[str, str, str], GapRange] = {}
+        self._seal = seal
+
+    def __bool__(self) -> bool:
+        return bool(self._open)
+
+    def drop(self, entry: OutboxEntry, reason: str, boot_id: str = "") -> GapRange | None:
+        """Record ``entry`` as dropped; the new range if one was opened."""
+        if entry.sequence is None or entry.attribution is None or entry.probe_source is None:
+            return None  # an agent event: the daemon's own figures, superseded by the next
+        key = (boot_id, entry.attribution["cellId"], entry.probe_source)
+        gap = self._open.get(key)
+        if gap is not None and gap.last + 1 == entry.sequence:
+            gap.last = entry.sequence
+            return None
+        if gap is not None:
+            self._seal(self._open.pop(key))
+        gap = GapRange(
+            entry.attribution, entry.probe_source, entry.sequence, entry.sequence, reason, boot_id
+        )
+        self._open[key] = gap
+        return gap
+
+    def seal_all(self) -> list[GapRange]:
+        sealed = list(self._open.values())
+        self._open.clear()
+        for gap in sealed:
+            self._seal(gap)
+        return sealed
+
+
 class Outbox:
     def __init__(
         self, subject_prefix: str, boot_id: str, *, max_events: int, max_bytes: int
@@ -54,7 +95,7 @@ class Outbox:
         self._entries: deque[OutboxEntry] = deque()
         self._bytes = 0
         self._serials = itertools.count(1)
-        self._open_gaps: dict[tuple[str, str], GapRange] = {}
+        self._gaps = GapTracker(self._seal)
         self._sealed: deque[OutboxEntry] = deque()
         self.accepted = 0
         self.dropped = 0
@@ -67,7 +108,7 @@ class Outbox:
         return self._bytes
 
     def has_open_gaps(self) -> bool:
-        return bool(self._open_gaps)
+        return bool(self._gaps)
 
     def put(self, event: CloudEvent) -> list[GapRange]:
         """Queue ``event``; returns the ranges newly dropped to make room."""
@@ -95,34 +136,14 @@ class Outbox:
             victim = self._entries.popleft()
             self._bytes -= len(victim.payload)
             self.dropped += 1
-            gap = self._record_drop(victim, "buffer_full")
+            gap = self._gaps.drop(victim, "buffer_full")
             if gap is not None:
                 dropped.append(gap)
         return dropped
 
-    def _record_drop(self, victim: OutboxEntry, reason: str) -> GapRange | None:
-        if victim.sequence is None or victim.attribution is None or victim.probe_source is None:
-            return None  # an agent event: the daemon's own figures, superseded by the next
-        key = (victim.attribution["cellId"], victim.probe_source)
-        gap = self._open_gaps.get(key)
-        if gap is not None and gap.last + 1 == victim.sequence:
-            gap.last = victim.sequence
-            return None
-        gap = GapRange(
-            victim.attribution, victim.probe_source, victim.sequence, victim.sequence, reason
-        )
-        if key in self._open_gaps:  # not contiguous: seal the earlier range first
-            self._seal(self._open_gaps.pop(key))
-        self._open_gaps[key] = gap
-        return gap
-
     def seal_gaps(self) -> list[GapRange]:
         """Turn every open range into a ``gap`` event queued ahead of readings."""
-        sealed = list(self._open_gaps.values())
-        self._open_gaps.clear()
-        for gap in sealed:
-            self._seal(gap)
-        return sealed
+        return self._gaps.seal_all()
 
     def _seal(self, gap: GapRange) -> None:
         event = build_gap_envelope(

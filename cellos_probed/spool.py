@@ -37,7 +37,7 @@ import orjson
 import structlog
 
 from cellos_probed.cloudevent import CloudEvent
-from cellos_probed.outbox import GapRange, OutboxEntry
+from cellos_probed.outbox import GapRange, GapTracker, OutboxEntry
 from cellos_probed.probes import build_gap_envelope
 
 log = structlog.get_logger("cellos_probed.spool")
@@ -119,7 +119,7 @@ class SpoolOutbox:
         self.recovered = 0
         self._serials = itertools.count(1)
         self._window: deque[SpoolRecord] = deque()
-        self._open_gaps: dict[tuple[str, str, str], GapRange] = {}
+        self._gaps = GapTracker(self._seal)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._ack = self._read_ack()
         self._sizes: dict[int, int] = {}
@@ -181,7 +181,7 @@ class SpoolOutbox:
         return sum(self._sizes.values())
 
     def has_open_gaps(self) -> bool:
-        return bool(self._open_gaps)
+        return bool(self._gaps)
 
     def put(self, event: CloudEvent) -> list[GapRange]:
         data = event.data
@@ -241,41 +241,15 @@ class SpoolOutbox:
                     self._append(entry, boot)
                 continue
             self.dropped += 1
-            gap = self._record_drop(entry, boot)
+            gap = self._gaps.drop(entry, "spool_full", boot)
             if gap is not None:
                 new_gaps.append(gap)
         log.warning("spool full: dropped the oldest segment", segment=path.name,
                     records=len(records))  # fmt: skip
         return new_gaps
 
-    def _record_drop(self, entry: OutboxEntry, boot: str) -> GapRange | None:
-        assert entry.attribution is not None
-        assert entry.probe_source is not None
-        assert entry.sequence is not None
-        key = (boot, entry.attribution["cellId"], entry.probe_source)
-        gap = self._open_gaps.get(key)
-        if gap is not None and gap.last + 1 == entry.sequence:
-            gap.last = entry.sequence
-            return None
-        if gap is not None:
-            self._seal(self._open_gaps.pop(key))
-        gap = GapRange(
-            entry.attribution,
-            entry.probe_source,
-            entry.sequence,
-            entry.sequence,
-            "spool_full",
-            boot,
-        )
-        self._open_gaps[key] = gap
-        return gap
-
     def seal_gaps(self) -> list[GapRange]:
-        sealed = list(self._open_gaps.values())
-        self._open_gaps.clear()
-        for gap in sealed:
-            self._seal(gap)
-        return sealed
+        return self._gaps.seal_all()
 
     def _seal(self, gap: GapRange) -> None:
         event = build_gap_envelope(

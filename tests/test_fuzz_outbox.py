@@ -3,12 +3,17 @@ sequence is either delivered or declared by a gap event, never both, never neith
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellos_probed.outbox import Outbox
 from cellos_probed.probes import EventStamper
+from cellos_probed.spool import SpoolOutbox
 from tests.test_outbox import reading
 
 actions = st.lists(
@@ -20,14 +25,9 @@ actions = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(actions, st.integers(10, 30))
-def test_every_sequence_is_delivered_or_declared(
-    steps: list[tuple[str, object]], bound: int
-) -> None:
-    stamper = EventStamper()
-    outbox = Outbox("p", stamper.boot_id, max_events=bound, max_bytes=1 << 30)
-    delivered: list[dict[str, object]] = []
+def drive(outbox: Any, stamper: EventStamper, steps: list[tuple[str, object]]) -> None:
+    """Play ``steps`` against ``outbox``, drain it, and check the promise."""
+    delivered: list[dict[str, Any]] = []
     produced: dict[str, int] = {}
     for action, arg in steps:
         if action == "put":
@@ -55,51 +55,30 @@ def test_every_sequence_is_delivered_or_declared(
     everything = {(cell, n) for cell, count in produced.items() for n in range(1, count + 1)}
     assert set(got) | set(declared) == everything
     assert len(declared) == outbox.dropped
-    # per cell, delivered readings keep their order
-    for cell in produced:
+    for cell in produced:  # per cell, delivered readings keep their order
         order = [n for c, n in got if c == cell]
         assert order == sorted(order)
+
+
+@settings(max_examples=300, deadline=None)
+@given(actions, st.integers(10, 30))
+def test_every_sequence_is_delivered_or_declared(
+    steps: list[tuple[str, object]], bound: int
+) -> None:
+    stamper = EventStamper()
+    drive(Outbox("p", stamper.boot_id, max_events=bound, max_bytes=1 << 30), stamper, steps)
 
 
 @settings(max_examples=150, deadline=None)
 @given(actions, st.integers(10, 30))
 def test_the_spool_keeps_the_same_promise(steps: list[tuple[str, object]], bound: int) -> None:
-    import tempfile
-    from pathlib import Path
-
-    from cellos_probed.spool import SpoolOutbox
-
     stamper = EventStamper()
     size = len(reading(EventStamper(), "a").to_json()) + 200
     with tempfile.TemporaryDirectory() as directory:
         spool = SpoolOutbox(
             Path(directory), "p", stamper.boot_id, max_bytes=size * bound, segment_bytes=size * 4
         )
-        delivered: list[dict[str, object]] = []
-        produced: dict[str, int] = {}
-        for action, arg in steps:
-            if action == "put":
-                cell = str(arg)
-                spool.put(reading(stamper, cell))
-                produced[cell] = produced.get(cell, 0) + 1
-            else:
-                spool.seal_gaps()
-                batch = spool.batch(int(str(arg)))
-                delivered += [orjson.loads(entry.payload) for entry in batch]
-                spool.confirm(batch)
-        spool.seal_gaps()
-        while batch := spool.batch(50):
-            delivered += [orjson.loads(entry.payload) for entry in batch]
-            spool.confirm(batch)
-        spool.close()
-    got = [(e["data"]["cellId"], int(e["sequence"])) for e in delivered if "sequence" in e]
-    declared = [
-        (e["data"]["cellId"], n)
-        for e in delivered
-        if str(e["type"]).endswith(".gap")
-        for n in range(e["data"]["firstSequence"], e["data"]["lastSequence"] + 1)
-    ]
-    assert len(got) == len(set(got))
-    assert not set(got) & set(declared)
-    everything = {(cell, n) for cell, count in produced.items() for n in range(1, count + 1)}
-    assert set(got) | set(declared) == everything
+        try:
+            drive(spool, stamper, steps)
+        finally:
+            spool.close()
