@@ -50,7 +50,9 @@ fuzz: setup
 	mkdir -p fuzz/logs
 	set -e; for target in $$($(PY) fuzz/targets.py --list); do \
 	  echo "fuzz: $$target for $(FUZZ_SECONDS)s"; \
-	  $(PY) fuzz/targets.py $$target -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  mkdir -p fuzz/corpus/$$target; \
+	  $(PY) fuzz/targets.py $$target fuzz/corpus/$$target $$(ls -d fuzz/seeds/$$target 2>/dev/null) \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	    > fuzz/logs/$$target.log 2>&1 || { tail -30 fuzz/logs/$$target.log; exit 1; }; \
 	  grep -E "^Done|stat::number_of_executed_units" fuzz/logs/$$target.log | tr '\n' ' '; echo; \
 	done

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import atheris
-import h11
 
 with atheris.instrument_imports():
+    import h11
+
     from cellos_probed.probes import ProbeParseError
     from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
     from cellos_probed.probes.nftables_parse import cell_view, parse_table_listing, view_output
