@@ -398,6 +398,7 @@ def main() -> int:
     parser.add_argument(
         "--soak", type=int, default=0, help="seconds at N=1000 (RSS must stay flat)"
     )
+    parser.add_argument("--soak-n", type=int, default=1000, help="cells for --soak")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (namespaces, TAPs, nftables, cgroups)", file=sys.stderr)
@@ -405,8 +406,8 @@ def main() -> int:
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     if args.soak:
-        results = [bench_one(1000, args.soak)]
-        name = f"{args.name}-soak"
+        results = [bench_one(args.soak_n, args.soak)]
+        name = f"{args.name}-soak" if args.soak_n == 1000 else f"{args.name}-soak-{args.soak_n}"
     else:
         results = [bench_one(int(n), args.ticks) for n in args.n.split(",")]
         name = args.name
