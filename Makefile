@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian packages the daemon and its tests use: libnftables1 is the library
 # the PyPI `pip-nftables` binding loads; nftables gives `nft` for tests;
-# iproute2 gives `ip` for test set-up; iputils-ping generates test traffic.
-APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping
+# iproute2 gives `ip` for test set-up; iputils-ping generates test traffic;
+# python3-venv lets `make deb` build its virtualenv for Debian's python3.
+APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping python3-venv
 
 .PHONY: setup test lint demo clean check-config deb fuzz bench soak
 
