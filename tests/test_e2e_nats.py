@@ -10,17 +10,15 @@ import sys
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-import orjson
 import trio
 
-from cellos_probed.nats_bridge import ReceivedMessage, open_subscription
+from cellos_probed.nats_bridge import open_subscription
 from cellos_probed.probes.cgroup_parse import parse_flat_keyed
 from testbed.cgroup_tree import FakeCgroup
 from tests.conftest import NatsServer, needs_nats
+from tests.e2e import PREFIX, Collector
 
-PREFIX = "dev.cellos.events.cell.observability.host.v1"
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -39,31 +37,6 @@ def write_config(tmp_path: Path, server: NatsServer, cgroup_root: Path) -> Path:
         f'[nats]\nservers = ["{server.url}"]\n\n{cells}'
     )
     return path
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.messages: list[ReceivedMessage] = []
-        self.events: list[dict[str, Any]] = []
-        self.agent_events: list[dict[str, Any]] = []
-        self.changed = trio.Event()
-
-    def add(self, message: ReceivedMessage) -> None:
-        event = orjson.loads(message.data)
-        if event["type"].endswith(".agent"):  # the daemon's own figures, not a cell's
-            self.agent_events.append(event)
-        else:
-            self.messages.append(message)
-            self.events.append(event)
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def of(self, cell: str, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["data"]["cellId"] == cell and e["type"].endswith(kind)]
-
-    async def wait_for(self, condition: Any) -> None:
-        while not condition():
-            await self.changed.wait()
 
 
 @needs_nats

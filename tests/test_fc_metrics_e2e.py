@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 import trio
 
-from cellos_probed.nats_bridge import open_subscription
 from testbed.fc_emulator import jail_paths, open_emulator
 from tests.conftest import NatsServer, needs_nats
+from tests.e2e import PREFIX, daemon_with_subscriber
 from tests.fc_helpers import short_root
-
-PREFIX = "dev.cellos.events.cell.observability.host.v1"
 
 
 @pytest.fixture
@@ -31,9 +24,6 @@ def fc_root() -> Iterator[Path]:
 async def test_fc_metrics_readings_arrive_on_their_subject_and_add_up(
     fc_root: Path, tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    events: list[dict[str, Any]] = []
-    headers: list[dict[str, str] | None] = []
-    changed = trio.Event()
     api, metrics = jail_paths(fc_root, "cell-9")
     config = tmp_path / "cellos-probed.toml"
     config.write_text(
@@ -46,51 +36,25 @@ async def test_fc_metrics_readings_arrive_on_their_subject_and_add_up(
     stderr = tmp_path / "daemon.log"
     rng = random.Random(11)
     with trio.fail_after(30):
-        async with (
-            open_emulator(fc_root) as emulator,
-            open_subscription([nats_server.url], f"{PREFIX}.fc_metrics.cell-9") as messages,
-            trio.open_nursery() as nursery,
-        ):
+        async with open_emulator(fc_root) as emulator, trio.open_nursery() as nursery:
             # Firecracker's own timer, much faster than its 60 s, interleaves with the ticks
             vm = await emulator.add(emulator.spec("cell-9", flush_interval=0.07))
-
-            async def collect() -> None:
-                nonlocal changed
-                async for message in messages:
-                    events.append(orjson.loads(message.data))
-                    headers.append(message.headers)
-                    changed.set()
-                    changed = trio.Event()
-
-            async def wait_for(condition: Any) -> None:
-                while not condition():
-                    await changed.wait()
-
             vm.keep_history = True
-            guest = trio.CancelScope()
 
             async def activity() -> None:
-                with guest:
-                    while True:
-                        vm.metrics.bump_everything(rng)
-                        await trio.sleep(0.05)  # guest activity, not synchronisation
+                while True:
+                    vm.metrics.bump_everything(rng)
+                    await trio.sleep(0.05)  # guest activity, not synchronisation
 
-            nursery.start_soon(collect)
             nursery.start_soon(activity)
-            with stderr.open("wb") as log:
-                daemon = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                )
-            try:
-                await wait_for(lambda: len(events) >= 8)
-            finally:
-                daemon.send_signal(signal.SIGTERM)
-                with trio.fail_after(5):
-                    returncode = await daemon.wait()
-                guest.cancel()
-                nursery.cancel_scope.cancel()
+            async with daemon_with_subscriber(
+                config, nats_server.url, f"{PREFIX}.fc_metrics.cell-9", stderr
+            ) as seen:
+                events = seen.events
+                await seen.wait_for(lambda: len(events) >= 8)
+            nursery.cancel_scope.cancel()
+    returncode = seen.returncode
+    headers = [message.headers for message in seen.messages]
     final = events[-1]["data"]["output"]
     periodic = sum(why == "periodic" for why, _ in vm.flushes)
     assert returncode == 0, stderr.read_text()

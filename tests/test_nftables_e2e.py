@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import orjson
 import trio
 
-from cellos_probed.nats_bridge import open_subscription
 from testbed.nft import (
     ECHO_PACKET_BYTES,
     CellRules,
@@ -25,8 +20,7 @@ from testbed.nft import (
 )
 from testbed.taps import unique_name
 from tests.conftest import NatsServer, needs_nats, needs_root
-
-PREFIX = "dev.cellos.events.cell.observability.host.v1"
+from tests.e2e import PREFIX, daemon_with_subscriber
 
 
 @needs_root
@@ -36,9 +30,11 @@ async def test_nftables_readings_arrive_on_their_subject(
 ) -> None:
     ns, rules = unique_name("nfe"), CellRules("cell-9")
     spec = TableSpec("inet", f"cellos{os.getpid()}", (rules,))
-    events: list[dict[str, Any]] = []
-    headers: list[dict[str, str] | None] = []
-    arrived = trio.Event()
+
+    def rx_packets(event: dict[str, Any]) -> int:
+        packets: int = event["data"]["output"]["counters"][rules.rx]["packets"]
+        return packets
+
     with namespace_with_loopback(ns) as path, nft_table(spec, ns):
         config = tmp_path / "cellos-probed.toml"
         config.write_text(
@@ -50,45 +46,16 @@ async def test_nftables_readings_arrive_on_their_subject(
         )
         stderr = tmp_path / "daemon.log"
         with trio.fail_after(30):
-            async with (
-                open_subscription([nats_server.url], f"{PREFIX}.nftables.cell-9") as messages,
-                trio.open_nursery() as nursery,
-            ):
-
-                async def collect() -> None:
-                    nonlocal arrived
-                    async for message in messages:
-                        events.append(orjson.loads(message.data))
-                        headers.append(message.headers)
-                        arrived.set()
-                        arrived = trio.Event()
-
-                async def wait_for(condition: Any) -> None:
-                    while not condition():
-                        await arrived.wait()
-
-                def rx_packets(event: dict[str, Any]) -> int:
-                    packets: int = event["data"]["output"]["counters"][rules.rx]["packets"]
-                    return packets
-
-                nursery.start_soon(collect)
-                with stderr.open("wb") as log:
-                    daemon = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=log,
-                    )
-                try:
-                    await wait_for(lambda: len(events) >= 1)
-                    await trio.to_thread.run_sync(ping, ns, 3)
-                    await wait_for(lambda: rx_packets(events[-1]) == 6)
-                finally:
-                    daemon.send_signal(signal.SIGTERM)
-                    with trio.fail_after(5):
-                        returncode = await daemon.wait()
-                nursery.cancel_scope.cancel()
+            async with daemon_with_subscriber(
+                config, nats_server.url, f"{PREFIX}.nftables.cell-9", stderr
+            ) as seen:
+                events = seen.events
+                await seen.wait_for(lambda: len(events) >= 1)
+                await trio.to_thread.run_sync(ping, ns, 3)
+                await seen.wait_for(lambda: rx_packets(events[-1]) == 6)
         reference = counter_figures("inet", spec.name, ns)
-    assert returncode == 0, stderr.read_text()
+    assert seen.returncode == 0, stderr.read_text()
+    headers = [message.headers for message in seen.messages]
     assert ns not in namespaces()
 
     first = events[0]

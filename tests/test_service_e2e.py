@@ -16,7 +16,7 @@ import trio
 from cellos_probed.nats_bridge import open_subscription
 from testbed.cgroup_tree import FakeCgroup
 from tests.conftest import NatsServer, needs_nats, poll_until
-from tests.test_e2e_nats import PREFIX, Collector
+from tests.e2e import PREFIX, Collector
 
 
 def config_text(root: Path, servers: list[str], cells: list[str], drain: float = 5.0) -> str:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-import orjson
 import trio
 
-from cellos_probed.nats_bridge import open_subscription
 from testbed.taps import attached_tap, link_details, network_namespace, tap_device, unique_name
 from tests.conftest import NatsServer, needs_nats, needs_root
-
-PREFIX = "dev.cellos.events.cell.observability.host.v1"
+from tests.e2e import PREFIX, daemon_with_subscriber
 
 
 @needs_root
@@ -24,9 +17,6 @@ async def test_tap_link_readings_arrive_on_their_subject(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     ns, tap = unique_name("cle"), unique_name("tap")
-    events: list[dict[str, Any]] = []
-    headers: list[dict[str, str] | None] = []
-    changed = trio.Event()
     with network_namespace(ns) as path, tap_device(tap, ns):
         config = tmp_path / "cellos-probed.toml"
         config.write_text(
@@ -37,41 +27,16 @@ async def test_tap_link_readings_arrive_on_their_subject(
         )
         stderr = tmp_path / "daemon.log"
         with trio.fail_after(30):
-            async with (
-                open_subscription([nats_server.url], f"{PREFIX}.tap_link.cell-7") as messages,
-                trio.open_nursery() as nursery,
-            ):
-
-                async def collect() -> None:
-                    nonlocal changed
-                    async for message in messages:
-                        events.append(orjson.loads(message.data))
-                        headers.append(message.headers)
-                        changed.set()
-                        changed = trio.Event()
-
-                async def wait_for(condition: Any) -> None:
-                    while not condition():
-                        await changed.wait()
-
-                nursery.start_soon(collect)
-                with stderr.open("wb") as log:
-                    daemon = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=log,
-                    )
-                try:
-                    await wait_for(lambda: len(events) >= 1)
-                    with attached_tap(tap, ns):  # the VMM starts
-                        await wait_for(lambda: any(e["data"]["output"]["carrier"] for e in events))
-                finally:
-                    daemon.send_signal(signal.SIGTERM)
-                    with trio.fail_after(5):
-                        returncode = await daemon.wait()
-                nursery.cancel_scope.cancel()
+            async with daemon_with_subscriber(
+                config, nats_server.url, f"{PREFIX}.tap_link.cell-7", stderr
+            ) as seen:
+                events = seen.events
+                await seen.wait_for(lambda: len(events) >= 1)
+                with attached_tap(tap, ns):  # the VMM starts
+                    await seen.wait_for(lambda: any(e["data"]["output"]["carrier"] for e in events))
         details = link_details(tap, ns)
-    assert returncode == 0, stderr.read_text()
+    assert seen.returncode == 0, stderr.read_text()
+    headers = [message.headers for message in seen.messages]
 
     first = events[0]
     assert first["type"] == f"{PREFIX}.tap_link"
