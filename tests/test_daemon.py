@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -32,6 +33,13 @@ class RunnableSink(CapturingSink):
 
     async def drain(self, timeout: float) -> bool:
         return True
+
+    def of(self, cell: str) -> list[CloudEvent]:
+        return [e for e in self.events if e.data.get("cellId") == cell]
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self.changed.wait()
 
     async def wait_for(self, count: int, cell: str) -> None:
         while sum(e.data.get("cellId") == cell for e in self.events) < count:

@@ -39,6 +39,7 @@ from testbed.taps import (
     unique_name,
 )
 from tests.conftest import needs_root
+from tests.test_daemon import RunnableSink
 
 pytestmark = needs_root
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -322,33 +323,6 @@ async def test_missing_namespace_non_namespace_and_missing_interface_are_each_ce
             not_a_namespace.unlink()
 
 
-class RunnableSink(CapturingSink):
-    """A capturing sink with the lifecycle the daemon expects of a network sink."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.changed = trio.Event()
-
-    async def emit(self, event: CloudEvent) -> None:
-        await super().emit(event)
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
-    async def drain(self, timeout: float) -> bool:
-        return True
-
-    def of(self, cell: str) -> list[CloudEvent]:
-        return [e for e in self.events if e.data["cellId"] == cell]
-
-    async def wait_for(self, condition: Callable[[], bool]) -> None:
-        while not condition():
-            await self.changed.wait()
-
-
 async def test_tap_deleted_and_recreated_while_the_daemon_runs() -> None:
     ns, tap, neighbour = unique_name("cld"), unique_name("tap"), unique_name("tan")
     with network_namespace(ns) as path, tap_device(neighbour, ns), trio.fail_after(30):
@@ -374,11 +348,11 @@ async def test_tap_deleted_and_recreated_while_the_daemon_runs() -> None:
                     event = last(cell)
                     return event is not None and event.type.endswith(kind)
 
-                await sink.wait_for(lambda: last_is("cell-1", ".tap_link"))
+                await sink.wait_until(lambda: last_is("cell-1", ".tap_link"))
                 assert last("cell-1").data["output"]["ifindex"] == old_index  # type: ignore[union-attr]
 
                 delete_tap(tap, ns)  # the cell stopped
-                await sink.wait_for(lambda: last_is("cell-1", ".probe_error"))
+                await sink.wait_until(lambda: last_is("cell-1", ".probe_error"))
                 error = last("cell-1")
                 assert error is not None
                 assert error.data["error"] == {
@@ -388,7 +362,7 @@ async def test_tap_deleted_and_recreated_while_the_daemon_runs() -> None:
 
                 create_tap(tap, ns)  # the cell started again
                 new_index = link_details(tap, ns)["ifindex"]
-                await sink.wait_for(lambda: last_is("cell-1", ".tap_link"))
+                await sink.wait_until(lambda: last_is("cell-1", ".tap_link"))
                 reading = last("cell-1")
                 assert reading is not None
                 assert reading.data["output"]["ifindex"] == new_index != old_index
