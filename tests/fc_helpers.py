@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import trio
 
 from cellos_probed.config import Config, parse_config
 from cellos_probed.daemon import Prober
-from cellos_probed.probes import CapturingSink, EventStamper
+from cellos_probed.probes import CapturingSink
 from cellos_probed.probes.fc_metrics import FcMetricsProbe
 from testbed.fc_emulator import jail_paths
 from testbed.fc_emulator.schema import is_gauge, kind_of_key
@@ -49,18 +48,6 @@ def fc_config(
         text += f'spec_signature_hash = "sha256:{cell}"\n'
         text += f'[cell.fc_metrics]\napi_socket = "{api}"\nmetrics_path = "{metrics}"\n'
     return parse_config(text)
-
-
-@asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Prober]:
-    """A prober with its background tasks up; ticks are the test's to call."""
-    async with trio.open_nursery() as nursery:
-        prober = Prober(config, CapturingSink(), EventStamper())
-        await nursery.start(prober.run_services)
-        try:
-            yield prober
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 def fc_probe(prober: Prober, cell: str) -> FcMetricsProbe:

@@ -22,9 +22,9 @@ from tests.fc_helpers import (
     fc_probe,
     last_output,
     minus,
-    running,
     short_root,
 )
+from tests.probing import running
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack, asynccontextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ import trio
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import Config, parse_config
 from cellos_probed.daemon import DaemonHandle, Prober, run_daemon
-from cellos_probed.probes import CapturingSink, EventStamper
+from cellos_probed.probes import CapturingSink
 from cellos_probed.probes.tap_link import LinkWatcher, LinkWatchers
 from testbed.taps import (
     attached_tap,
@@ -39,6 +39,7 @@ from testbed.taps import (
     unique_name,
 )
 from tests.conftest import needs_root
+from tests.probing import running
 from tests.test_daemon import RunnableSink
 
 pytestmark = needs_root
@@ -65,18 +66,6 @@ def make_config(cells: list[Cell], *, tick: float = 1.0, netns_root: str | None 
             text += f'netns = "{cell.netns}"\n'
         text += f'[cell.tap_link]\ninterface = "{cell.interface}"\n'
     return parse_config(text)
-
-
-@asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Prober]:
-    """A prober with its services up; ticks are the test's to call."""
-    async with trio.open_nursery() as nursery:
-        prober = Prober(config, CapturingSink(), EventStamper())
-        await nursery.start(prober.run_services)
-        try:
-            yield prober
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 async def tick(prober: Prober) -> dict[str, CloudEvent]:
