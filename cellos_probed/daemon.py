@@ -7,7 +7,8 @@ One nursery tree::
     ├── signals                  (TERM/INT: stop; HUP: reload)
     └── probing
         └── run_fixed_tick
-            └── each tick: one task per (cell, probe), each under probe_timeout
+            └── each tick: one task per probe group (a probe type and what its
+                cells share), each under probe_timeout
 
 On stop, probing is cancelled first, then the sink drains what was read
 (bounded by ``drain_timeout_seconds``); a second signal stops at once.
@@ -190,36 +191,78 @@ class Prober:
             task_status.started()
 
     async def tick(self, index: int = 0) -> None:
+        """Every cell's probes, once: one task per group of probes that share a resource.
+
+        A task per (cell, probe) cost ~40 us of spawning and cancel scopes
+        each, a sixth of a core at a thousand cells; a group (one probe type
+        and one batch key: a namespace, an nftables table, "every cgroup")
+        is one task under one timeout, so a resource that hangs only times
+        out the cells that use it.
+        """
         timeout = self.config.daemon.probe_timeout_seconds
         self.shared.tick_index = index
+        groups: dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]] = {}
+        for runner in list(self.runners.values()):
+            for probe in runner.probes:
+                key_of = getattr(probe, "batch_key", None)
+                key = (type(probe), key_of() if key_of is not None else id(probe))
+                groups.setdefault(key, []).append((runner, probe))
         async with trio.open_nursery() as nursery:
-            for runner in list(self.runners.values()):
-                for probe in runner.probes:
-                    nursery.start_soon(self._run_probe, runner, probe, timeout)
+            for (probe_type, _), members in groups.items():
+                nursery.start_soon(self._run_group, probe_type, members, timeout)
 
-    async def _run_probe(self, runner: CellRunner, probe: HostProbe, timeout: float) -> None:
+    async def _run_group(
+        self, probe_type: type, members: list[tuple[CellRunner, HostProbe]], timeout: float
+    ) -> None:
+        results: list[ProbeReading | ProbeError | None] = [None] * len(members)
+        read_batch = getattr(probe_type, "read_batch", None)
+        with trio.move_on_after(timeout):
+            if read_batch is not None:
+                try:
+                    await read_batch([(runner.context, probe) for runner, probe in members], results)
+                except Exception as exc:
+                    probe_context.set((None, members[0][1].probe_name()))
+                    log.exception("batch read raised an unexpected exception")
+                    failure = _as_probe_error(exc)
+                    results = [failure if r is None else r for r in results]
+            else:
+                for i, (runner, probe) in enumerate(members):
+                    probe_context.set((runner.context.cell_id, probe.probe_name()))
+                    results[i] = await self._read_one(runner, probe)
+        for (runner, probe), result in zip(members, results, strict=True):
+            await self._publish(runner, probe, result, timeout)
+
+    @staticmethod
+    async def _read_one(runner: CellRunner, probe: HostProbe) -> ProbeReading | ProbeError:
+        try:
+            return await probe.read(runner.context)
+        except ProbeError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("probe raised an unexpected exception")
+            return _as_probe_error(exc)
+
+    async def _publish(
+        self,
+        runner: CellRunner,
+        probe: HostProbe,
+        result: ProbeReading | ProbeError | None,
+        timeout: float,
+    ) -> None:
         name = probe.probe_name()
         cell = runner.context.cell_id
-        probe_context.set((cell, name))
-        result: ProbeReading | ProbeError = ProbeTimeoutError(
-            f"{name} probe did not finish within {timeout:g}s"
-        )
-        with trio.move_on_after(timeout):
-            try:
-                result = await probe.read(runner.context)
-            except ProbeError as exc:
-                result = exc
-            except Exception as exc:
-                log.exception("probe raised an unexpected exception")
-                result = _as_probe_error(exc)
+        if result is None:
+            result = ProbeTimeoutError(f"{name} probe did not finish within {timeout:g}s")
         if isinstance(result, ProbeReading):
             self.probe_stats.readings += 1
             if self._errors.recovered(cell, name):
+                probe_context.set((cell, name))
                 log.info("probe recovered")
             await emit_reading(self.sink, runner.context, result, self.stamper)
             return
         self.probe_stats.count_error(result.kind)
         if self._errors.failed(cell, name, str(result)):
+            probe_context.set((cell, name))
             log.warning("probe failed", kind=result.kind, error=result.message)
         await emit_probe_error(
             self.sink, runner.context, f"host.{name}", probe.inputs(), result, self.stamper

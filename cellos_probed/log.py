@@ -19,14 +19,17 @@ import structlog
 #: the (cell, probe) a task is working for. One C-level ContextVar set per
 #: probe task per tick: structlog's bind_contextvars was a tenth of the
 #: daemon's CPU at a thousand cells.
-probe_context: ContextVar[tuple[str, str | None] | None] = ContextVar("probe_context", default=None)
+probe_context: ContextVar[tuple[str | None, str | None] | None] = ContextVar(
+    "probe_context", default=None
+)
 
 
 def add_probe_context(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """Every log line says which cell and probe it is about, where the task knows."""
     current = probe_context.get()
     if current is not None:
-        event_dict.setdefault("cell", current[0])
+        if current[0] is not None:
+            event_dict.setdefault("cell", current[0])
         if current[1] is not None:
             event_dict.setdefault("probe", current[1])
     return event_dict

@@ -261,6 +261,10 @@ class NftablesProbe:
     def inputs(self) -> dict[str, Any]:
         return dict(self._inputs)
 
+    def batch_key(self) -> tuple[str | None, str, str]:
+        """Cells reading one table are read in turn by one task: they share its query."""
+        return (self._netns_path, self._config.family, self._config.table)
+
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         config = self._config
         snapshot = await self._queries.snapshot(

@@ -453,6 +453,10 @@ class TapLinkProbe:
     def inputs(self) -> dict[str, Any]:
         return {"interface": self._config.interface, "netns": self._netns}
 
+    def batch_key(self) -> str | None:
+        """Cells of one namespace are read in turn by one task: they share its watcher."""
+        return self._netns_path
+
     async def _watcher(self) -> LinkWatcher:
         watcher = await self._watchers.watcher(self._netns_path)
         if self._cursor is None:  # changes are reported from the moment this cell looked
