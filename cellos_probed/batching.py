@@ -56,6 +56,16 @@ class ThreadBatcher:
         assert request.result is not None
         return request.result.unwrap()
 
+    async def run_many(
+        self, fn: Callable[..., T], calls: list[tuple[Any, ...]]
+    ) -> list[outcome.Outcome[T]]:
+        """``fn(*args)`` for every ``args`` of ``calls``, in chunks, a few in parallel."""
+        requests: list[_Request[T]] = [_Request(fn, args, self._done) for args in calls]
+        async with trio.open_nursery() as nursery:
+            for start in range(0, len(requests), self._chunk_size):
+                nursery.start_soon(self._run_chunk, requests[start : start + self._chunk_size])
+        return [request.result for request in requests if request.result is not None]
+
     async def _flush(self, done: trio.Event) -> None:
         # let every task that is runnable now reach run() first: a tick starts
         # all its probes in one scheduler pass

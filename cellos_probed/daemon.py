@@ -219,7 +219,9 @@ class Prober:
         with trio.move_on_after(timeout):
             if read_batch is not None:
                 try:
-                    await read_batch([(runner.context, probe) for runner, probe in members], results)
+                    await read_batch(
+                        [(runner.context, probe) for runner, probe in members], results
+                    )
                 except Exception as exc:
                     probe_context.set((None, members[0][1].probe_name()))
                     log.exception("batch read raised an unexpected exception")

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+
+import outcome
+import structlog
 
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CgroupProbeConfig
 from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.probes import (
     ProbeContext,
+    ProbeError,
     ProbeIoError,
     ProbeParseError,
     ProbeReading,
@@ -30,6 +35,8 @@ from cellos_probed.probes.cgroup_parse import (
     parse_pressure,
     parse_single_value,
 )
+
+log = structlog.get_logger("cellos_probed.cgroup")
 
 #: Every file the probe reads, in output order, with its format.
 CGROUP_FILES: Final = (
@@ -136,6 +143,14 @@ def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
     return output
 
 
+def fetch_and_parse(
+    directory: Path, label: str, root: Path | None
+) -> tuple[CgroupFiles, dict[str, Any]]:
+    """Blocking; run in a worker thread (parsing there too keeps the trio thread free)."""
+    files = read_cgroup_files(directory, label, root)
+    return files, parse_cgroup_files(files)
+
+
 class CgroupProbe:
     """Reads one cell's cgroup and reports counter increases between readings."""
 
@@ -152,12 +167,41 @@ class CgroupProbe:
         read = [name for name, _ in CGROUP_FILES] if files is None else files
         return {"cgroup_path": self._config.path, "files": read}
 
+    def batch_key(self) -> str:
+        return "cgroupfs"  # every cell's cgroup in one batch: see read_batch
+
+    @classmethod
+    async def read_batch(
+        cls,
+        jobs: Sequence[tuple[ProbeContext, CgroupProbe]],
+        results: list[ProbeReading | ProbeError | None],
+    ) -> None:
+        """Every cell's cgroup: fetched and parsed in a few worker-thread hops."""
+        if not jobs:
+            return
+        calls = [
+            (probe._config.resolved, probe._config.path, probe._config.root) for _, probe in jobs
+        ]
+        fetched = await jobs[0][1]._batcher.run_many(fetch_and_parse, calls)
+        for i, ((_, probe), result) in enumerate(zip(jobs, fetched, strict=True)):
+            if isinstance(result, outcome.Value):
+                results[i] = probe._finish(*result.value)
+            elif isinstance(result, outcome.Error):
+                error = result.error
+                if isinstance(error, ProbeError):
+                    results[i] = error
+                else:  # a bug, not the cgroup's fault: say so loudly, report it typed
+                    log.error("cgroup read raised", error=repr(error), cgroup=probe._config.path)
+                    results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
+
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         # one worker-thread hop for every cell's files in this tick, not one per cell
-        files = await self._batcher.run(
-            read_cgroup_files, self._config.resolved, self._config.path, self._config.root
+        files, output = await self._batcher.run(
+            fetch_and_parse, self._config.resolved, self._config.path, self._config.root
         )
-        output = parse_cgroup_files(files)
+        return self._finish(files, output)
+
+    def _finish(self, files: CgroupFiles, output: dict[str, Any]) -> ProbeReading:
         counters = {
             output_key(name): output[output_key(name)]
             for name in DELTA_FILES
