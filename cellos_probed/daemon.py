@@ -68,6 +68,8 @@ class SharedResources:
         self.file_reads = trio.CapacityLimiter(4)
         #: gathers every cell's cgroup reads of a tick into a few thread hops
         self.file_batcher = ThreadBatcher(self.file_reads)
+        #: Firecracker API rounds (one epoll loop per thread, many VMs each)
+        self.fc_rounds = trio.CapacityLimiter(2)
         self.nursery: trio.Nursery | None = None
         #: the index of the tick being run; shared queries key their results on it
         #: so that every cell reading one table in one tick shares one query
@@ -93,7 +95,7 @@ def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
         netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
         probes.append(NftablesProbe(cell.nftables, cell.netns, netns, shared.nft_tables))
     if cell.fc_metrics is not None:
-        probes.append(FcMetricsProbe(cell.fc_metrics))
+        probes.append(FcMetricsProbe(cell.fc_metrics, shared.fc_rounds))
     return probes
 
 

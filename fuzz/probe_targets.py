@@ -7,9 +7,8 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports():
-    import h11
-
     from cellos_probed.probes import ProbeParseError
+    from cellos_probed.probes.fc_http import parse_response
     from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
     from cellos_probed.probes.nftables_parse import cell_view, parse_table_listing, view_output
 
@@ -32,21 +31,12 @@ def fc_lines(data: bytes) -> None:
 
 
 def http_answers(data: bytes) -> None:
-    """What the API client's HTTP engine makes of any bytes on the socket."""
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16 * 1024)
-    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "localhost")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(data)
-    conn.receive_data(b"")
-    try:
-        for _ in range(64):
-            event = conn.next_event()
-            if event in (h11.NEED_DATA, h11.PAUSED) or isinstance(
-                event, h11.EndOfMessage | h11.ConnectionClosed
-            ):
-                return
-    except h11.RemoteProtocolError:
-        return  # fc_api turns this into a ProbeParseError
+    """What the API client's answer parser makes of any bytes on the socket."""
+    for at_eof in (False, True):
+        try:
+            parse_response(data, at_eof=at_eof)
+        except ProbeParseError:
+            pass  # the documented refusal
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

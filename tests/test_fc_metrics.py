@@ -1,7 +1,8 @@
 """The fc_metrics probe against the Firecracker emulator.
 
-Between ticks the tests await the probe's follower having read a line
-(``wait_for_records``), never a sleep.
+Lines written between ticks wait in the FIFO for the next tick (or for the
+cell's background drain, which the tests await by its record count, never
+by a sleep).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from cellos_probed.probes import fc_metrics
 from testbed.fc_emulator import open_emulator
+from tests.conftest import poll_until
 from tests.fc_helpers import (
     counters_only,
     events_of,
@@ -38,14 +41,11 @@ async def test_totals_equal_the_vmms_true_counts_after_many_ticks(fc_root: Path)
         async with open_emulator(fc_root) as emulator:
             vm = await emulator.add(emulator.spec("cell-1", nets=("eth0", "eth1")))
             async with running(fc_config(fc_root, ["cell-1"])) as prober:
-                probe = fc_probe(prober, "cell-1")
                 previous: dict[tuple[str, ...], int] = {}
                 for tick in range(25):
                     vm.metrics.bump_everything(rng)
                     if tick % 3 == 0:  # Firecracker's own timer fires between ticks
-                        records = probe.accumulator.records
                         vm.periodic_flush()
-                        await probe.follower.wait_for_records(records + 1)
                         vm.metrics.bump_everything(rng)
                     await prober.tick(tick)
                     output = last_output(prober, "cell-1")
@@ -73,13 +73,11 @@ async def test_delta_is_the_sum_since_the_previous_reading(fc_root: Path) -> Non
         async with open_emulator(fc_root) as emulator:
             vm = await emulator.add(emulator.spec("cell-1"))
             async with running(fc_config(fc_root, ["cell-1"])) as prober:
-                probe = fc_probe(prober, "cell-1")
                 await prober.tick(0)
                 vm.metrics.add("net_eth0", "rx_bytes_count", 1000)
                 vm.metrics.observe_latency("net_eth0", "tap_write_agg", 70)
                 vm.metrics.set_gauge("seccomp", "num_faults", 4)
                 vm.periodic_flush()
-                await probe.follower.wait_for_records(3)
                 vm.metrics.add("net_eth0", "rx_bytes_count", 24)
                 vm.metrics.observe_latency("net_eth0", "tap_write_agg", 30)
                 await prober.tick(1)
@@ -96,6 +94,31 @@ async def test_delta_is_the_sum_since_the_previous_reading(fc_root: Path) -> Non
     assert delta["get_api_requests"]["instance_info_count"] == 1  # the previous tick's GET /
     assert output["totals"]["put_api_requests"]["actions_count"] == 2
     assert "utc_timestamp_ms" not in delta
+
+
+async def test_between_far_apart_ticks_the_background_drain_loses_no_line(
+    fc_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fc_metrics, "BACKGROUND_DRAIN_SECONDS", 0.05)
+    rng = random.Random(4)
+    with trio.fail_after(20):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1"))
+            async with running(fc_config(fc_root, ["cell-1"], tick=3600)) as prober:
+                probe = fc_probe(prober, "cell-1")
+                await prober.tick(0)
+                for _ in range(30):  # three times what the FIFO holds, no tick in between
+                    records = probe.accumulator.records
+                    vm.metrics.bump_everything(rng)
+                    written = vm.periodic_flush()
+                    assert written is not None
+                    assert written.written
+                    await poll_until(lambda: probe.accumulator.records > records)  # noqa: B023
+                await prober.tick(1)
+                output = last_output(prober, "cell-1")
+                assert output["totals"] == vm.emitted_totals()
+    assert output["lines"] == 31
+    assert output["lost_lines"] == 0
 
 
 async def test_full_fifo_before_the_probe_shows_as_loss(fc_root: Path) -> None:

@@ -3,6 +3,7 @@ every input parses to the documented shape or raises the documented typed error.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cellos_probed.probes import ProbeError, ProbeParseError
-from cellos_probed.probes.fc_api import FirecrackerApi
+from cellos_probed.probes.fc_api import ApiConnection
+from cellos_probed.probes.fc_exchange import run_round
+from cellos_probed.probes.fc_http import FLUSH_REQUEST, ApiResponse, parse_response
 from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
 from cellos_probed.probes.nftables_parse import cell_view, parse_table_listing, view_output
 
@@ -133,13 +136,31 @@ def test_a_huge_line_is_counted_not_kept() -> None:
 # --- answers on the API socket ----------------------------------------------------
 
 
+class OneRequest:
+    """A round of one exchange: what the client makes of whatever the socket answers."""
+
+    def __init__(self, path: Path) -> None:
+        self.connection = ApiConnection(str(path))
+        self.result: ApiResponse | ProbeError | None = None
+
+    def begin(self) -> bytes | None:
+        return FLUSH_REQUEST
+
+    def answered(self, response: ApiResponse) -> bytes | None:
+        self.result = response
+        return None
+
+    def failed(self, error: ProbeError) -> None:
+        self.result = error
+
+
 async def answer_with(data: bytes, tmp: Path) -> Any:
     """Serve ``data`` as the answer to one request; what the client makes of it."""
     path = tmp / f"api-{abs(hash(data)) % 10**9}.sock"
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await listener.bind(str(path))
     listener.listen(1)
-    api = FirecrackerApi(str(path))
+    exchange = OneRequest(path)
 
     async def serve() -> None:
         conn, _ = await listener.accept()
@@ -153,11 +174,10 @@ async def answer_with(data: bytes, tmp: Path) -> Any:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve)
                 try:
-                    return await api.request("PUT", "/actions", b"{}")
-                except ProbeError as error:
-                    return error
+                    await trio.to_thread.run_sync(run_round, [exchange], time.monotonic() + 2.0)
                 finally:
-                    await api.aclose()
+                    exchange.connection.close()
+                return exchange.result or ProbeError("no answer")
     finally:
         listener.close()
         path.unlink(missing_ok=True)
@@ -184,3 +204,76 @@ def test_api_answers_of_any_shape_become_a_response_or_a_typed_error(
     else:
         assert 100 <= result.status_code <= 999
         assert len(result.body) <= 64 * 1024
+
+
+@FUZZ
+@given(data=responses, at_eof=st.booleans())
+def test_any_bytes_parse_to_an_answer_more_needed_or_a_parse_error(
+    data: bytes, at_eof: bool
+) -> None:
+    try:
+        parsed = parse_response(data, at_eof=at_eof)
+    except ProbeParseError as error:
+        assert data.decode("latin-1")[20:60] not in error.message or len(data) < 60
+        return
+    if parsed is None:
+        assert not at_eof
+        return
+    response, used = parsed
+    assert 200 <= response.status_code <= 999
+    assert 0 < used <= len(data)
+    assert data[used - len(response.body) : used] == response.body
+
+
+@FUZZ
+@given(
+    body=st.binary(max_size=300),
+    status=st.sampled_from([200, 400, 404, 500]),
+    cut=st.integers(min_value=0, max_value=400),
+)
+def test_an_answer_cut_anywhere_needs_more_until_whole(body: bytes, status: int, cut: int) -> None:
+    answer = (
+        f"HTTP/1.1 {status} \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    cut = min(cut, len(answer))
+    if cut < len(answer):
+        assert parse_response(answer[:cut]) is None
+        try:
+            parse_response(answer[:cut], at_eof=True)
+        except ProbeParseError:
+            pass
+        else:
+            raise AssertionError("an answer cut short at the end of the connection parsed")
+    parsed = parse_response(answer + b"HTTP/1.1 204 \r\n\r\n")
+    assert parsed is not None
+    assert parsed[0] == ApiResponse(status, body, True)
+    assert parsed[1] == len(answer)
+
+
+def test_firecrackers_exact_answers_parse() -> None:
+    no_content = b"HTTP/1.1 204 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n\r\n"
+    assert parse_response(no_content) == (ApiResponse(204, b"", True), len(no_content))
+    fault = (
+        b"HTTP/1.1 400 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 21\r\n\r\n"
+        b'{"fault_message":"x"}'
+    )
+    assert parse_response(fault) == (ApiResponse(400, b'{"fault_message":"x"}', True), len(fault))
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}"
+    assert parse_response(closing) is None  # no length: the body runs to the end
+    assert parse_response(closing, at_eof=True) == (ApiResponse(200, b"{}", False), len(closing))
+    for broken in (
+        b"HTTP/1.1 20 \r\n\r\n",
+        b"HTTP/2 204 \r\n\r\n",
+        b"HTTP/1.1 204 \r\nno colon\r\n\r\n",
+        b"HTTP/1.1 200 \r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 \r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"HTTP/1.1 200 \r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 100 \r\n\r\n",
+    ):
+        try:
+            parse_response(broken, at_eof=True)
+        except ProbeParseError:
+            continue
+        raise AssertionError(f"accepted {broken!r}")

@@ -2,21 +2,21 @@
 
 Firecracker's counters are per-flush deltas and every flush resets them,
 its own 60 s timer's included, so the probe reads *every* line the VMM
-writes and sums them (``fc_metrics_parse``). Two parts per cell:
+writes and sums them (``fc_metrics_parse``). Each tick, for every cell at
+once (:meth:`FcMetricsProbe.read_batch`), a worker thread:
 
-- :class:`MetricsFollower` (the cell's ``background`` task) drains the
-  metrics FIFO as lines arrive, read natively by trio (a FIFO holds about
-  ten lines before Firecracker starts dropping them), or follows a regular
-  file from its end, surviving truncation;
-- each tick, :meth:`FcMetricsProbe.read` asks for a flush
-  (``PUT /actions {"action_type": "FlushMetrics"}``) over the API socket,
-  checks that the line it caused arrived (Firecracker answers 204 even when
-  metrics were never configured), asks ``GET /`` for the instance and
-  publishes the sums. Firecracker writes the line before it replies, so it
-  is in the pipe when the 204 arrives.
+- drains the metrics path (:class:`MetricsFollower`): a FIFO read without
+  blocking, or a regular file followed from its end, surviving truncation;
+- asks for a flush (``PUT /actions {"action_type": "FlushMetrics"}``) over
+  the API socket, drains again and checks that the line it caused arrived
+  (Firecracker writes the line before it replies, and answers 204 even when
+  metrics were never configured);
+- now and then asks ``GET /`` for the instance, and takes the sums.
 
-HTTP goes through h11 over the Unix socket (``fc_api``), one kept-alive
-connection per VM (Firecracker serves at most ten).
+The VMs' exchanges run together in one epoll loop (``fc_exchange``). A FIFO
+holds about ten lines and Firecracker writes one a minute on its own, so
+draining at every tick loses nothing; with long ticks the cell's
+background task drains in between.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,23 +40,35 @@ from cellos_probed.probes import (
     ProbeError,
     ProbeIoError,
     ProbeReading,
+    ProbeTimeoutError,
 )
-from cellos_probed.probes.fc_api import FirecrackerApi
+from cellos_probed.probes.fc_api import ApiConnection
+from cellos_probed.probes.fc_exchange import run_round
+from cellos_probed.probes.fc_http import (
+    FLUSH_REQUEST,
+    INSTANCE_REQUEST,
+    ApiResponse,
+    describe,
+    parse_instance,
+)
 from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
 
 log = structlog.get_logger("cellos_probed.fc_metrics")
 
 #: One read of the metrics stream; a line is about 6 KB, a pipe 64 KiB.
 READ_BYTES: Final = 64 * 1024
-#: Bytes drained in one go before letting other tasks run (a flood must not starve them).
+#: Bytes drained in one go (a flooding writer must not hold a round for ever).
 DRAIN_SLICE_BYTES: Final = 1024 * 1024
-#: With no writer on the FIFO (the VMM is not running) poll() reports hang-up at once.
-NO_WRITER_RETRY_SECONDS: Final = 0.25
-#: How often a missing metrics path is looked for again, and a regular file polled.
-REOPEN_SECONDS: Final = 0.5
-FILE_POLL_SECONDS: Final = 0.5
-#: ``GET /`` at least this often (in readings); see FcMetricsProbe._instance.
+#: ``GET /`` at least this often (in readings); see FcMetricsProbe._instance_due.
 INSTANCE_REFRESH_READS: Final = 10
+#: Between ticks further apart than this, the background task drains the metrics path.
+BACKGROUND_DRAIN_SECONDS: Final = 10.0
+#: A backstop only: the daemon's probe timeout ends a round first.
+API_TIMEOUT_SECONDS: Final = 5.0
+#: VMs per round (one worker thread and one epoll each).
+ROUND_SIZE: Final = 256
+#: A round hands back this long before the daemon's timeout would fire.
+ROUND_MARGIN_SECONDS: Final = 0.01
 
 
 class MetricsFollower:
@@ -70,9 +85,6 @@ class MetricsFollower:
         self._identity: tuple[int, int] | None = None
         self._opened_once = False
         self.writer_present = False
-        self._wakeup = trio.Event()
-        #: set (and replaced) whenever bytes were read: lets a caller await new lines
-        self.changed = trio.Event()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -121,11 +133,9 @@ class MetricsFollower:
         if not self.is_fifo and not self._opened_once:
             os.lseek(fd, 0, os.SEEK_END)  # a regular file: lines from now on, not its history
         self.fd, self._identity, self._opened_once = fd, identity, True
-        self._wakeup.set()
 
     def close(self) -> None:
         if self.fd is not None:
-            trio.lowlevel.notify_closing(self.fd)  # wakes the task parked on it
             os.close(self.fd)
             self.fd = None
 
@@ -153,15 +163,7 @@ class MetricsFollower:
             self.writer_present = True
             total += len(data)
             self.accumulator.feed(data)
-        if total:
-            self.changed.set()
-            self.changed = trio.Event()
         return total
-
-    async def wait_for_records(self, count: int) -> None:
-        """Until the accumulator has seen ``count`` records (tests, demo)."""
-        while self.accumulator.records < count:
-            await self.changed.wait()
 
     def _check_truncation(self, fd: int) -> None:
         position = os.lseek(fd, 0, os.SEEK_CUR)
@@ -170,61 +172,35 @@ class MetricsFollower:
             os.lseek(fd, 0, os.SEEK_SET)
             self.accumulator.truncated()
 
-    async def run(self) -> None:
-        """Drain continuously: the background task of the cell."""
-        while True:
-            if self.fd is None:
-                try:
-                    self.ensure_open()
-                except ProbeError:
-                    self._wakeup = trio.Event()
-                    with trio.move_on_after(REOPEN_SECONDS):
-                        await self._wakeup.wait()
-                    continue
-            await self._follow_once()
-
-    async def _follow_once(self) -> None:
-        fd = self.fd
-        assert fd is not None
-        try:
-            read = self.drain()
-        except ProbeError as exc:
-            log.warning("metrics path unreadable; reopening", path=self.path, error=exc.message)
-            self.close()
-            return
-        if read >= DRAIN_SLICE_BYTES:
-            await trio.lowlevel.checkpoint()
-        elif self.is_fifo and self.writer_present:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:
-                pass  # closed for a reopen
-        else:  # a regular file, or a FIFO with no writer (poll() would say hang-up at once)
-            try:
-                self.ensure_open()  # a restarted VMM may write to a new FIFO at the same path
-            except ProbeError:
-                self.close()
-            if self.fd != fd:
-                return
-            self._wakeup = trio.Event()
-            wait = FILE_POLL_SECONDS if not self.is_fifo else NO_WRITER_RETRY_SECONDS
-            with trio.move_on_after(wait):
-                await self._wakeup.wait()
-
 
 class FcMetricsProbe:
-    """One cell's VMM: flush, check the line arrived, publish the sums."""
+    """One cell's VMM: flush, check the line arrived, publish the sums.
 
-    def __init__(self, config: FcMetricsProbeConfig) -> None:
+    Its ``begin``/``answered``/``failed`` are the VM's part of a round of
+    exchanges (``fc_exchange``) and run on the round's worker thread; the
+    daemon never runs two rounds of one probe at once, and the background
+    drain stays out while a round runs (``_in_round``).
+    """
+
+    def __init__(
+        self, config: FcMetricsProbeConfig, rounds: trio.CapacityLimiter | None = None
+    ) -> None:
         self._config = config
+        self._rounds = rounds
         self.accumulator = MetricsAccumulator()
         self.follower = MetricsFollower(
             str(config.metrics_path_resolved), self.accumulator, config.root
         )
-        self.api = FirecrackerApi(str(config.api_socket_resolved), config.root)
+        self.connection = ApiConnection(str(config.api_socket_resolved), config.root)
         self._instance_cache: dict[str, Any] | None = None
         self._instance_connections = -1
         self._reads_since_instance = 0
+        self._records_before = 0
+        self._asked_instance = False
+        self._in_round = False
+        self._closed = False
+        self._last_drain = 0.0
+        self.result: ProbeReading | ProbeError | None = None
 
     def probe_name(self) -> str:
         return "fc_metrics"
@@ -232,62 +208,98 @@ class FcMetricsProbe:
     def inputs(self) -> dict[str, Any]:
         return {"api_socket": self._config.api_socket, "metrics_path": self._config.metrics_path}
 
+    def batch_key(self) -> str:
+        return "fc"  # every VM in one round: see read_batch
+
+    # -- between ticks ---------------------------------------------------------------------
+
     async def background(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Drain the metrics path from before the first tick until the cell goes away."""
+        """Open the metrics path before the first tick; drain it when ticks are far apart."""
         try:
-            try:
-                self.follower.ensure_open()  # lines already waiting count too
-                self.follower.drain()
-            except ProbeError:
-                pass  # not there yet: the follower keeps looking, the tick reports it
+            self._drain_quietly()  # lines already waiting count too
             task_status.started()
-            await self.follower.run()
+            while True:
+                await trio.sleep(BACKGROUND_DRAIN_SECONDS)
+                if time.monotonic() - self._last_drain >= BACKGROUND_DRAIN_SECONDS:
+                    self._drain_quietly()
         finally:
-            self.follower.close()
-            await self.api.aclose()
+            self._closed = True
+            if not self._in_round:  # else the round closes them when it ends
+                self.aclose_sync()
+
+    def _drain_quietly(self) -> None:
+        if self._in_round:
+            return
+        try:
+            self.follower.ensure_open()
+            self.follower.drain()
+        except ProbeError:
+            pass  # not there yet (or gone): the tick reports it
+        self._last_drain = time.monotonic()
+
+    def aclose_sync(self) -> None:
+        self.follower.close()
+        self.connection.close()
 
     async def aclose(self) -> None:
         """For callers that read without running ``background``."""
-        self.follower.close()
-        await self.api.aclose()
+        self.aclose_sync()
 
-    async def _instance(self) -> dict[str, Any]:
-        """``GET /``: every INSTANCE_REFRESH_READS readings, and at once after a reconnect.
+    # -- a round (on the round's worker thread) ----------------------------------------------
 
-        The id and version only change with a new VMM process, which means a
-        new API connection (or a failed read, which drops the cache); the
-        state (Running/Paused) may lag by a few ticks. Asking every tick
-        cost as much as the flush itself at a thousand VMs.
-        """
-        connections = self.api.connections
-        if (
-            self._instance_cache is None
-            or connections != self._instance_connections
-            or self._reads_since_instance >= INSTANCE_REFRESH_READS
-        ):
-            self._instance_cache = await self.api.instance()
-            self._instance_connections = self.api.connections
+    def begin(self) -> bytes | None:
+        self.result = None
+        self.follower.ensure_open()
+        self.follower.drain()  # what arrived since the last round
+        self._records_before = self.accumulator.records
+        self._asked_instance = False
+        return FLUSH_REQUEST
+
+    def answered(self, response: ApiResponse) -> bytes | None:
+        if not self._asked_instance:
+            if response.status_code != 204:
+                raise ProbeIoError(f"FlushMetrics refused: {describe(response)}")
+            self.follower.drain()  # the flush's line was written before the 204
+            if self.accumulator.records == self._records_before:
+                raise ProbeIoError(
+                    "FlushMetrics answered 204 but no line arrived at metrics_path "
+                    "(metrics not configured, or configured elsewhere)"
+                )
+            if self._instance_due():
+                self._asked_instance = True
+                return INSTANCE_REQUEST
+        else:
+            self._instance_cache = parse_instance(response)
+            self._instance_connections = self.connection.connections
             self._reads_since_instance = 0
         self._reads_since_instance += 1
-        return self._instance_cache
+        self.result = self._reading()
+        return None
 
-    async def read(self, ctx: ProbeContext) -> ProbeReading:
-        self.follower.ensure_open()
-        self.follower.drain()  # what arrived since the background task last ran
-        records_before = self.accumulator.records
-        await self.api.flush_metrics()
-        self.follower.drain()  # the flush's line was written before the 204
-        if self.accumulator.records == records_before:
-            raise ProbeIoError(
-                "FlushMetrics answered 204 but no line arrived at metrics_path "
-                "(metrics not configured, or configured elsewhere)"
-            )
-        instance = await self._instance()
+    def failed(self, error: ProbeError) -> None:
+        self.result = error
+
+    def _instance_due(self) -> bool:
+        """``GET /`` every INSTANCE_REFRESH_READS readings, and at once after a reconnect.
+
+        The id and version only change with a new VMM process, which means a
+        new API connection (a failed exchange closes the connection, so it
+        reconnects); the state (Running/Paused) may lag by a few ticks.
+        Asking every tick cost as much as the flush itself at a thousand VMs.
+        """
+        return (
+            self._instance_cache is None
+            or self.connection.connections != self._instance_connections
+            or self._reads_since_instance >= INSTANCE_REFRESH_READS
+        )
+
+    def _reading(self) -> ProbeReading:
+        assert self._instance_cache is not None
         reading = self.accumulator.take_reading()
         output = {
-            "instance": instance,
+            "instance": self._instance_cache,
             "utc_timestamp_ms": reading.utc_timestamp_ms,
             "lines": reading.lines,
             "torn_lines": reading.torn_lines,
@@ -297,3 +309,62 @@ class FcMetricsProbe:
             "totals": reading.totals,
         }
         return ProbeReading("host.fc_metrics", self.inputs(), output)
+
+    # -- the tick ------------------------------------------------------------------------------
+
+    @classmethod
+    async def read_batch(
+        cls,
+        jobs: Sequence[tuple[ProbeContext, FcMetricsProbe]],
+        results: list[ProbeReading | ProbeError | None],
+    ) -> None:
+        """Every cell's VMM in rounds of ROUND_SIZE, a few rounds at once on worker threads.
+
+        Each round ends by the enclosing deadline (less a margin, so it hands
+        back before the daemon's timeout fires); a VM that has not answered
+        by then has no result, which the daemon reports as a timeout.
+        """
+        probes = [probe for _, probe in jobs if not probe._closed]
+        if not probes:
+            return
+        remaining = min(
+            trio.current_effective_deadline() - trio.current_time(), API_TIMEOUT_SECONDS
+        )
+        deadline = time.monotonic() + max(0.0, remaining - ROUND_MARGIN_SECONDS)
+        limiter = probes[0]._rounds
+        for probe in probes:
+            probe._in_round = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for start in range(0, len(probes), ROUND_SIZE):
+                    nursery.start_soon(
+                        partial(
+                            trio.to_thread.run_sync,
+                            run_round,
+                            probes[start : start + ROUND_SIZE],
+                            deadline,
+                            limiter=limiter,
+                        )
+                    )
+        finally:
+            now = time.monotonic()
+            for probe in probes:
+                probe._in_round = False
+                probe._last_drain = now
+                if probe._closed:  # its cell went away during the round
+                    probe.aclose_sync()
+            for i, (_, probe) in enumerate(jobs):
+                results[i] = probe.result
+                probe.result = None
+
+    async def read(self, ctx: ProbeContext) -> ProbeReading:
+        """One cell alone (``once``, tests): a round of one."""
+        results: list[ProbeReading | ProbeError | None] = [None]
+        with trio.move_on_after(API_TIMEOUT_SECONDS):
+            await self.read_batch([(ctx, self)], results)
+        result = results[0]
+        if result is None:
+            raise ProbeTimeoutError("fc_metrics probe: the API socket did not answer")
+        if isinstance(result, ProbeError):
+            raise result
+        return result
