@@ -233,6 +233,7 @@ def run_daemon(config: Path, workdir: Path, ticks: int, nats_url: str) -> dict[s
         "duplicates": sub["duplicates"],
         "events_per_second": sub["received"] / max(1e-9, sub["last_at"] - sub["first_at"]),
         "probe_errors": stopped["probe_errors"],
+        "probe_errors_by_probe": sub.get("probe_errors", {}),
     }
 
 

@@ -27,6 +27,8 @@ async def main(url: str, prefix: str, out: Path) -> None:
     received = 0
     first_at = last_at = 0.0
     agent: list[dict[str, Any]] = []
+    #: "probe/kind" -> count: which probe failed, and how
+    errors: dict[str, int] = {}
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -47,6 +49,9 @@ async def main(url: str, prefix: str, out: Path) -> None:
                     first_at = first_at or now
                     last_at = now
                     completeness.add(event)
+                    if event["type"].endswith(".probe_error"):
+                        key = f"{event['data']['probeSource']}/{event['data']['error']['kind']}"
+                        errors[key] = errors.get(key, 0) + 1
     rows = completeness.rows()
     await trio.Path(out).write_text(
         json.dumps(
@@ -55,6 +60,7 @@ async def main(url: str, prefix: str, out: Path) -> None:
                 "first_at": first_at,
                 "last_at": last_at,
                 "agent": agent,
+                "probe_errors": errors,
                 "duplicates": sum(len(row.duplicates) for row in rows),
                 "holes": sum(len(row.holes) for row in rows),
                 "undeclared": sum(len(row.undeclared) for row in rows),
