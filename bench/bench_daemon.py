@@ -118,7 +118,8 @@ def emulated_vms(workdir: Path, n: int) -> Iterator[list[dict[str, str]] | None]
         return
     from testbed.fc_emulator import emulator_process
 
-    with emulator_process(workdir / "jail", n) as vms:
+    # one emulator process per 250 VMs: see emulator_process
+    with emulator_process(workdir / "jail", n, processes=max(1, n // 250)) as vms:
         yield vms
 
 
@@ -315,13 +316,14 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         if vms is None:
             probes = [p for p in probes if p != "fc_metrics"]
         say(f"N={n}: daemon for {ticks} ticks with probes {', '.join(probes)}")
-        emulator_pid = int(vms[0]["emulator_pid"]) if vms else None
-        emulator_cpu0 = cpu_seconds(emulator_pid) if emulator_pid else 0.0
+        emulator_pids = [int(pid) for pid in vms[0]["emulator_pids"].split(",")] if vms else []
+        emulator_cpu0 = sum(cpu_seconds(pid) for pid in emulator_pids)
         started = time.monotonic()
         daemon = run_daemon(config, workdir, ticks, server.url)
         emulator_cpu = (
-            (cpu_seconds(emulator_pid) - emulator_cpu0) / (time.monotonic() - started)
-            if emulator_pid
+            (sum(cpu_seconds(pid) for pid in emulator_pids) - emulator_cpu0)
+            / (time.monotonic() - started)
+            if emulator_pids
             else None
         )
         say(f"N={n}: floor")

@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, required=True, help="the jail root")
     parser.add_argument("--vms", type=int, default=1)
     parser.add_argument("--prefix", default="vm-", help="VM ids are <prefix><index>")
+    parser.add_argument("--first", type=int, default=0, help="the first VM's index")
     parser.add_argument("--interval", type=float, default=60.0, help="periodic flush, s")
     parser.add_argument("--transport", choices=("fifo", "file"), default="fifo")
     parser.add_argument("--activity", action="store_true", help="synthetic guest activity")
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> None:
     async with open_emulator(args.root) as emulator:
-        for index in range(args.vms):
+        for index in range(args.first, args.first + args.vms):
             vm_id = f"{args.prefix}{index}"
             spec = emulator.spec(
                 vm_id,

@@ -19,26 +19,48 @@ from testbed.fc_emulator.host import jail_paths
 
 @contextmanager
 def emulator_process(
-    root: Path, vms: int, *, prefix: str = "vm-", interval: float = 60.0, activity: bool = True
+    root: Path,
+    vms: int,
+    *,
+    prefix: str = "vm-",
+    interval: float = 60.0,
+    activity: bool = True,
+    processes: int = 1,
 ) -> Iterator[list[dict[str, str]]]:
     """``vms`` emulated VMs under ``root``; yields each one's config paths (relative to root).
 
-    The list also carries ``"pid"`` (the emulator's) in its first entry's
-    ``"emulator_pid"`` key, so a caller can measure the emulator's CPU.
+    ``processes``: the VMs are shared out over this many emulator processes.
+    A real host runs one VMM process per VM, answering in parallel; one
+    Python process answering a thousand VMs in turn would make the
+    emulator, not the probe, the slowest part of a tick.
+    Each entry also carries ``"emulator_pids"`` (comma-separated), so a
+    caller can measure the emulator's CPU.
     """
     root.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "testbed.fc_emulator", "--root", str(root),
-               "--vms", str(vms), "--prefix", prefix, "--interval", str(interval)]  # fmt: skip
-    if activity:
-        command.append("--activity")
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2]
-    )
+    share = -(-vms // max(1, processes))
+    started: list[subprocess.Popen[str]] = []
     try:
-        assert process.stdout is not None
-        ready = process.stdout.readline()
-        if not ready or not json.loads(ready).get("ready"):
-            raise RuntimeError("the Firecracker emulator did not start")
+        for first in range(0, vms, share):
+            count = min(share, vms - first)
+            command = [sys.executable, "-m", "testbed.fc_emulator", "--root", str(root),
+                       "--vms", str(count), "--first", str(first), "--prefix", prefix,
+                       "--interval", str(interval)]  # fmt: skip
+            if activity:
+                command.append("--activity")
+            started.append(
+                subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=Path(__file__).resolve().parents[2],
+                )
+            )
+        for process in started:
+            assert process.stdout is not None
+            ready = process.stdout.readline()
+            if not ready or not json.loads(ready).get("ready"):
+                raise RuntimeError("the Firecracker emulator did not start")
+        pids = ",".join(str(process.pid) for process in started)
         paths = []
         for index in range(vms):
             api, metrics = jail_paths(root, f"{prefix}{index}")
@@ -46,14 +68,16 @@ def emulator_process(
                 {
                     "api_socket": str(api.relative_to(root)),
                     "metrics_path": str(metrics.relative_to(root)),
-                    "emulator_pid": str(process.pid),
+                    "emulator_pids": pids,
                 }
             )
         yield paths
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        for process in started:
+            process.send_signal(signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
