@@ -6,6 +6,8 @@ declares its API unstable, so ~40 lines of our own are the safer contract.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -19,6 +21,28 @@ NATS_HEADERS: Final = {"Content-Type": STRUCTURED_CONTENT_TYPE}
 
 
 _last_stamp: tuple[tuple[int, ...], str] = ((), "")
+
+#: random bytes for event ids, drawn from the OS a few KiB at a time, per thread
+_random = threading.local()
+_VERSION_MASK: Final = ~(0xF << 76) & ~(0x3 << 62)
+_VERSION_4_RFC_4122: Final = (0x4 << 76) | (0x2 << 62)
+
+
+def new_event_id() -> str:
+    """``urn:cellos:event:<random UUID (version 4)>``.
+
+    ``uuid.uuid4()`` makes a system call and an object per id, ~3.5 us; at
+    four thousand events a second that was more than the envelope itself.
+    """
+    pool: bytes = getattr(_random, "pool", b"")
+    at: int = getattr(_random, "at", 0)
+    if at + 16 > len(pool):
+        pool, at = os.urandom(4096), 0
+        _random.pool = pool
+    _random.at = at + 16
+    value = (int.from_bytes(pool[at : at + 16], "big") & _VERSION_MASK) | _VERSION_4_RFC_4122
+    h = f"{value:032x}"
+    return f"urn:cellos:event:{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def rfc3339_millis(instant: datetime) -> str:

@@ -209,9 +209,16 @@ class Prober:
                 key_of = getattr(probe, "batch_key", None)
                 key = (type(probe), key_of() if key_of is not None else id(probe))
                 groups.setdefault(key, []).append((runner, probe))
+        self._errors.start_tick()
         async with trio.open_nursery() as nursery:
             for (probe_type, _), members in groups.items():
                 nursery.start_soon(self._run_group, probe_type, members, timeout)
+        held = self._errors.end_tick()
+        if held is not None:
+            probe_context.set(None)
+            log.warning(
+                "more probes failed or recovered this tick than are logged one by one", **held
+            )
 
     async def _run_group(
         self, probe_type: type, members: list[tuple[CellRunner, HostProbe]], timeout: float

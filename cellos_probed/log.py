@@ -82,11 +82,36 @@ class RepeatedErrorFilter:
 
     Keyed by (cell, probe); the value is the last error's text, so the same
     failure tick after tick produces one line, and a different one a new line.
+    At most ``lines_per_tick`` such lines a tick: when a thousand cells fail
+    together (a stuck host, an overloaded tick) the rest are counted and
+    summed up in one line (``end_tick``), so the log cannot become the load.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lines_per_tick: int = 20) -> None:
         self._last: dict[tuple[str, str], str] = {}
         self.suppressed = 0
+        self._lines_per_tick = lines_per_tick
+        self._lines = 0
+        self._held_failed: dict[str, int] = {}
+        self._held_recovered: dict[str, int] = {}
+
+    def start_tick(self) -> None:
+        self._lines = 0
+        self._held_failed.clear()
+        self._held_recovered.clear()
+
+    def end_tick(self) -> dict[str, dict[str, int]] | None:
+        """What was not logged line by line this tick, by probe (None: nothing)."""
+        if not self._held_failed and not self._held_recovered:
+            return None
+        return {"failed": dict(self._held_failed), "recovered": dict(self._held_recovered)}
+
+    def _within_budget(self, held: dict[str, int], probe: str) -> bool:
+        if self._lines < self._lines_per_tick:
+            self._lines += 1
+            return True
+        held[probe] = held.get(probe, 0) + 1
+        return False
 
     def failed(self, cell: str, probe: str, text: str) -> bool:
         """True when this failure should be logged."""
@@ -95,11 +120,13 @@ class RepeatedErrorFilter:
             self.suppressed += 1
             return False
         self._last[key] = text
-        return True
+        return self._within_budget(self._held_failed, probe)
 
     def recovered(self, cell: str, probe: str) -> bool:
         """True when the probe had been failing (log its recovery once)."""
-        return self._last.pop((cell, probe), None) is not None
+        if self._last.pop((cell, probe), None) is None:
+            return False
+        return self._within_budget(self._held_recovered, probe)
 
     def forget_cell(self, cell: str) -> None:
         for key in [key for key in self._last if key[0] == cell]:

@@ -75,6 +75,29 @@ async def test_a_failure_repeated_every_tick_is_logged_once(tmp_path: Path) -> N
     assert prober.probe_stats.readings == 2
 
 
+async def test_a_thousand_cells_failing_at_once_log_a_bounded_number_of_lines(
+    tmp_path: Path,
+) -> None:
+    cells = [f"c{i}" for i in range(300)]
+    config = load_config(write_config(tmp_path / "c.toml", tmp_path, cells))
+    prober = Prober(config, CapturingSink(), EventStamper())
+    with capture_logs() as logs, trio.fail_after(20):
+        await prober.tick()  # every cgroup missing: 300 failures
+        for cell in cells:
+            FakeCgroup(tmp_path / cell).write()
+        await prober.tick()  # every one recovered
+    failed = [entry for entry in logs if entry["event"] == "probe failed"]
+    recovered = [entry for entry in logs if entry["event"] == "probe recovered"]
+    summaries = [entry for entry in logs if entry["event"].startswith("more probes failed")]
+    assert len(failed) == 20
+    assert len(recovered) == 20
+    assert [s["failed"] for s in summaries] == [{"cgroup": 280}, {}]
+    assert [s["recovered"] for s in summaries] == [{}, {"cgroup": 280}]
+    # every event is still there: only the log is bounded
+    assert prober.probe_stats.errors == 300
+    assert prober.probe_stats.readings == 300
+
+
 async def test_reload_keeps_unchanged_cells_and_their_state(tmp_path: Path) -> None:
     for cell in ("a", "b", "c"):
         FakeCgroup(tmp_path / cell).write()

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from cellos_probed.probes import fc_metrics
+from cellos_probed.probes.fc_exchange import MAX_OWED_ROUNDS
 from testbed.fc_emulator import open_emulator
 from tests.conftest import poll_until
 from tests.fc_helpers import (
@@ -193,8 +194,36 @@ async def test_hung_api_times_out_alone_within_the_probe_timeout(fc_root: Path) 
                 await prober.tick(3)
                 output = last_output(prober, "cell-2")
                 assert output["totals"] == hung.emitted_totals()
-    # the flushes the VMM answered late were lines too: nothing was lost
-    assert output["lines"] == 3
+                # a slow VMM is not a broken one: its connection was kept, the
+                # late answer read first, no new connection and no new GET /
+                assert fc_probe(prober, "cell-2").connection.connections == 1
+    # tick 2 asked nothing more of a VMM that still owed tick 1's answer; that
+    # flush, answered late, was a line too: nothing was lost
+    assert output["lines"] == 2
+    assert output["instance"]["id"] == "cell-2"
+
+
+async def test_a_wedged_api_is_given_up_after_max_owed_rounds(fc_root: Path) -> None:
+    with trio.fail_after(15):
+        async with open_emulator(fc_root) as emulator:
+            hung = await emulator.add(emulator.spec("cell-1"))
+            config = fc_config(fc_root, ["cell-1"], tick=1.0, timeout=0.2)
+            async with running(config) as prober:
+                probe = fc_probe(prober, "cell-1")
+                await prober.tick(0)
+                hung.hang_api()
+                for tick in range(1, MAX_OWED_ROUNDS + 1):
+                    await prober.tick(tick)
+                    assert probe.connection.sock is not None  # kept: the answer is owed
+                    assert probe.connection.owed == tick
+                await prober.tick(MAX_OWED_ROUNDS + 1)
+                assert probe.connection.sock is None  # given up
+                assert events_of(prober, "cell-1")[-1]["error"]["kind"] == "timeout"
+                hung.release_api()
+                await prober.tick(MAX_OWED_ROUNDS + 2)
+                output = last_output(prober, "cell-1")
+                assert probe.connection.connections == 2
+                assert output["totals"] == hung.emitted_totals()
 
 
 async def test_restart_keeps_totals_monotonic_and_shows_the_new_instance(fc_root: Path) -> None:

@@ -152,3 +152,29 @@ def test_probe_error_envelope_shape_and_subject() -> None:
     assert env.data["inputs"] == {"cgroup_path": "x"}
     assert "output" not in env.data
     assert env.sequence == "4"
+
+
+def test_event_ids_are_distinct_random_uuids_across_threads() -> None:
+    import threading
+    import uuid
+
+    from cellos_probed.cloudevent import new_event_id
+
+    ids: list[str] = []
+
+    def draw() -> None:
+        ids.extend(new_event_id() for _ in range(20_000))
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == len(ids) == 80_000
+    for event_id in ids[::997]:
+        prefix, _, text = event_id.rpartition(":")
+        assert prefix == "urn:cellos:event"
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
-from cellos_probed.cloudevent import CloudEvent, rfc3339_millis
+from cellos_probed.cloudevent import CloudEvent, new_event_id, rfc3339_millis
 
 #: CloudEvents ``source`` for host-probe-emitted events. The pair
 #: ``(source, type)`` is the CloudEvents idempotency key.
@@ -217,7 +217,7 @@ def _envelope(
     boot_id: str | None,
 ) -> CloudEvent:
     return CloudEvent(
-        id=f"urn:cellos:event:{uuid.uuid4()}",
+        id=new_event_id(),
         source=HOST_PROBE_EVENT_SOURCE,
         type=event_type_for(kind),
         time=stamp,

@@ -40,6 +40,8 @@ class ApiConnection:
         self._buffer = bytearray()
         #: connections opened so far: a new one may mean a new VMM process
         self.connections = 0
+        #: rounds in a row that ended before the VMM answered (the answer is still owed)
+        self.owed = 0
 
     def fileno(self) -> int:
         assert self.sock is not None
@@ -48,6 +50,7 @@ class ApiConnection:
     def close(self) -> None:
         sock, self.sock = self.sock, None
         self._buffer.clear()
+        self.owed = 0
         if sock is not None:
             sock.close()
 

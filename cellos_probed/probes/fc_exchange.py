@@ -4,9 +4,13 @@ A tick asks every VM for a flush (and now and then ``GET /``). A trio task
 and cancel scope per VM per request cost ~0.5 ms of the trio thread each,
 half a core at a thousand VMs; here one worker thread sends every request,
 then waits on one epoll for whichever answer comes next. A VM that does not
-answer by the deadline keeps only its own exchange waiting: its connection
-is closed (its state is unknown) and its result is left unset, which the
-daemon reports as a timeout.
+answer by the deadline keeps only its own exchange waiting, and its result
+is left unset, which the daemon reports as a timeout.
+
+A late answer is not a broken connection: the connection is kept and the
+answer owed is read (and dropped) first in the next round, so a VMM that is
+merely slow costs no reconnect, no ``GET /`` and no lost line; only after
+MAX_OWED_ROUNDS rounds without it is the connection given up.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from __future__ import annotations
 import select
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from cellos_probed.probes import ProbeError, ProbeIoError
 from cellos_probed.probes.fc_api import ApiConnection, ConnectionLost
 from cellos_probed.probes.fc_http import ApiResponse
+
+#: Rounds a connection may end with an answer outstanding before it is closed.
+MAX_OWED_ROUNDS: Final = 3
 
 
 class Exchange(Protocol):
@@ -40,7 +47,7 @@ class Exchange(Protocol):
 def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
     """Drive every exchange until done or ``deadline`` (``time.monotonic``); blocking."""
     poller = select.epoll()
-    #: fd -> (exchange, the request in flight, attempt)
+    #: fd -> (exchange, the request in flight (or to send once the owed answer is in), attempt)
     waiting: dict[int, tuple[Exchange, bytes, int]] = {}
 
     def fail(exchange: Exchange, error: ProbeError) -> None:
@@ -51,6 +58,11 @@ def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
         connection = exchange.connection
         try:
             connection.open()
+            if connection.owed:  # the previous round's answer comes first
+                fd = connection.fileno()
+                waiting[fd] = (exchange, request, attempt)
+                poller.register(fd, select.EPOLLIN)
+                return
             connection.send(request)
         except ConnectionLost as exc:
             connection.close()
@@ -91,6 +103,10 @@ def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
         poller.unregister(fd)
         if not response.keep_alive:
             connection.close()
+        if connection.owed:  # a late answer to an earlier round: dropped, now ask ours
+            connection.owed = 0
+            start(exchange, request, attempt)
+            return
         try:
             follow_up = exchange.answered(response)
         except ProbeError as error:
@@ -116,6 +132,9 @@ def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
                 if fd in waiting:
                     on_readable(fd)
     finally:
-        for exchange, _, _ in waiting.values():
-            exchange.connection.close()  # unanswered: its result stays unset (a timeout)
+        for exchange, _, _ in waiting.values():  # unanswered: its result stays unset (a timeout)
+            connection = exchange.connection
+            connection.owed += 1
+            if connection.owed > MAX_OWED_ROUNDS:
+                connection.close()  # a wedged VMM: a fresh connection next time
         poller.close()
