@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import trio
 
 from cellos_probed.config import Config, parse_config
@@ -57,10 +58,11 @@ def fc_probe(prober: Prober, cell: str) -> FcMetricsProbe:
 
 
 def events_of(prober: Prober, cell: str) -> list[dict[str, Any]]:
+    """The cell's events as a subscriber decodes them (the sums are JSON fragments)."""
     sink = prober.sink
     assert isinstance(sink, CapturingSink)
     return [
-        {"type": event.type.rsplit(".", 1)[1], **event.data}
+        {"type": event.type.rsplit(".", 1)[1], **orjson.loads(event.to_json())["data"]}
         for event in sink.events
         if event.data.get("cellId") == cell
     ]

@@ -297,7 +297,7 @@ class FcMetricsProbe:
 
     def _reading(self) -> ProbeReading:
         assert self._instance_cache is not None
-        reading = self.accumulator.take_reading()
+        reading = self.accumulator.take_reading_json()  # serialised here, on the round's thread
         output = {
             "instance": self._instance_cache,
             "utc_timestamp_ms": reading.utc_timestamp_ms,
