@@ -19,8 +19,6 @@ from typing import Any, Final
 
 import orjson
 
-from cellos_probed.probes.fc_metrics_shape import LineShape, learn_shape
-
 #: A line is about 6 KB; far more than any plausible device count needs.
 MAX_LINE_BYTES: Final = 256 * 1024
 #: Where a line begins; a torn line is retried from its last occurrence.
@@ -275,39 +273,10 @@ class MetricsReading:
     totals: Any
 
 
-def dumps_saturated(tree: dict[str, Any]) -> bytes:
-    """``tree`` as JSON; a sum beyond 64 bits (only a VMM gone wrong) as 2**64 - 1.
-
-    Firecracker's counters are 64-bit, and so are most consumers' integers;
-    a sum past that is reported at the ceiling rather than refused.
-    """
-    try:
-        return orjson.dumps(tree)
-    except TypeError:
-        return orjson.dumps(_saturate(tree))
-
-
-def _saturate(node: Any) -> Any:
-    if type(node) is dict:
-        return {key: _saturate(value) for key, value in node.items()}
-    if type(node) is int:
-        return min(node, 2**64 - 1)
-    return node
-
-
 class MetricsAccumulator:
-    """Every line of one VMM's metrics stream, summed since the reader began.
+    """Every line of one VMM's metrics stream, summed since the reader began."""
 
-    Lines of the VMM's usual shape take the fast path (``fc_metrics_shape``:
-    flat lists of numbers); any other line (torn, recovered, a new device, a
-    leaf that is not an integer) takes the general path of parsed objects,
-    and the two meet in :meth:`_take_json` with the same results.
-    """
-
-    #: lines to wait before trying again to learn a shape after failing to
-    LEARN_COOLDOWN: Final = 64
-
-    def __init__(self, max_line: int = MAX_LINE_BYTES, *, shapes: bool = True) -> None:
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
         self._splitter = LineSplitter(max_line)
         self._pending: dict[str, Any] | None = None
         self._totals: dict[str, Any] = {}
@@ -316,28 +285,30 @@ class MetricsAccumulator:
         self._torn = 0
         self._unparsed = 0
         self._oversize_seen = 0
-        #: every record ended by ``\n`` so far (usable or not): "did a line arrive?"
+        #: every record ended by ``\\n`` so far (usable or not): "did a line arrive?"
         self.records = 0
-        # the fast path: the shape lines have now, this reading's sums in it, and
-        # the totals in flat form while they have exactly that shape's layout
-        self._use_shapes = shapes
-        self._shape: LineShape | None = None
-        self._flat_pending: list[int] | None = None
-        self._flat_totals: list[int] | None = None
-        self._totals_shape: LineShape | None = None
-        self._learn_cooldown = 0
 
     def feed(self, data: bytes) -> int:
         """Take a chunk of the stream; returns how many records it completed."""
         lines = self._splitter.feed(data)
         for line in lines:
-            shape = self._shape
-            if shape is not None:
-                values = shape.values(line)
-                if values is not None:
-                    self._add_flat(shape, values)
-                    continue
-            self._feed_general(line)
+            found, torn = parse_line(line)
+            if found is None and not torn:
+                continue  # blank: a hole in a truncated file, nothing was written there
+            self.records += 1
+            self._torn += torn
+            if found is None:
+                self._unparsed += 1
+                continue
+            self._lines += 1
+            # a fresh object from the parser: popping the timestamp (never summed) is safe
+            self._newest_timestamp = found.pop(TIMESTAMP_KEY)
+            # the first line of a reading is taken as it is: it is a fresh
+            # object nobody else holds, so there is nothing to copy
+            if self._pending is None:
+                self._pending = found
+            else:
+                merge_into(self._pending, found)
         oversize = self._splitter.oversize - self._oversize_seen
         if oversize:
             self._oversize_seen = self._splitter.oversize
@@ -345,64 +316,6 @@ class MetricsAccumulator:
             self._torn += oversize
             self._unparsed += oversize
         return len(lines) + oversize
-
-    def _add_flat(self, shape: LineShape, values: list[int]) -> None:
-        self.records += 1
-        self._lines += 1
-        self._newest_timestamp = values[shape.timestamp_index]
-        if self._pending is not None:  # this reading already mixes shapes
-            merge_into(self._pending, shape.as_dict(values))
-        elif self._flat_pending is None:
-            self._flat_pending = values
-        else:
-            self._flat_pending = shape.add(self._flat_pending, values)
-
-    def _feed_general(self, line: bytes) -> None:
-        found, torn = parse_line(line)
-        if found is None and not torn:
-            return  # blank: a hole in a truncated file, nothing was written there
-        if found is None:
-            self.records += 1
-            self._torn += 1
-            self._unparsed += 1
-            return
-        if not torn and self._use_shapes:
-            if self._learn_cooldown:
-                self._learn_cooldown -= 1
-            else:
-                whole = line.lstrip(b"\0")
-                shape = learn_shape(whole, found, is_gauge)
-                values = None if shape is None else shape.values(whole)
-                if shape is not None and values is not None:
-                    self._unflatten_pending()  # sums of the old shape, if any
-                    self._shape = shape
-                    self._add_flat(shape, values)
-                    return
-                self._learn_cooldown = self.LEARN_COOLDOWN
-        self.records += 1
-        self._torn += torn
-        self._lines += 1
-        # a fresh object from the parser: popping the timestamp (never summed) is safe
-        self._newest_timestamp = found.pop(TIMESTAMP_KEY)
-        self._unflatten_pending()
-        if self._pending is None:
-            # the first line of a reading is taken as it is: nobody else holds it
-            self._pending = found
-        else:
-            merge_into(self._pending, found)
-
-    def _unflatten_pending(self) -> None:
-        if self._flat_pending is not None:
-            assert self._shape is not None
-            self._pending = self._shape.as_dict(self._flat_pending)
-            self._flat_pending = None
-
-    def _totals_as_dict(self) -> dict[str, Any]:
-        if self._flat_totals is not None:
-            assert self._totals_shape is not None
-            self._totals = self._totals_shape.as_dict(self._flat_totals)
-            self._flat_totals = self._totals_shape = None
-        return self._totals
 
     def truncated(self) -> None:
         """The file was truncated under the reader: an unfinished line is torn."""
@@ -412,8 +325,12 @@ class MetricsAccumulator:
 
     def take_reading(self) -> MetricsReading:
         """The sums since the previous call, and the totals (copies); counts start again."""
-        reading, delta, totals = self._take_json()
-        return replace(reading, delta=orjson.loads(delta), totals=orjson.loads(totals))
+        reading = self._take()
+        return replace(
+            reading,
+            delta=orjson.loads(orjson.dumps(reading.delta)),
+            totals=orjson.loads(orjson.dumps(reading.totals)),
+        )
 
     def take_reading_json(self) -> MetricsReading:
         """As :meth:`take_reading`, with ``delta`` and ``totals`` as JSON fragments.
@@ -421,54 +338,28 @@ class MetricsAccumulator:
         Serialised here, once, as the sums stand now: the totals go on being
         added to in place, and the event embeds the fragments as they are.
         """
-        reading, delta, totals = self._take_json()
-        return replace(reading, delta=orjson.Fragment(delta), totals=orjson.Fragment(totals))
+        reading = self._take()
+        return replace(
+            reading,
+            delta=orjson.Fragment(orjson.dumps(reading.delta)),
+            totals=orjson.Fragment(orjson.dumps(reading.totals)),
+        )
 
-    def _take_json(self) -> tuple[MetricsReading, bytes, bytes]:
-        shape = self._shape
-        missed: Any = 0
-        if self._flat_pending is not None:
-            assert shape is not None
-            pending = self._flat_pending
-            if self._flat_totals is not None and self._totals_shape is shape:
-                self._flat_totals = shape.add(self._flat_totals, pending)
-            else:
-                totals = self._totals_as_dict()
-                merge_into(totals, shape.as_dict(pending))
-                self._adopt(shape, totals)
-            delta = shape.render(pending)
-            if shape.missed_index >= 0:
-                missed = pending[shape.missed_index]
-        elif self._pending is not None:
-            totals = self._totals_as_dict()
-            merge_into(totals, self._pending)
-            if shape is not None:
-                self._adopt(shape, totals)
-            delta = dumps_saturated(self._pending)
-            logger = self._pending.get("logger")
-            missed = logger.get("missed_metrics_count", 0) if isinstance(logger, dict) else 0
-        else:
-            delta = b"{}"
-        if self._flat_totals is not None:
-            assert self._totals_shape is not None
-            totals_json = self._totals_shape.render(self._flat_totals)
-        else:
-            totals_json = dumps_saturated(self._totals)
+    def _take(self) -> MetricsReading:
+        delta = self._pending or {}
+        if self._pending is not None:
+            merge_into(self._totals, self._pending)
+        logger = delta.get("logger")
+        missed = logger.get("missed_metrics_count", 0) if isinstance(logger, dict) else 0
         reading = MetricsReading(
             self._newest_timestamp,
             self._lines,
             self._torn,
             self._unparsed,
             missed if type(missed) is int else 0,
-            None,
-            None,
+            delta,
+            self._totals,
         )
-        self._pending = self._flat_pending = None
+        self._pending = None
         self._lines = self._torn = self._unparsed = 0
-        return reading, delta, totals_json
-
-    def _adopt(self, shape: LineShape, totals: dict[str, Any]) -> None:
-        """Keep the totals flat from now on if they are laid out exactly as ``shape``."""
-        flat = shape.flatten(totals)
-        if flat is not None:
-            self._flat_totals, self._totals_shape, self._totals = flat, shape, {}
+        return reading
