@@ -21,6 +21,7 @@ from cellos_probed.config import (
     ConfigError,
     load_config,
 )
+from cellos_probed.shard import Shard
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -62,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         "after publishing what it holds (a second signal stops at once).",
     )
     run.add_argument("--config", required=True, help="path of the TOML configuration")
+    run.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/K",
+        help="run only shard I of K of the cells (by a hash of the cell id), so that K "
+        "processes share a host's cells; see the cellos-probed@.service unit",
+    )
 
     check = commands.add_parser(
         "check-config",
@@ -113,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _summary(config: Config) -> str:
     probes: dict[str, int] = {}
     for cell in config.cells:
@@ -147,11 +162,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cellos_probed.probes import EventStamper
 
     config = load_config(args.config)
+    shard: Shard | None = args.shard
+    if shard is not None:
+        config = shard.select(config)
     stamper = EventStamper()
     sink = NatsSink(config.nats, stamper.boot_id, buffer=config.buffer, spool=config.spool)
 
     async def main() -> None:
-        await run_daemon(config, sink, config_path=args.config, stamper=stamper)
+        await run_daemon(config, sink, config_path=args.config, stamper=stamper, shard=shard)
 
     trio.run(main)
     return EXIT_OK

@@ -49,6 +49,7 @@ from cellos_probed.probes.fc_metrics import FcMetricsProbe
 from cellos_probed.probes.nftables import NftablesProbe, NftTableQueries
 from cellos_probed.probes.tap_link import LinkWatchers, TapLinkProbe
 from cellos_probed.scheduler import TickStats, run_fixed_tick
+from cellos_probed.shard import Shard
 from cellos_probed.spool import spool_stats
 from cellos_probed.systemd import Notifier
 
@@ -162,6 +163,8 @@ class Prober:
         self.probe_stats = ProbeStats()
         self._errors = RepeatedErrorFilter()
         self._services: trio.Nursery | None = None
+        #: the share of the host's cells this process runs (None: all of them)
+        self.shard: Shard | None = None
 
     async def run_services(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -333,18 +336,25 @@ async def run_daemon(
     stamper: EventStamper | None = None,
     handle_signals: bool = True,
     notifier: Notifier | None = None,
+    shard: Shard | None = None,
     task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until stopped; ``sink`` must offer ``run``, ``emit`` and ``drain``."""
+    """Run until stopped; ``sink`` must offer ``run``, ``emit`` and ``drain``.
+
+    With ``shard``, ``config`` holds the shard's cells already; reloads are
+    narrowed to them the same way.
+    """
     stamper = stamper or EventStamper()
     notifier = notifier or Notifier()
     prober = Prober(config, sink, stamper)
+    prober.shard = shard
     status = StatusReport(prober, sink)
     stop_requested = trio.Event()
     # capacity 1: reload requests that arrive during a reload fold into one
     reload_send, reload_receive = trio.open_memory_channel[None](1)
     log.info(
         "starting",
+        shard=None if shard is None else shard.label,
         cells=len(config.cells),
         tick_seconds=config.daemon.tick_seconds,
         boot=stamper.boot_id,
@@ -422,6 +432,7 @@ def collect_figures(prober: Prober, sink: Any) -> dict[str, Any]:
     ticks = prober.tick_stats
     figures: dict[str, Any] = {
         "cells": len(prober.runners),
+        **({} if prober.shard is None else {"shard": prober.shard.label}),
         "readingsProduced": stats.readings,
         "probeErrors": stats.errors,
         "probeErrorsByKind": dict(stats.errors_by_kind or {}),
@@ -477,8 +488,9 @@ class StatusReport:
             self._last_at, self._last_events = now, events
         self._last_status_at = now
         figures = collect_figures(self.prober, self.sink)
+        shard = figures.get("shard")
         parts = [
-            f"{figures['cells']} cells",
+            f"{figures['cells']} cells" + (f" (shard {shard})" if shard else ""),
             f"{self._rate:.0f} events/s",
             f"{figures['probeErrors']} probe errors",
             f"{figures['tickOverruns']} overruns",
@@ -526,6 +538,8 @@ async def _reloader(
         notifier.reloading()
         try:
             new = await trio.to_thread.run_sync(load_config, config_path)
+            if prober.shard is not None:
+                new = prober.shard.select(new)
         except ConfigError as exc:
             log.error(
                 "reload refused: the new config is invalid; keeping the running one",

@@ -41,6 +41,7 @@ def test_package_metadata_and_contents(deb: Path) -> None:
     paths = {line.split()[5].removeprefix(".") for line in listing.splitlines()}
     for expected in (
         "/usr/lib/systemd/system/cellos-probed.service",
+        "/usr/lib/systemd/system/cellos-probed@.service",
         "/etc/cellos-probed/cellos-probed.toml",
         "/opt/cellos-probed/bin/cellos-probed",
         "/usr/bin/cellos-probed",

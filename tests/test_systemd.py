@@ -31,14 +31,45 @@ needs_analyze = pytest.mark.skipif(
 )
 
 
-def unit_for_this_venv(tmp_path: Path) -> Path:
+TEMPLATE = REPO / "systemd" / "cellos-probed@.service"
+
+
+def unit_for_this_venv(
+    tmp_path: Path, unit: Path = UNIT, name: str = "cellos-probed.service"
+) -> Path:
     """The shipped unit with ExecStart pointing at this virtualenv (verify checks it exists)."""
-    text = UNIT.read_text().replace(
+    text = unit.read_text().replace(
         "/opt/cellos-probed/bin/cellos-probed", str(Path(sys.prefix) / "bin" / "cellos-probed")
     )
-    path = tmp_path / "cellos-probed.service"
+    path = tmp_path / name
     path.write_text(text)
     return path
+
+
+def test_the_shard_template_is_the_unit_but_for_its_shard_lines() -> None:
+    template = TEMPLATE.read_text()
+    assert "--shard %I\n" in template
+    unsharded = (
+        template.replace(" (shard %I)", "")
+        .replace(" --shard %I", "")
+        .replace(
+            "# a runtime directory per shard: stopping one instance removes only its own\n", ""
+        )
+        .replace("RuntimeDirectory=cellos-probed-shard-%i", "RuntimeDirectory=cellos-probed")
+    )
+    body = UNIT.read_text()
+    assert unsharded[unsharded.index("[Unit]") :] == body[body.index("[Unit]") :]
+
+
+@needs_analyze
+def test_an_instance_of_the_shard_template_verifies_with_no_warning(tmp_path: Path) -> None:
+    unit = unit_for_this_venv(tmp_path, TEMPLATE, "cellos-probed@0-2.service")
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
 
 
 @needs_analyze
