@@ -46,6 +46,8 @@ from tests.conftest import start_nats_server  # noqa: E402
 PREFIX = "dev.cellos.events.cell.observability.host.v1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 VENV_BIN = Path(sys.executable).parent
+#: the daemon's probe_timeout_seconds in the bench (BENCH_TIMEOUT to explore)
+PROBE_TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", "0.5"))
 
 
 def say(text: str) -> None:
@@ -128,7 +130,7 @@ def write_config(
     vms: list[dict[str, str]] | None, jail: Path, nats_url: str, ticks: int,
 ) -> None:  # fmt: skip
     text = (
-        f"[daemon]\ntick_seconds = 1.0\nprobe_timeout_seconds = 0.5\n"
+        f"[daemon]\ntick_seconds = 1.0\nprobe_timeout_seconds = {PROBE_TIMEOUT}\n"
         # every 5 ticks: the last agent event's percentiles cover the whole run
         # (the last 1,024 ticks), even when overruns skip ticks
         f"agent_event_every_ticks = 5\ndrain_timeout_seconds = 10\n"
@@ -172,68 +174,107 @@ def strip_unbuilt(config: Path) -> None:
     config.write_text("\n".join(out) + "\n")
 
 
-def run_daemon(config: Path, workdir: Path, ticks: int, nats_url: str) -> dict[str, Any]:
+def shards_for(n: int) -> int:
+    """Daemon processes for N cells (``run --shard``): BENCH_SHARDS, else one.
+
+    On this 2-core machine the emulator, nats-server and the subscriber take
+    most of a core already: a second daemon process competes for the same
+    cores and made both CPU and tick p99 worse at N=1000 (bench/results/
+    shards-1000.md); shards are for hosts with cores to spare.
+    """
+    return int(os.environ.get("BENCH_SHARDS", "1"))
+
+
+def run_daemon(
+    config: Path, workdir: Path, ticks: int, nats_url: str, shards: int = 1
+) -> dict[str, Any]:
     sub_out = workdir / "subscriber.json"
     subscriber = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "subscriber.py"), nats_url, PREFIX, str(sub_out)]
     )
     while not Path(str(sub_out) + ".ready").exists():
         time.sleep(0.05)
-    log = (workdir / "daemon.log").open("wb")
-    daemon = subprocess.Popen(
-        [str(VENV_BIN / "cellos-probed"), "run", "--config", str(config)], stderr=log
-    )
+    logs = [(workdir / f"daemon-{index}.log").open("wb") for index in range(shards)]
+    command = [str(VENV_BIN / "cellos-probed"), "run", "--config", str(config)]
+    daemons = [
+        subprocess.Popen(command + (["--shard", f"{index}/{shards}"] if shards > 1 else []),
+                         stderr=logs[index])
+        for index in range(shards)
+    ]  # fmt: skip
+
+    def cpu() -> float:
+        return sum(cpu_seconds(daemon.pid) for daemon in daemons)
+
+    def rss(key: str = "VmRSS") -> int:
+        return sum(rss_kib(daemon.pid, key) for daemon in daemons)
+
     # warm up: start-up, imports, first dumps, buffers at their working size;
     # then measure whole ticks
     time.sleep(6.0)
-    cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
-    rss_start = rss_kib(daemon.pid)
+    cpu0, t0 = cpu(), time.monotonic()
+    rss_start = rss()
     profile = os.environ.get("BENCH_PROFILE")  # where the time goes: py-spy, GIL holder only
     if profile and shutil.which("py-spy", path=str(VENV_BIN)):
         subprocess.Popen(
-            [str(VENV_BIN / "py-spy"), "record", "-p", str(daemon.pid), "-d", str(ticks),
+            [str(VENV_BIN / "py-spy"), "record", "-p", str(daemons[0].pid), "-d", str(ticks),
              "-f", "raw", "-o", profile, "--gil", "-r", "200"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     rss_samples = []
     for _ in range(ticks):
         time.sleep(1.0)
-        rss_samples.append(rss_kib(daemon.pid))
-        if daemon.poll() is not None:
-            raise RuntimeError(f"daemon exited: {(workdir / 'daemon.log').read_text()[-2000:]}")
-    cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
-    peak = rss_kib(daemon.pid, "VmHWM")
-    daemon.send_signal(signal.SIGTERM)
-    daemon.wait(30)
-    log.close()
+        rss_samples.append(rss())
+        for index, daemon in enumerate(daemons):
+            if daemon.poll() is not None:
+                text = (workdir / f"daemon-{index}.log").read_text()[-2000:]
+                raise RuntimeError(f"daemon exited: {text}")
+    cpu1, t1 = cpu(), time.monotonic()
+    peak = sum(rss_kib(daemon.pid, "VmHWM") for daemon in daemons)
+    for daemon in daemons:
+        daemon.send_signal(signal.SIGTERM)
+    for daemon in daemons:
+        daemon.wait(30)
+    for log in logs:
+        log.close()
     time.sleep(1.0)
     subscriber.send_signal(signal.SIGTERM)
     subscriber.wait(30)
     sub = json.loads(sub_out.read_text())
-    entries = [
-        json.loads(x)
-        for x in (workdir / "daemon.log").read_text().splitlines()
-        if x.startswith("{")
-    ]
-    stopped = next(e for e in entries if e.get("event") == "stopped")
-    produced = stopped["readings"] + stopped["probe_errors"]
-    agent = sub["agent"][-1] if sub["agent"] else {}
+    produced = errors = 0
+    for index in range(shards):
+        entries = [
+            json.loads(x)
+            for x in (workdir / f"daemon-{index}.log").read_text().splitlines()
+            if x.startswith("{")
+        ]
+        stopped = next(e for e in entries if e.get("event") == "stopped")
+        produced += stopped["readings"] + stopped["probe_errors"]
+        errors += stopped["probe_errors"]
+    # the last agent figures of each process: the slowest shard's tick is the tick
+    last: dict[str, dict[str, Any]] = {}
+    for figures in sub["agent"]:
+        last[figures.get("shard", "0/1")] = figures
+    ticks_ms = [figures.get("tickDurationMs", {}) for figures in last.values()]
     elapsed_ticks = (t1 - t0) / 1.0
     return {
+        "processes": shards,
         "cpu_seconds_per_tick": (cpu1 - cpu0) / elapsed_ticks,
         "rss_start_mib": rss_start / 1024,
         "rss_end_mib": rss_samples[-1] / 1024,
         "rss_peak_mib": peak / 1024,
         "rss_growth_pct": 100.0 * (rss_samples[-1] - rss_samples[0]) / max(1, rss_samples[0]),
-        "tick_ms": agent.get("tickDurationMs", {}),
-        "overruns": agent.get("tickOverruns"),
+        "tick_ms": {
+            key: max((t.get(key, 0.0) for t in ticks_ms), default=0.0)
+            for key in ("p50", "p99", "max")
+        },
+        "overruns": sum(figures.get("tickOverruns") or 0 for figures in last.values()),
         "produced": produced,
         "delivered": sub["received"],
         "lost": produced - sub["received"],
         "undeclared_holes": sub["undeclared"],
         "duplicates": sub["duplicates"],
         "events_per_second": sub["received"] / max(1e-9, sub["last_at"] - sub["first_at"]),
-        "probe_errors": stopped["probe_errors"],
+        "probe_errors": errors,
         "probe_errors_by_probe": sub.get("probe_errors", {}),
     }
 
@@ -319,7 +360,9 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         emulator_pids = [int(pid) for pid in vms[0]["emulator_pids"].split(",")] if vms else []
         emulator_cpu0 = sum(cpu_seconds(pid) for pid in emulator_pids)
         started = time.monotonic()
-        daemon = run_daemon(config, workdir, ticks, server.url)
+        shards = shards_for(n)
+        say(f"N={n}: {shards} daemon process(es)")
+        daemon = run_daemon(config, workdir, ticks, server.url, shards)
         emulator_cpu = (
             (sum(cpu_seconds(pid) for pid in emulator_pids) - emulator_cpu0)
             / (time.monotonic() - started)
@@ -352,9 +395,10 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     head = (
-        "| N | probes | tick p50 / p99 / max ms | overruns | daemon CPU s/tick | floor CPU s/tick "
-        "| ratio | peak RSS MiB | RSS growth | events/s | lost | node_exporter CPU s/scrape |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| N | daemon processes | probes | tick p50 / p99 / max ms | overruns | daemon CPU s/tick "
+        "| floor CPU s/tick | ratio | peak RSS MiB | RSS growth | events/s | lost | probe errors "
+        "| node_exporter CPU s/scrape |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
@@ -362,11 +406,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
         peer = r["node_exporter"]
         peer_text = f"{peer['cpu_seconds_per_scrape']:.3f}" if peer else "n/a"
         rows.append(
-            f"| {r['n']} | {'+'.join(r['probes'])} | {tick.get('p50', 0):.0f} / "
+            f"| {r['n']} | {d.get('processes', 1)} | {'+'.join(r['probes'])} | "
+            f"{tick.get('p50', 0):.0f} / "
             f"{tick.get('p99', 0):.0f} / {tick.get('max', 0):.0f} | {d['overruns']} | "
             f"{d['cpu_seconds_per_tick']:.3f} | {r['floor']['cpu_seconds_per_tick']:.3f} | "
             f"{r['ratio_to_floor']:.1f}x | {d['rss_peak_mib']:.0f} | {d['rss_growth_pct']:+.1f}% | "
-            f"{d['events_per_second']:.0f} | {d['lost']} | {peer_text} |"
+            f"{d['events_per_second']:.0f} | {d['lost']} | {d['probe_errors']} | {peer_text} |"
         )
     return head + "\n".join(rows) + "\n"
 
