@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import structlog
 import trio
 
-from cellos_probed import __version__, log
+from cellos_probed import __version__, allocator, log
 from cellos_probed.config import (
     DEFAULT_SERVERS,
     DEFAULT_SUBJECT_PREFIX,
@@ -162,6 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cellos_probed.probes import EventStamper
 
     config = load_config(args.config)
+    allocator.limit_arenas()  # before any thread starts: see allocator.py
     shard: Shard | None = args.shard
     if shard is not None:
         config = shard.select(config)

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 import trio
 
+from cellos_probed import allocator
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CellConfig, Config, ConfigError, load_config
 from cellos_probed.log import RepeatedErrorFilter, probe_context
@@ -54,6 +55,9 @@ from cellos_probed.spool import spool_stats
 from cellos_probed.systemd import Notifier
 
 log = structlog.get_logger("cellos_probed.daemon")
+
+#: ticks between handing freed heap pages back to the kernel
+TRIM_EVERY_TICKS = 60
 
 
 class SharedResources:
@@ -368,6 +372,8 @@ async def run_daemon(
         )
 
     async def after_tick() -> None:
+        if prober.tick_stats.ticks % TRIM_EVERY_TICKS == 0:
+            allocator.trim()  # freed pages back to the kernel: RSS stays flat (allocator.py)
         every = prober.config.daemon.agent_event_every_ticks
         if every and prober.tick_stats.ticks % every == 0:
             await sink.emit(
