@@ -57,14 +57,29 @@ class ThreadBatcher:
         return request.result.unwrap()
 
     async def run_many(
-        self, fn: Callable[..., T], calls: list[tuple[Any, ...]]
-    ) -> list[outcome.Outcome[T]]:
-        """``fn(*args)`` for every ``args`` of ``calls``, in chunks, a few in parallel."""
+        self,
+        fn: Callable[..., T],
+        calls: list[tuple[Any, ...]],
+        into: list[outcome.Outcome[T] | None],
+    ) -> None:
+        """``fn(*args)`` for every ``args`` of ``calls``, in chunks, a few in parallel.
+
+        ``into[i]`` gets the outcome of ``calls[i]`` as soon as its chunk is
+        done, so a caller cancelled part-way keeps what was finished.
+        """
         requests: list[_Request[T]] = [_Request(fn, args, self._done) for args in calls]
+
+        async def chunk(start: int) -> None:
+            part = requests[start : start + self._chunk_size]
+            try:
+                await self._run_chunk(part)
+            finally:
+                for offset, request in enumerate(part):
+                    into[start + offset] = request.result
+
         async with trio.open_nursery() as nursery:
             for start in range(0, len(requests), self._chunk_size):
-                nursery.start_soon(self._run_chunk, requests[start : start + self._chunk_size])
-        return [request.result for request in requests if request.result is not None]
+                nursery.start_soon(chunk, start)
 
     async def _flush(self, done: trio.Event) -> None:
         # let every task that is runnable now reach run() first: a tick starts

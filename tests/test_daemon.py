@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 from structlog.testing import capture_logs
 
+from cellos_probed.batching import ThreadBatcher
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import load_config
-from cellos_probed.daemon import DaemonHandle, Prober, run_daemon
+from cellos_probed.daemon import DaemonHandle, Prober, SharedResources, run_daemon
 from cellos_probed.probes import CapturingSink, EventStamper
+from cellos_probed.probes import cgroup as cgroup_probe
 from testbed.cgroup_tree import FakeCgroup
 
 
@@ -44,6 +49,11 @@ class RunnableSink(CapturingSink):
     async def wait_for(self, count: int, cell: str) -> None:
         while sum(e.data.get("cellId") == cell for e in self.events) < count:
             await self.changed.wait()
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def write_config(path: Path, root: Path, cells: list[str], tick: float = 0.05) -> Path:
@@ -96,6 +106,41 @@ async def test_a_thousand_cells_failing_at_once_log_a_bounded_number_of_lines(
     # every event is still there: only the log is bounded
     assert prober.probe_stats.errors == 300
     assert prober.probe_stats.readings == 300
+
+
+async def test_cgroup_files_read_after_the_timeout_are_published_not_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # more chunks (of 128) than worker threads (4): the last chunks wait for a thread
+    cells = [f"c{i}" for i in range(700)]
+    for cell in cells:
+        FakeCgroup(tmp_path / cell).write()
+    text = write_config(tmp_path / "c.toml", tmp_path, cells, tick=1.0).read_text()
+    config = load_config(
+        write_text(
+            tmp_path / "c.toml", text.replace("[paths]", "probe_timeout_seconds = 0.1\n[paths]")
+        )
+    )
+    real = cgroup_probe.fetch_and_parse
+
+    def slow(*args: Any) -> Any:  # a busy host: every chunk's thread is late
+        time.sleep(0.002)
+        return real(*args)
+
+    monkeypatch.setattr(cgroup_probe, "fetch_and_parse", slow)
+    shared = SharedResources()
+    shared.file_batcher = ThreadBatcher(shared.file_reads, chunk_size=128)
+    prober = Prober(config, CapturingSink(), EventStamper(), shared)
+    with trio.fail_after(20):
+        started = trio.current_time()
+        await prober.tick()
+        elapsed = trio.current_time() - started
+    assert elapsed > 0.1  # the reads outlasted the timeout...
+    # ...and every chunk that was read is a reading; the chunks still waiting
+    # for a thread when the timeout came were never read: those are timeouts
+    assert prober.probe_stats.readings == 4 * 128
+    assert prober.probe_stats.errors == 700 - 4 * 128
+    assert prober.probe_stats.errors_by_kind == {"timeout": 700 - 4 * 128}
 
 
 async def test_reload_keeps_unchanged_cells_and_their_state(tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ class OneRequest:
     def begin(self) -> bytes | None:
         return FLUSH_REQUEST
 
-    def answered(self, response: ApiResponse) -> bytes | None:
+    def answered(self, response: ApiResponse, *, last_call: bool = False) -> bytes | None:
         self.result = response
         return None
 
@@ -277,3 +277,17 @@ def test_firecrackers_exact_answers_parse() -> None:
         except ProbeParseError:
             continue
         raise AssertionError(f"accepted {broken!r}")
+
+
+def test_sums_past_64_bits_saturate_instead_of_failing() -> None:
+    accumulator = MetricsAccumulator()
+    top = 2**64 - 1
+    for timestamp in (1, 2):
+        accumulator.feed(
+            b'{"utc_timestamp_ms":%d,"net_eth0":{"rx_bytes_count":%d,"tx_count":5}}\n'
+            % (timestamp, top)
+        )
+        reading = accumulator.take_reading_json()
+    totals = orjson.loads(orjson.dumps(reading.totals))
+    assert totals["net_eth0"] == {"rx_bytes_count": top, "tx_count": 10}
+    assert orjson.loads(orjson.dumps(reading.delta))["net_eth0"]["rx_bytes_count"] == top

@@ -182,17 +182,23 @@ class CgroupProbe:
         calls = [
             (probe._config.resolved, probe._config.path, probe._config.root) for _, probe in jobs
         ]
-        fetched = await jobs[0][1]._batcher.run_many(fetch_and_parse, calls)
-        for i, ((_, probe), result) in enumerate(zip(jobs, fetched, strict=True)):
-            if isinstance(result, outcome.Value):
-                results[i] = probe._finish(*result.value)
-            elif isinstance(result, outcome.Error):
-                error = result.error
-                if isinstance(error, ProbeError):
-                    results[i] = error
-                else:  # a bug, not the cgroup's fault: say so loudly, report it typed
-                    log.error("cgroup read raised", error=repr(error), cgroup=probe._config.path)
-                    results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
+        fetched: list[outcome.Outcome[tuple[CgroupFiles, dict[str, Any]]] | None]
+        fetched = [None] * len(jobs)
+        try:
+            await jobs[0][1]._batcher.run_many(fetch_and_parse, calls, fetched)
+        finally:  # on a timeout too: what was read by then is a reading, not an error
+            for i, ((_, probe), result) in enumerate(zip(jobs, fetched, strict=True)):
+                if isinstance(result, outcome.Value):
+                    results[i] = probe._finish(*result.value)
+                elif isinstance(result, outcome.Error):
+                    error = result.error
+                    if isinstance(error, ProbeError):
+                        results[i] = error
+                    else:  # a bug, not the cgroup's fault: say so loudly, report it typed
+                        log.error(
+                            "cgroup read raised", error=repr(error), cgroup=probe._config.path
+                        )
+                        results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
 
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         # one worker-thread hop for every cell's files in this tick, not one per cell

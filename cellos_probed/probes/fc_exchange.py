@@ -5,7 +5,8 @@ and cancel scope per VM per request cost ~0.5 ms of the trio thread each,
 half a core at a thousand VMs; here one worker thread sends every request,
 then waits on one epoll for whichever answer comes next. A VM that does not
 answer by the deadline keeps only its own exchange waiting, and its result
-is left unset, which the daemon reports as a timeout.
+is left unset, which the daemon reports as a timeout; answers that did
+arrive by then are still taken, however busy the daemon itself was.
 
 A late answer is not a broken connection: the connection is kept and the
 answer owed is read (and dropped) first in the next round, so a VMM that is
@@ -26,6 +27,8 @@ from cellos_probed.probes.fc_http import ApiResponse
 
 #: Rounds a connection may end with an answer outstanding before it is closed.
 MAX_OWED_ROUNDS: Final = 3
+#: After the deadline, passes over the answers already there (one may come in pieces).
+LAST_CALL_PASSES: Final = 3
 
 
 class Exchange(Protocol):
@@ -37,8 +40,9 @@ class Exchange(Protocol):
         """The first request, or None if there is nothing to ask."""
         ...
 
-    def answered(self, response: ApiResponse) -> bytes | None:
-        """The next request, or None: done."""
+    def answered(self, response: ApiResponse, *, last_call: bool) -> bytes | None:
+        """The next request, or None: done. ``last_call``: the deadline has passed,
+        so no further request will be sent (finish with what is known, or stay unset)."""
         ...
 
     def failed(self, error: ProbeError) -> None: ...
@@ -78,7 +82,7 @@ def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
         waiting[fd] = (exchange, request, attempt)
         poller.register(fd, select.EPOLLIN)
 
-    def on_readable(fd: int) -> None:
+    def on_readable(fd: int, last_call: bool = False) -> None:
         exchange, request, attempt = waiting[fd]
         connection = exchange.connection
         try:
@@ -87,6 +91,8 @@ def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
             del waiting[fd]
             poller.unregister(fd)
             connection.close()
+            if last_call:
+                return  # too late to ask again: a timeout
             if attempt == 1:
                 start(exchange, request, 2)
             else:
@@ -105,14 +111,15 @@ def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
             connection.close()
         if connection.owed:  # a late answer to an earlier round: dropped, now ask ours
             connection.owed = 0
-            start(exchange, request, attempt)
+            if not last_call:
+                start(exchange, request, attempt)
             return
         try:
-            follow_up = exchange.answered(response)
+            follow_up = exchange.answered(response, last_call=last_call)
         except ProbeError as error:
             fail(exchange, error)
             return
-        if follow_up is not None:
+        if follow_up is not None and not last_call:
             start(exchange, follow_up)
 
     try:
@@ -131,6 +138,14 @@ def run_round(exchanges: Sequence[Exchange], deadline: float) -> None:
             for fd, _ in poller.poll(remaining):
                 if fd in waiting:
                     on_readable(fd)
+        # The deadline is for the VMMs, not for us: answers that are already
+        # here (the daemon was busy, not the VMM) are taken, nothing more asked.
+        for _ in range(LAST_CALL_PASSES):
+            ready = [fd for fd, _ in poller.poll(0) if fd in waiting]
+            if not ready:
+                break
+            for fd in ready:
+                on_readable(fd, last_call=True)
     finally:
         for exchange, _, _ in waiting.values():  # unanswered: its result stays unset (a timeout)
             connection = exchange.connection

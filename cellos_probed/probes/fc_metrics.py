@@ -257,7 +257,7 @@ class FcMetricsProbe:
         self._asked_instance = False
         return FLUSH_REQUEST
 
-    def answered(self, response: ApiResponse) -> bytes | None:
+    def answered(self, response: ApiResponse, *, last_call: bool = False) -> bytes | None:
         if not self._asked_instance:
             if response.status_code != 204:
                 raise ProbeIoError(f"FlushMetrics refused: {describe(response)}")
@@ -268,8 +268,14 @@ class FcMetricsProbe:
                     "(metrics not configured, or configured elsewhere)"
                 )
             if self._instance_due():
-                self._asked_instance = True
-                return INSTANCE_REQUEST
+                if last_call:
+                    if self._instance_cache is None:
+                        return None  # no instance to name yet: a timeout; the line waits
+                    # the instance as last seen (asked again next time)
+                    self._instance_connections = -1
+                else:
+                    self._asked_instance = True
+                    return INSTANCE_REQUEST
         else:
             self._instance_cache = parse_instance(response)
             self._instance_connections = self.connection.connections

@@ -273,6 +273,31 @@ class MetricsReading:
     totals: Any
 
 
+#: What orjson (and most consumers) can hold: 64-bit integers, signed or not.
+SUM_CEILING: Final = 2**64 - 1
+SUM_FLOOR: Final = -(2**63)
+
+
+def dumps_saturated(tree: dict[str, Any]) -> bytes:
+    """``tree`` as JSON; a sum beyond 64 bits (only a VMM gone wrong) at the limit.
+
+    Firecracker's counters are 64-bit unsigned; a sum past what a 64-bit
+    integer holds is reported at the ceiling (or floor) rather than refused.
+    """
+    try:
+        return orjson.dumps(tree)
+    except TypeError:
+        return orjson.dumps(_saturate(tree))
+
+
+def _saturate(node: Any) -> Any:
+    if type(node) is dict:
+        return {key: _saturate(value) for key, value in node.items()}
+    if type(node) is int:
+        return max(SUM_FLOOR, min(node, SUM_CEILING))
+    return node
+
+
 class MetricsAccumulator:
     """Every line of one VMM's metrics stream, summed since the reader began."""
 
@@ -328,8 +353,8 @@ class MetricsAccumulator:
         reading = self._take()
         return replace(
             reading,
-            delta=orjson.loads(orjson.dumps(reading.delta)),
-            totals=orjson.loads(orjson.dumps(reading.totals)),
+            delta=orjson.loads(dumps_saturated(reading.delta)),
+            totals=orjson.loads(dumps_saturated(reading.totals)),
         )
 
     def take_reading_json(self) -> MetricsReading:
@@ -341,8 +366,8 @@ class MetricsAccumulator:
         reading = self._take()
         return replace(
             reading,
-            delta=orjson.Fragment(orjson.dumps(reading.delta)),
-            totals=orjson.Fragment(orjson.dumps(reading.totals)),
+            delta=orjson.Fragment(dumps_saturated(reading.delta)),
+            totals=orjson.Fragment(dumps_saturated(reading.totals)),
         )
 
     def _take(self) -> MetricsReading:
