@@ -90,10 +90,10 @@ class Daemon:
     def count(self, event: str) -> int:
         return sum(1 for entry in self.entries() if entry.get("event") == event)
 
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
+    async def stop(self, sig: int = signal.SIGTERM, within: float = 10.0) -> int:
         assert self.process is not None
         self.process.send_signal(sig)
-        with trio.fail_after(10):
+        with trio.fail_after(within):
             return await self.process.wait()
 
     def produced(self) -> int:
@@ -337,12 +337,15 @@ async def test_cluster_failover_loses_nothing(tmp_path: Path) -> None:
     with three_node_cluster(tmp_path) as servers:
         with trio.fail_after(90):
             await poll_until(lambda: all(jetstream_ready(s) for s in servers))
-            daemon = Daemon(
-                write_config(
-                    tmp_path, [s.url for s in servers], jetstream=JETSTREAM.format(replicas=3)
-                ),
-                tmp_path / "daemon.log",
+            # a stream that lost its leader takes a few seconds to elect another:
+            # what is held at stop may have to wait that long for its acknowledgement
+            config = write_config(
+                tmp_path, [s.url for s in servers], jetstream=JETSTREAM.format(replicas=3)
             )
+            config.write_text(
+                config.read_text().replace("[daemon]\n", "[daemon]\ndrain_timeout_seconds = 20\n")
+            )
+            daemon = Daemon(config, tmp_path / "daemon.log")
             await daemon.start()
             await poll_until(lambda: daemon.count("created JetStream stream") >= 1)
             await trio.sleep(1.0)
@@ -352,7 +355,9 @@ async def test_cluster_failover_loses_nothing(tmp_path: Path) -> None:
             await poll_until(lambda: daemon.count("nats reconnected") >= 1)
             failover = trio.current_time() - killed_at
             await trio.sleep(1.0)
-            assert await daemon.stop() == 0
+            assert await daemon.stop(within=30) == 0
+            stopped = [e for e in daemon.entries() if e.get("event") == "stopped"]
+            assert stopped[0]["drained"] is True  # every reading acknowledged before exit
             survivor = next(s for s in servers if s is not connected)
             completeness = await verify_stream(survivor.url)
     produced = daemon.produced()
