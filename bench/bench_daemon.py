@@ -263,6 +263,8 @@ def run_daemon(
         "rss_end_mib": rss_samples[-1] / 1024,
         "rss_peak_mib": peak / 1024,
         "rss_growth_pct": 100.0 * (rss_samples[-1] - rss_samples[0]) / max(1, rss_samples[0]),
+        # one sample a second: flat, still rising or a plateau reads at a glance
+        "rss_samples_mib": [round(sample / 1024, 1) for sample in rss_samples],
         "tick_ms": {
             key: max((t.get(key, 0.0) for t in ticks_ms), default=0.0)
             for key in ("p50", "p99", "max")
