@@ -162,7 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cellos_probed.probes import EventStamper
 
     config = load_config(args.config)
-    allocator.limit_arenas()  # before any thread starts: see allocator.py
+    allocator.configure()  # before any thread starts: see allocator.py
     shard: Shard | None = args.shard
     if shard is not None:
         config = shard.select(config)

@@ -16,6 +16,7 @@ On stop, probing is cancelled first, then the sink drains what was read
 
 from __future__ import annotations
 
+import operator
 import signal
 import time
 from collections.abc import Callable
@@ -168,6 +169,11 @@ class Prober:
         self.probe_stats = ProbeStats()
         self._errors = RepeatedErrorFilter()
         self._services: trio.Nursery | None = None
+        #: the probe lists the groups were made from, and the groups (see _probe_groups)
+        self._groups: (
+            tuple[list[list[HostProbe]], dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]]]
+            | None
+        ) = None
         #: the share of the host's cells this process runs (None: all of them)
         self.shard: Shard | None = None
 
@@ -211,12 +217,7 @@ class Prober:
         """
         timeout = self.config.daemon.probe_timeout_seconds
         self.shared.tick_index = index
-        groups: dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]] = {}
-        for runner in list(self.runners.values()):
-            for probe in runner.probes:
-                key_of = getattr(probe, "batch_key", None)
-                key = (type(probe), key_of() if key_of is not None else id(probe))
-                groups.setdefault(key, []).append((runner, probe))
+        groups = self._probe_groups()
         self._errors.start_tick()
         async with trio.open_nursery() as nursery:
             for (probe_type, _), members in groups.items():
@@ -227,6 +228,25 @@ class Prober:
             log.warning(
                 "more probes failed or recovered this tick than are logged one by one", **held
             )
+
+    def _probe_groups(self) -> dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]]:
+        """The tick's groups, worked out again only when the cells or their probes change."""
+        probe_lists = [runner.probes for runner in self.runners.values()]
+        cached = self._groups
+        if (
+            cached is not None
+            and len(cached[0]) == len(probe_lists)
+            and all(map(operator.is_, cached[0], probe_lists))
+        ):
+            return cached[1]
+        groups: dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]] = {}
+        for runner in self.runners.values():
+            for probe in runner.probes:
+                key_of = getattr(probe, "batch_key", None)
+                key = (type(probe), key_of() if key_of is not None else id(probe))
+                groups.setdefault(key, []).append((runner, probe))
+        self._groups = (probe_lists, groups)
+        return groups
 
     async def _run_group(
         self, probe_type: type, members: list[tuple[CellRunner, HostProbe]], timeout: float
@@ -451,6 +471,8 @@ def collect_figures(prober: Prober, sink: Any) -> dict[str, Any]:
             "p99": round(ticks.percentile(0.99) * 1000, 3),
             "max": round(max(ticks.durations, default=0.0) * 1000, 3),
         },
+        # the tick just run: with an agent event every tick, a consumer sees each one
+        "lastTickDurationMs": round(ticks.last_duration * 1000, 3),
     }
     sink_stats = getattr(sink, "stats", None)
     outbox = getattr(sink, "outbox", None)

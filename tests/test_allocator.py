@@ -42,3 +42,33 @@ def test_trim_hands_freed_memory_back() -> None:
     blobs = [bytearray(200_000) for _ in range(200)]  # ~40 MB, mmap'd or heap
     del blobs
     assert isinstance(allocator.trim(), bool)
+
+
+@glibc_only
+def test_big_blocks_stay_mapped_after_a_bigger_one_was_freed() -> None:
+    # glibc's default raises the mmap threshold when a mapped block is freed:
+    # later big blocks then come from the heap and fragment it
+    code = (
+        "import ctypes, sys\n"
+        "from cellos_probed import allocator\n"
+        "if sys.argv[1] == 'fixed':\n"
+        "    assert allocator.fix_mmap_threshold()\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks',\n"
+        "        'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallinfo2.restype = Info\n"
+        "big = bytearray(4 << 20); del big\n"
+        "held = [bytearray(600 << 10) for _ in range(20)]\n"
+        "print(libc.mallinfo2().hblkhd)\n"
+    )
+
+    def mapped_bytes(mode: str) -> int:
+        result = subprocess.run(
+            [sys.executable, "-c", code, mode],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return int(result.stdout)
+
+    assert mapped_bytes("fixed") >= 20 * 600 << 10
+    assert mapped_bytes("default") < 600 << 10  # what the fixed threshold prevents

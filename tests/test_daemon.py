@@ -137,10 +137,13 @@ async def test_cgroup_files_read_after_the_timeout_are_published_not_dropped(
         elapsed = trio.current_time() - started
     assert elapsed > 0.1  # the reads outlasted the timeout...
     # ...and every chunk that was read is a reading; the chunks still waiting
-    # for a thread when the timeout came were never read: those are timeouts
-    assert prober.probe_stats.readings == 4 * 128
-    assert prober.probe_stats.errors == 700 - 4 * 128
-    assert prober.probe_stats.errors_by_kind == {"timeout": 700 - 4 * 128}
+    # for a thread when the timeout came were never read: those are timeouts.
+    # Four chunks got the four threads: which four is the scheduler's choice
+    # (trio shuffles its run queue), the last chunk holding the odd 60 cells
+    read = prober.probe_stats.readings
+    assert read in (4 * 128, 3 * 128 + 700 % 128)
+    assert prober.probe_stats.errors == 700 - read
+    assert prober.probe_stats.errors_by_kind == {"timeout": 700 - read}
 
 
 async def test_reload_keeps_unchanged_cells_and_their_state(tmp_path: Path) -> None:

@@ -110,3 +110,40 @@ def test_accumulator_readings_count_lines_torn_and_loss() -> None:
     assert second.totals["net_eth0"]["rx_bytes_count"] == 111
     assert second.totals["logger"]["missed_metrics_count"] == 1
     assert first.totals["net_eth0"]["rx_bytes_count"] == 11  # published sums never change
+
+
+def test_a_one_line_delta_is_the_line_without_its_timestamp() -> None:
+    # the delta of a single whole line is cut from its text, never re-serialised
+    import orjson
+
+    from cellos_probed.probes.fc_metrics_parse import delta_text
+
+    whole = line(7, 100, 2, (1, 5, 9))
+    assert delta_text(whole) == b"{" + whole[whole.index(b",") + 1 :]
+    accumulator = MetricsAccumulator()
+    accumulator.feed(whole + b"\n")
+    reading = accumulator.take_reading_json()
+    expected = json.loads(whole)
+    del expected["utc_timestamp_ms"]
+    assert orjson.dumps(reading.delta) == whole.replace(b'"utc_timestamp_ms":7,', b"")
+    assert orjson.loads(orjson.dumps(reading.delta)) == expected
+    # two lines: the delta is their sum, not either line's text
+    accumulator.feed(line(8, 1, 0, (1, 1, 1)) + b"\n" + line(9, 2, 0, (1, 1, 1)) + b"\n")
+    summed = orjson.loads(orjson.dumps(accumulator.take_reading_json().delta))
+    assert summed["net_eth0"]["rx_bytes_count"] == 3
+
+
+def test_a_line_not_in_firecrackers_compact_form_is_serialised_from_its_parse() -> None:
+    from cellos_probed.probes.fc_metrics_parse import delta_text
+
+    assert delta_text(b'{"utc_timestamp_ms": 7, "net_eth0": {}}') is None  # spaces
+    assert delta_text(b'{"net_eth0":{},"utc_timestamp_ms":7}') is None  # another member first
+    assert delta_text(b'{"utc_timestamp_ms":-7,"a":{}}') is None
+    assert delta_text(b'{"utc_timestamp_ms":7}') is None  # nothing after it
+    twice = b'{"utc_timestamp_ms":7,"a":{"b":1},"utc_timestamp_ms":8}'
+    assert delta_text(twice) is None
+    accumulator = MetricsAccumulator()
+    accumulator.feed(twice + b"\n")
+    import orjson
+
+    assert orjson.loads(orjson.dumps(accumulator.take_reading_json().delta)) == {"a": {"b": 1}}

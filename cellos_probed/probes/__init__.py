@@ -172,7 +172,20 @@ def probe_short_name(probe_source: str) -> str:
 
 
 def event_type_for(kind: str) -> str:
-    return f"{HOST_PROBE_EVENT_TYPE_PREFIX}.{kind}"
+    known = _EVENT_TYPES.get(kind)
+    return known if known is not None else f"{HOST_PROBE_EVENT_TYPE_PREFIX}.{kind}"
+
+
+#: the types of every kind this module emits, made once rather than per event
+_EVENT_TYPES: Final = {
+    kind: f"{HOST_PROBE_EVENT_TYPE_PREFIX}.{kind}"
+    for kind in (*PROBE_NAMES, PROBE_ERROR_KIND, GAP_KIND, AGENT_KIND)
+}
+#: ``cgroup`` and ``host.cgroup`` alike, to the short name
+_SHORT_NAMES: Final = {
+    **{name: name for name in PROBE_NAMES},
+    **{f"host.{name}": name for name in PROBE_NAMES},
+}
 
 
 def cell_observability_host_fc_metrics_v1_type() -> str:
@@ -192,9 +205,9 @@ def cell_observability_host_tap_v1_type() -> str:
 
 
 def _known_probe(probe_source: str) -> str:
-    short = probe_short_name(probe_source)
-    if short not in PROBE_NAMES:
-        raise ProbeParseError(f"unknown host probe short name: {short}")
+    short = _SHORT_NAMES.get(probe_source)
+    if short is None:
+        raise ProbeParseError(f"unknown host probe short name: {probe_short_name(probe_source)}")
     return short
 
 
