@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import structlog
 import trio
 
-from cellos_probed import __version__, allocator, log
+from cellos_probed import __version__, allocator, fd_limit, log
 from cellos_probed.config import (
     DEFAULT_SERVERS,
     DEFAULT_SUBJECT_PREFIX,
@@ -169,8 +169,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stamper = EventStamper()
     sink = NatsSink(config.nats, stamper.boot_id, buffer=config.buffer, spool=config.spool)
 
+    limit = fd_limit.raise_to_hard_limit(len(config.cells))
+    if not limit.enough:
+        structlog.get_logger("cellos_probed.cli").warning(
+            "open-file limit is below what the cells need: some probes will fail (EMFILE); "
+            "raise LimitNOFILE",
+            limit=limit.soft,
+            needed=limit.needed,
+            cells=len(config.cells),
+        )
+
     async def main() -> None:
-        await run_daemon(config, sink, config_path=args.config, stamper=stamper, shard=shard)
+        await run_daemon(
+            config, sink, config_path=args.config, stamper=stamper, shard=shard, settle_heap=True
+        )
 
     trio.run(main)
     return EXIT_OK

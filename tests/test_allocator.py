@@ -72,3 +72,34 @@ def test_big_blocks_stay_mapped_after_a_bigger_one_was_freed() -> None:
 
     assert mapped_bytes("fixed") >= 20 * 600 << 10
     assert mapped_bytes("default") < 600 << 10  # what the fixed threshold prevents
+
+
+def test_settling_freezes_what_lives_and_thaws_it_again() -> None:
+    import gc
+
+    try:
+        kept = [{"cell": i} for i in range(1000)]
+        frozen = allocator.settle_long_lived()
+        assert frozen >= len(kept)
+        assert gc.get_freeze_count() == frozen
+        # a cycle made after settling is still collected
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1
+        # settling again thaws first: what died meanwhile is not kept frozen
+        del kept
+        assert allocator.settle_long_lived() < frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_the_young_generation_is_collected_less_often() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        allocator.tune_collector()
+        assert gc.get_threshold() == (allocator.YOUNG_COLLECTION_EVERY, *before[1:])
+    finally:
+        gc.set_threshold(*before)

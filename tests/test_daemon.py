@@ -129,7 +129,7 @@ async def test_cgroup_files_read_after_the_timeout_are_published_not_dropped(
 
     monkeypatch.setattr(cgroup_probe, "fetch_and_parse", slow)
     shared = SharedResources()
-    shared.file_batcher = ThreadBatcher(shared.file_reads, chunk_size=128)
+    shared.file_batcher = ThreadBatcher(trio.CapacityLimiter(4), chunk_size=128)
     prober = Prober(config, CapturingSink(), EventStamper(), shared)
     with trio.fail_after(20):
         started = trio.current_time()
