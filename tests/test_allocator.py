@@ -103,3 +103,33 @@ def test_the_young_generation_is_collected_less_often() -> None:
         assert gc.get_threshold() == (allocator.YOUNG_COLLECTION_EVERY, *before[1:])
     finally:
         gc.set_threshold(*before)
+
+
+@glibc_only
+def test_the_heap_top_freed_by_a_tick_is_kept_for_the_next() -> None:
+    # a tick's payloads are freed together at the heap's top: handed back at
+    # once (glibc's default), the next tick faults every page in again
+    code = (
+        "import ctypes, sys\n"
+        "from cellos_probed import allocator\n"
+        "if sys.argv[1] == 'kept':\n"
+        "    assert allocator.keep_heap_top()\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks',\n"
+        "        'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallinfo2.restype = Info\n"
+        "payloads = [bytearray(13_000) for _ in range(2000)]\n"
+        "del payloads\n"
+        "print(libc.mallinfo2().fordblks)\n"
+    )
+
+    def free_bytes_kept(mode: str) -> int:
+        result = subprocess.run(
+            [sys.executable, "-c", code, mode],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return int(result.stdout)
+
+    assert free_bytes_kept("kept") >= 20_000_000
+    assert free_bytes_kept("default") < 2_000_000
