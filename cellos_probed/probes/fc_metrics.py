@@ -25,6 +25,7 @@ import errno
 import os
 import stat
 import time
+import zlib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -200,6 +201,9 @@ class FcMetricsProbe:
         self._instance_cache: dict[str, Any] | None = None
         self._instance_connections = -1
         self._reads_since_instance = 0
+        #: where in the refresh cycle this VM starts: VMs started together would
+        #: otherwise all ask ``GET /`` on the same tick, every tenth one twice as long
+        self._refresh_phase = zlib.crc32(str(config.api_socket).encode()) % INSTANCE_REFRESH_READS
         self._records_before = 0
         self._asked_instance = False
         self._in_round = False
@@ -282,9 +286,10 @@ class FcMetricsProbe:
                     self._asked_instance = True
                     return INSTANCE_REQUEST
         else:
+            first = self._instance_cache is None
             self._instance_cache = parse_instance(response)
             self._instance_connections = self.connection.connections
-            self._reads_since_instance = 0
+            self._reads_since_instance = self._refresh_phase if first else 0
         self._reads_since_instance += 1
         self.result = self._reading()
         return None
