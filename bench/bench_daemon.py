@@ -191,9 +191,10 @@ def supported_probes() -> set[str]:
     return set(BUILT_PROBES)
 
 
-def strip_unbuilt(config: Path) -> None:
-    """Drop the probe tables of probes this tree has not built yet (so the bench runs)."""
-    built = supported_probes()
+def strip_unbuilt(config: Path, keep: set[str] | None = None) -> None:
+    """Drop the probe tables of probes this tree has not built yet (so the bench runs),
+    and, with ``keep``, of every probe not in it."""
+    built = supported_probes() if keep is None else supported_probes() & keep
     out, skip = [], False
     for line in config.read_text().splitlines():
         if line.startswith("[cell."):
@@ -321,6 +322,30 @@ def run_daemon(
     }
 
 
+def run_probe_alone(config: Path, probe: str, workdir: Path, ticks: int) -> dict[str, Any]:
+    """The daemon with only ``probe`` for the same cells: that probe's own CPU per tick.
+
+    The peer column's other half: node_exporter's CPU per scrape of the TAPs
+    next to what our ``tap_link`` probe costs a tick on its own.
+    """
+    alone = workdir / f"{probe}-alone.toml"
+    alone.write_text(config.read_text())
+    strip_unbuilt(alone, keep={probe})
+    with (workdir / f"{probe}-alone.log").open("wb") as log:
+        daemon = subprocess.Popen(
+            [str(VENV_BIN / "cellos-probed"), "run", "--config", str(alone)], stderr=log
+        )
+        try:
+            time.sleep(WARM_UP_SECONDS)
+            cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+            time.sleep(ticks)
+            cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+    return {"probe": probe, "ticks": ticks, "cpu_seconds_per_tick": (cpu1 - cpu0) / (t1 - t0)}
+
+
 def run_floor(workdir: Path, spec: dict[str, Any], ticks: int) -> dict[str, Any]:
     path = workdir / "floor.json"
     path.write_text(json.dumps({**spec, "ticks": ticks, "tick_seconds": 1.0}))
@@ -421,8 +446,9 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
                 for vm in (vms or [])
             ] if "fc_metrics" in probes else [],
         }, min(ticks, 10))  # fmt: skip
-        say(f"N={n}: node_exporter")
+        say(f"N={n}: node_exporter, and tap_link alone")
         peer = run_node_exporter(netns_name, netns, 5)
+        tap_alone = run_probe_alone(config, "tap_link", workdir, 10)
     return {
         "n": n,
         "ticks": ticks,
@@ -431,6 +457,7 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         "floor": floor,
         "ratio_to_floor": daemon["cpu_seconds_per_tick"] / max(1e-9, floor["cpu_seconds_per_tick"]),
         "node_exporter": peer,
+        "tap_link_alone": tap_alone,
         "emulator_cpu_seconds_per_second": emulator_cpu,
     }
 
@@ -439,21 +466,24 @@ def markdown(results: list[dict[str, Any]]) -> str:
     head = (
         "| N | daemon processes | probes | tick p50 / p99 / max ms | overruns | daemon CPU s/tick "
         "| floor CPU s/tick | ratio | peak RSS MiB | RSS growth | events/s | lost | probe errors "
-        "| node_exporter CPU s/scrape |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| node_exporter CPU s/scrape | our tap_link alone CPU s/tick |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
         d, tick = r["daemon"], r["daemon"]["tick_ms"]
         peer = r["node_exporter"]
         peer_text = f"{peer['cpu_seconds_per_scrape']:.3f}" if peer else "n/a"
+        alone = r.get("tap_link_alone")
+        alone_text = f"{alone['cpu_seconds_per_tick']:.3f}" if alone else "n/a"
         rows.append(
             f"| {r['n']} | {d.get('processes', 1)} | {'+'.join(r['probes'])} | "
             f"{tick.get('p50', 0):.0f} / "
             f"{tick.get('p99', 0):.0f} / {tick.get('max', 0):.0f} | {d['overruns']} | "
             f"{d['cpu_seconds_per_tick']:.3f} | {r['floor']['cpu_seconds_per_tick']:.3f} | "
             f"{r['ratio_to_floor']:.1f}x | {d['rss_peak_mib']:.0f} | {d['rss_growth_pct']:+.1f}% | "
-            f"{d['events_per_second']:.0f} | {d['lost']} | {d['probe_errors']} | {peer_text} |"
+            f"{d['events_per_second']:.0f} | {d['lost']} | {d['probe_errors']} | {peer_text} | "
+            f"{alone_text} |"
         )
     return head + "\n".join(rows) + "\n"
 
