@@ -496,13 +496,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     ns = [r["n"] for r in results]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("p50", "tick p50"), ("p99", "tick p99"), ("max", "tick max")):
-        left.plot(ns, [r["daemon"]["tick_ms"].get(key, 0) for r in results], "o-", label=label)
+    for key, label, style in (("p50", "tick p50", "o-"), ("p99", "tick p99", "s--"),
+                              ("max", "tick max", "^:")):  # fmt: skip
+        left.plot(ns, [r["daemon"]["tick_ms"].get(key, 0) for r in results], style, label=label)
     left.axhline(500, color="red", linestyle=":", label="target p99 (500 ms)")
     left.set(xlabel="cells (N)", ylabel="ms", title="tick duration")
     left.legend()
     right.plot(ns, [r["daemon"]["cpu_seconds_per_tick"] for r in results], "o-", label="daemon")
-    right.plot(ns, [r["floor"]["cpu_seconds_per_tick"] for r in results], "s--", label="floor")
+    floors = [r["floor"]["cpu_seconds_per_tick"] for r in results]
+    right.plot(ns, floors, "s--", label="floor")
+    right.plot(ns, [2 * f for f in floors], ":", color="gray", label="target (2x floor)")
     right.axhline(0.5, color="red", linestyle=":", label="target (0.5 core-s)")
     right.set(xlabel="cells (N)", ylabel="CPU seconds per 1 s tick", title="CPU per tick")
     right.legend()

@@ -4,9 +4,8 @@ Readings of a thousand cells pass through several threads a tick (worker
 threads, namespace threads, the NATS thread). glibc gives each thread that
 allocates its own arena (up to eight per core), and memory freed in one
 arena is not reused by another: resident memory then creeps up over hours
-though nothing is held. Two arenas, and handing freed pages back to the
-kernel now and then (``malloc_trim``), keep it flat; the cost is a little
-contention on allocation and a few milliseconds a minute.
+though nothing is held. Two arenas keep it flat; the cost is a little
+contention on allocation.
 
 glibc also raises its mmap threshold each time a large mmap'd block is
 freed (up to 32 MiB): after the first big publish buffer, every later one
@@ -21,7 +20,8 @@ them held until published) are freed together at the heap's top, and glibc
 handed that back to the kernel at once (past 128 KiB): the next tick took
 it again page by page, each page faulted in and zeroed. Serialising one
 such event cost 6.5 us instead of 0.8 (measured). The top is kept up to
-TRIM_THRESHOLD_BYTES; the trim a minute still hands back what is idle.
+TRIM_THRESHOLD_BYTES; a check a minute hands back what a burst left
+(``trim_if_holding``).
 
 Python's cyclic collector walks every container object it tracks: at a
 thousand cells that is ~160,000 long-lived ones (each cell's tasks, cancel
@@ -91,6 +91,9 @@ def configure() -> bool:
     return limit_arenas() and fix_mmap_threshold() and keep_heap_top()
 
 
+#: free memory held beyond this (twice what one tick at a thousand cells frees) is given back
+IDLE_BYTES_WORTH_TRIMMING: Final = 2 * TRIM_THRESHOLD_BYTES
+
 #: allocations between collections of the youngest generation (Python's default: 700)
 YOUNG_COLLECTION_EVERY: Final = 10_000
 
@@ -118,3 +121,36 @@ def trim() -> bool:
     if _libc is None:
         return False
     return bool(_libc.malloc_trim(0))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def free_bytes_held() -> int | None:
+    """Bytes the allocator holds free (not handed back); None where glibc cannot say."""
+    if _libc is None or not hasattr(_libc, "mallinfo2"):
+        return None
+    _libc.mallinfo2.restype = _MallInfo2
+    info: _MallInfo2 = _libc.mallinfo2()
+    return int(info.fordblks)
+
+
+def trim_if_holding(more_than: int = IDLE_BYTES_WORTH_TRIMMING) -> bool:
+    """Trim only when the allocator holds more than ``more_than`` bytes free.
+
+    In steady state the free memory is the next tick's: trimming it only to
+    fault it in again cost CPU and shuffled the heap (RSS settled higher
+    after each trim, measured). After a burst (an outbox filled during a
+    NATS outage, then drained) the free memory is far more: that goes back.
+    """
+    held = free_bytes_held()
+    if held is not None and held <= more_than:
+        return False
+    return trim()

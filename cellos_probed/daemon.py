@@ -57,7 +57,7 @@ from cellos_probed.systemd import Notifier
 
 log = structlog.get_logger("cellos_probed.daemon")
 
-#: ticks between handing freed heap pages back to the kernel
+#: ticks between looking whether a burst left freed heap pages to hand back
 TRIM_EVERY_TICKS = 60
 
 
@@ -409,7 +409,7 @@ async def run_daemon(
             prober.reloaded_since_settle = False
             allocator.settle_long_lived()
         if prober.tick_stats.ticks % TRIM_EVERY_TICKS == 0:
-            allocator.trim()  # freed pages back to the kernel: RSS stays flat (allocator.py)
+            allocator.trim_if_holding()  # what a burst left goes back (allocator.py)
         every = prober.config.daemon.agent_event_every_ticks
         if every and prober.tick_stats.ticks % every == 0:
             await sink.emit(

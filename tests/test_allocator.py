@@ -133,3 +133,40 @@ def test_the_heap_top_freed_by_a_tick_is_kept_for_the_next() -> None:
 
     assert free_bytes_kept("kept") >= 20_000_000
     assert free_bytes_kept("default") < 2_000_000
+
+
+@glibc_only
+def test_memory_a_burst_left_goes_back_and_a_ticks_worth_stays() -> None:
+    # a burst (an outbox filled while NATS was away) freed with holes in the
+    # heap: more than the limit is held, so it is handed back; a tick's worth is not
+    code = (
+        "import sys\n"
+        "from cellos_probed import allocator\n"
+        "allocator.configure()\n"
+        "burst = [bytearray(13_000) for _ in range(int(sys.argv[1]))]\n"
+        "pins = burst[::50]\n"  # live blocks keep the freed ones from being the heap's top
+        "del burst\n"
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        "held, before = allocator.free_bytes_held(), rss()\n"
+        "print(held, allocator.trim_if_holding(), before - rss())\n"
+    )
+
+    def run(blocks: int) -> tuple[int, bool, int]:
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(blocks)],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        held, trimmed, released = result.stdout.split()
+        return int(held), trimmed == "True", int(released)
+
+    held, trimmed, released = run(20_000)  # ~260 MB, freed
+    assert held > allocator.IDLE_BYTES_WORTH_TRIMMING
+    assert trimmed
+    assert released > 100_000_000  # resident memory really went back
+    held, trimmed, released = run(1_000)  # ~13 MB: the next tick's
+    assert held < allocator.IDLE_BYTES_WORTH_TRIMMING
+    assert not trimmed
+    assert abs(released) < 2_000_000
