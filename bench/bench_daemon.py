@@ -210,9 +210,11 @@ def shards_for(n: int) -> int:
     """Daemon processes for N cells (``run --shard``): BENCH_SHARDS, else one.
 
     On this 2-core machine the emulator, nats-server and the subscriber take
-    most of a core already: a second daemon process competes for the same
-    cores and made both CPU and tick p99 worse at N=1000 (bench/results/
-    shards-1000.md); shards are for hosts with cores to spare.
+    most of a core already. Two shards at N=1000 shortened the tick (p99
+    365 ms against ~490) for the same CPU, at the cost of a second
+    interpreter's memory (233 MiB for both); at N=2000 they cut the probe
+    timeouts by two thirds, and the machine itself is then saturated
+    (bench/results/shards.md).
     """
     return int(os.environ.get("BENCH_SHARDS", "1"))
 
