@@ -123,7 +123,9 @@ def trim() -> bool:
     return bool(_libc.malloc_trim(0))
 
 
-class _MallInfo2(ctypes.Structure):
+class HeapInfo(ctypes.Structure):
+    """glibc's ``struct mallinfo2``: what the allocator holds, in bytes."""
+
     _fields_ = [
         (name, ctypes.c_size_t)
         for name in (
@@ -133,13 +135,20 @@ class _MallInfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
+_mallinfo2 = getattr(_libc, "mallinfo2", None)  # glibc 2.33 and later
+if _mallinfo2 is not None:
+    _mallinfo2.restype = HeapInfo
+
+
+def heap_info() -> HeapInfo | None:
+    """What the allocator holds now (``hblkhd``: mapped, ``fordblks``: free); None off glibc."""
+    return None if _mallinfo2 is None else _mallinfo2()
+
+
 def free_bytes_held() -> int | None:
     """Bytes the allocator holds free (not handed back); None where glibc cannot say."""
-    if _libc is None or not hasattr(_libc, "mallinfo2"):
-        return None
-    _libc.mallinfo2.restype = _MallInfo2
-    info: _MallInfo2 = _libc.mallinfo2()
-    return int(info.fordblks)
+    info = heap_info()
+    return None if info is None else int(info.fordblks)
 
 
 def trim_if_holding(more_than: int = IDLE_BYTES_WORTH_TRIMMING) -> bool:

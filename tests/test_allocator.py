@@ -10,6 +10,16 @@ import pytest
 
 from cellos_probed import allocator
 
+
+def fresh_python(code: str, *args: str) -> str:
+    """``code`` run in a new interpreter (allocator settings are per process); its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return result.stdout
+
+
 glibc_only = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="mallopt and malloc_trim are glibc's"
 )
@@ -49,26 +59,17 @@ def test_big_blocks_stay_mapped_after_a_bigger_one_was_freed() -> None:
     # glibc's default raises the mmap threshold when a mapped block is freed:
     # later big blocks then come from the heap and fragment it
     code = (
-        "import ctypes, sys\n"
+        "import sys\n"
         "from cellos_probed import allocator\n"
         "if sys.argv[1] == 'fixed':\n"
         "    assert allocator.fix_mmap_threshold()\n"
-        "class Info(ctypes.Structure):\n"
-        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks',\n"
-        "        'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
-        "libc = ctypes.CDLL('libc.so.6')\n"
-        "libc.mallinfo2.restype = Info\n"
         "big = bytearray(4 << 20); del big\n"
         "held = [bytearray(600 << 10) for _ in range(20)]\n"
-        "print(libc.mallinfo2().hblkhd)\n"
+        "print(allocator.heap_info().hblkhd)\n"
     )
 
     def mapped_bytes(mode: str) -> int:
-        result = subprocess.run(
-            [sys.executable, "-c", code, mode],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        return int(result.stdout)
+        return int(fresh_python(code, mode))
 
     assert mapped_bytes("fixed") >= 20 * 600 << 10
     assert mapped_bytes("default") < 600 << 10  # what the fixed threshold prevents
@@ -110,26 +111,17 @@ def test_the_heap_top_freed_by_a_tick_is_kept_for_the_next() -> None:
     # a tick's payloads are freed together at the heap's top: handed back at
     # once (glibc's default), the next tick faults every page in again
     code = (
-        "import ctypes, sys\n"
+        "import sys\n"
         "from cellos_probed import allocator\n"
         "if sys.argv[1] == 'kept':\n"
         "    assert allocator.keep_heap_top()\n"
-        "class Info(ctypes.Structure):\n"
-        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks',\n"
-        "        'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
-        "libc = ctypes.CDLL('libc.so.6')\n"
-        "libc.mallinfo2.restype = Info\n"
         "payloads = [bytearray(13_000) for _ in range(2000)]\n"
         "del payloads\n"
-        "print(libc.mallinfo2().fordblks)\n"
+        "print(allocator.free_bytes_held())\n"
     )
 
     def free_bytes_kept(mode: str) -> int:
-        result = subprocess.run(
-            [sys.executable, "-c", code, mode],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        return int(result.stdout)
+        return int(fresh_python(code, mode))
 
     assert free_bytes_kept("kept") >= 20_000_000
     assert free_bytes_kept("default") < 2_000_000
@@ -155,11 +147,7 @@ def test_memory_a_burst_left_goes_back_and_a_ticks_worth_stays() -> None:
     )
 
     def run(blocks: int) -> tuple[int, bool, int]:
-        result = subprocess.run(
-            [sys.executable, "-c", code, str(blocks)],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        held, trimmed, released = result.stdout.split()
+        held, trimmed, released = fresh_python(code, str(blocks)).split()
         return int(held), trimmed == "True", int(released)
 
     held, trimmed, released = run(20_000)  # ~260 MB, freed
