@@ -200,15 +200,23 @@ class Prober:
     ) -> None:
         probe_context.set((runner.context.cell_id, None))
         started = False
-        with runner.scope:
-            async with trio.open_nursery() as nursery:
-                for probe in runner.probes:
-                    background = getattr(probe, "background", None)
-                    if background is not None:
-                        await nursery.start(background)
-                task_status.started()
-                started = True
-                await trio.sleep_forever()
+        try:
+            with runner.scope:
+                async with trio.open_nursery() as nursery:
+                    for probe in runner.probes:
+                        background = getattr(probe, "background", None)
+                        if background is not None:
+                            await nursery.start(background)
+                    task_status.started()
+                    started = True
+                    await trio.sleep_forever()
+        finally:
+            # the cell was removed or changed, or the daemon is stopping:
+            # what its probes keep open between ticks goes now
+            for probe in runner.probes:
+                close = getattr(probe, "close", None)
+                if close is not None:
+                    close()
         if not started:  # cancelled by a reload before it was up: nothing to wait for
             task_status.started()
 

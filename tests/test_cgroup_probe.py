@@ -9,14 +9,24 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from cellos_probed.batching import ThreadBatcher
-from cellos_probed.config import CgroupProbeConfig
-from cellos_probed.probes import ProbeContext, ProbeIoError, ProbeParseError
+from cellos_probed.config import CgroupProbeConfig, load_config
+from cellos_probed.daemon import Prober
+from cellos_probed.probes import (
+    CapturingSink,
+    EventStamper,
+    ProbeContext,
+    ProbeIoError,
+    ProbeParseError,
+)
+from cellos_probed.probes import cgroup as cgroup_module
 from cellos_probed.probes.cgroup import CGROUP_FILES, CgroupProbe
 from cellos_probed.probes.cgroup_parse import parse_flat_keyed
 from testbed.cgroup_tree import FakeCgroup
 from tests.conftest import needs_root
+from tests.test_daemon import write_config
 
 CTX = ProbeContext("cell-1", "run-7", "sha256:abcd")
 
@@ -154,3 +164,95 @@ async def test_a_real_cgroup_reads_what_the_kernel_counts(real_cgroup: Path) -> 
     assert second.output["deltas"]["reset"] is False
     after = parse_flat_keyed((real_cgroup / "cpu.stat").read_text(), "cpu.stat")
     assert after["usage_usec"] >= second.output["cpu_stat"]["usage_usec"] > 10_000
+
+
+def held_paths() -> set[str]:
+    """What this process holds open, by path (a descriptor closing meanwhile is skipped)."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return paths
+
+
+def count_path_walks(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    walked: list[Path] = []
+    real = cgroup_module.open_beneath
+
+    def spy(root: Path, path: Path, flags: int, *, directory: bool = False) -> int:
+        walked.append(path)
+        return real(root, path, flags, directory=directory)
+
+    monkeypatch.setattr(cgroup_module, "open_beneath", spy)
+    return walked
+
+
+async def test_the_directory_is_walked_to_once_and_again_only_when_it_was_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walked = count_path_walks(monkeypatch)
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    probe = probe_for(cgroup.path)
+    for usage in (1, 2, 3):
+        cgroup.cpu_stat["usage_usec"] = usage
+        cgroup.write()
+        assert (await probe.read(CTX)).output["cpu_stat"]["usage_usec"] == usage
+    assert walked == [cgroup.path]  # the kept descriptor read the new values
+    for name in os.listdir(cgroup.path):
+        os.unlink(cgroup.path / name)
+    cgroup.path.rmdir()
+    with pytest.raises(ProbeIoError, match="cgroup directory does not exist: cell-1"):
+        await probe.read(CTX)
+    FakeCgroup(cgroup.path).write()
+    assert (await probe.read(CTX)).output["deltas"]["reset"] is True
+    assert walked == [cgroup.path] * 3
+
+
+async def test_a_closed_probe_lets_its_descriptor_go_and_reads_nothing(tmp_path: Path) -> None:
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    probe = probe_for(cgroup.path)
+    assert str(cgroup.path) not in held_paths()
+    await probe.read(CTX)
+    assert str(cgroup.path) in held_paths()
+    probe.close()
+    assert str(cgroup.path) not in held_paths()
+    with pytest.raises(ProbeIoError, match="was closed"):
+        await probe.read(CTX)
+
+
+async def test_a_reload_that_removes_a_cell_closes_its_cgroup_directory(tmp_path: Path) -> None:
+    for cell in ("a", "b"):
+        FakeCgroup(tmp_path / cell).write()
+    config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["a", "b"]))
+    prober = Prober(config, CapturingSink(), EventStamper())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(prober.run_services)
+            await prober.tick()
+            assert {str(tmp_path / "a"), str(tmp_path / "b")} <= held_paths()
+            prober.apply(load_config(write_config(tmp_path / "c.toml", tmp_path, ["a"])))
+            await trio.testing.wait_all_tasks_blocked()
+            held = held_paths()
+            assert str(tmp_path / "a") in held
+            assert str(tmp_path / "b") not in held
+            nursery.cancel_scope.cancel()
+    assert str(tmp_path / "a") not in held_paths()  # stopping closes the rest
+
+
+@needs_root
+async def test_a_real_cgroup_removed_and_made_again_is_found_anew(real_cgroup: Path) -> None:
+    probe = probe_for(real_cgroup, real_cgroup.name)
+    first = await probe.read(CTX)
+    assert first.output["deltas"] is None
+    await trio.Path(real_cgroup).rmdir()  # the kept descriptor now names a removed kernfs directory
+    with pytest.raises(ProbeIoError, match="cgroup directory does not exist"):
+        await probe.read(CTX)
+    await trio.Path(real_cgroup).mkdir()
+    again = await probe.read(CTX)
+    assert again.output["deltas"]["reset"] is True
+    assert "cpu.stat" in again.inputs["files"]
+    probe.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,66 @@ def _read_bounded(fd: int, name: str) -> str:
         raise ProbeParseError(f"{name}: not ASCII text") from None
 
 
-def read_cgroup_files(directory: Path, label: str, root: Path | None = None) -> CgroupFiles:
-    """Open ``directory`` and read every file of :data:`CGROUP_FILES` (blocking).
+class _DirectoryGone(Exception):
+    """The directory a descriptor holds was removed (a file read said ENODEV)."""
 
-    The directory is reached from ``root`` one component at a time, refusing
-    symlinks, and each file is opened relative to it with ``O_NOFOLLOW``.
+
+class CgroupDirectory:
+    """One cell's cgroup directory, opened beneath its root once and then kept.
+
+    Walking the path from the root every tick (a descriptor per component,
+    then ``fstat``) was a third of the probe's system calls. The kept
+    descriptor goes on naming the directory it opened: when the cgroup is
+    removed its files are gone (``ENOENT``, or ``ENODEV`` mid-read), and the
+    path is walked again, so a cgroup created anew at the path is found and
+    its new identity resets the baselines. (A cgroup renamed away is followed;
+    cgroup managers remove a cell's cgroup, they do not rename it.)
+
+    Read from a worker thread while the trio thread may :meth:`close` it
+    (its cell removed by a reload): the lock keeps a descriptor from being
+    closed, and its number reused, under a read.
     """
+
+    __slots__ = ("_closed", "_fd", "_identity", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._identity = (0, 0)
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop()
+
+    def __del__(self) -> None:
+        # a probe dropped without close() (a test's, a one-off read's): no descriptor leaks
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def _drop(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, directory: Path, label: str, root: Path | None) -> CgroupFiles:
+        with self._lock:
+            if self._closed:
+                raise ProbeIoError(f"cgroup probe for {label} was closed")
+            if self._fd is not None:
+                try:
+                    contents, missing = _read_files(self._fd, label)
+                except _DirectoryGone:
+                    contents = {}
+                if contents:
+                    return CgroupFiles(contents, missing, self._identity)
+                self._drop()  # gone (or emptied): look at what the path holds now
+            self._fd, self._identity = _open_directory(directory, label, root)
+            return _files_of(self._fd, self._identity, directory, label)
+
+
+def _open_directory(directory: Path, label: str, root: Path | None) -> tuple[int, tuple[int, int]]:
     try:
         dir_fd = open_beneath(root or directory.parent, directory, os.O_RDONLY, directory=True)
     except EscapeError:
@@ -104,31 +159,62 @@ def read_cgroup_files(directory: Path, label: str, root: Path | None = None) -> 
         raise ProbeIoError(f"cannot open cgroup directory {label}: {exc.strerror}") from None
     try:
         stat = os.fstat(dir_fd)
-        contents: dict[str, str] = {}
-        missing: list[str] = []
-        for name, _ in CGROUP_FILES:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except FileNotFoundError:
-                missing.append(name)
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise ProbeIoError(f"{name} is a symlink; refusing to follow it") from None
-                if exc.errno in (errno.EACCES, errno.EPERM):
-                    raise ProbeIoError(f"permission denied reading {name}") from None
-                raise ProbeIoError(f"cannot open {name}: {exc.strerror}") from None
-            try:
-                contents[name] = _read_bounded(fd, name)
-            except OSError as exc:
-                if exc.errno == errno.ENODEV:  # the cgroup was removed while we read it
-                    raise ProbeIoError(f"cgroup directory was removed: {label}") from None
-                raise ProbeIoError(f"cannot read {name}: {exc.strerror}") from None
-            finally:
-                os.close(fd)
-        if not contents and not os.path.isdir(directory):
-            raise ProbeIoError(f"cgroup directory was removed: {label}")
-        return CgroupFiles(contents, missing, (stat.st_dev, stat.st_ino))
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd, (stat.st_dev, stat.st_ino)
+
+
+def _read_files(dir_fd: int, label: str) -> tuple[dict[str, str], list[str]]:
+    contents: dict[str, str] = {}
+    missing: list[str] = []
+    for name, _ in CGROUP_FILES:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            missing.append(name)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ProbeIoError(f"{name} is a symlink; refusing to follow it") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise ProbeIoError(f"permission denied reading {name}") from None
+            raise ProbeIoError(f"cannot open {name}: {exc.strerror}") from None
+        try:
+            contents[name] = _read_bounded(fd, name)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:  # the cgroup was removed while we read it
+                raise _DirectoryGone from None
+            raise ProbeIoError(f"cannot read {name}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+    return contents, missing
+
+
+def _files_of(dir_fd: int, identity: tuple[int, int], directory: Path, label: str) -> CgroupFiles:
+    try:
+        contents, missing = _read_files(dir_fd, label)
+    except _DirectoryGone:
+        raise ProbeIoError(f"cgroup directory was removed: {label}") from None
+    if not contents and not os.path.isdir(directory):
+        raise ProbeIoError(f"cgroup directory was removed: {label}")
+    return CgroupFiles(contents, missing, identity)
+
+
+def read_cgroup_files(
+    directory: Path, label: str, root: Path | None = None, held: CgroupDirectory | None = None
+) -> CgroupFiles:
+    """Read every file of :data:`CGROUP_FILES` in ``directory`` (blocking).
+
+    The directory is reached from ``root`` one component at a time, refusing
+    symlinks, and each file is opened relative to it with ``O_NOFOLLOW``.
+    With ``held``, the directory's descriptor is kept from one call to the next.
+    """
+    if held is not None:
+        return held.read(directory, label, root)
+    dir_fd, identity = _open_directory(directory, label, root)
+    try:
+        return _files_of(dir_fd, identity, directory, label)
     finally:
         os.close(dir_fd)
 
@@ -144,10 +230,10 @@ def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
 
 
 def fetch_and_parse(
-    directory: Path, label: str, root: Path | None
+    directory: Path, label: str, root: Path | None, held: CgroupDirectory | None = None
 ) -> tuple[CgroupFiles, dict[str, Any]]:
     """Blocking; run in a worker thread (parsing there too keeps the trio thread free)."""
-    files = read_cgroup_files(directory, label, root)
+    files = read_cgroup_files(directory, label, root, held)
     return files, parse_cgroup_files(files)
 
 
@@ -159,6 +245,7 @@ class CgroupProbe:
         self._batcher = batcher
         self._baseline: dict[str, dict[str, int]] | None = None
         self._directory_id: tuple[int, int] | None = None
+        self._directory = CgroupDirectory()
 
     def probe_name(self) -> str:
         return "cgroup"
@@ -166,6 +253,10 @@ class CgroupProbe:
     def inputs(self, files: list[str] | None = None) -> dict[str, Any]:
         read = [name for name, _ in CGROUP_FILES] if files is None else files
         return {"cgroup_path": self._config.path, "files": read}
+
+    def close(self) -> None:
+        """Let the directory go (the cell was removed, or the daemon is stopping)."""
+        self._directory.close()
 
     def batch_key(self) -> str:
         return "cgroupfs"  # every cell's cgroup in one batch: see read_batch
@@ -180,7 +271,8 @@ class CgroupProbe:
         if not jobs:
             return
         calls = [
-            (probe._config.resolved, probe._config.path, probe._config.root) for _, probe in jobs
+            (probe._config.resolved, probe._config.path, probe._config.root, probe._directory)
+            for _, probe in jobs
         ]
         fetched: list[outcome.Outcome[tuple[CgroupFiles, dict[str, Any]]] | None]
         fetched = [None] * len(jobs)
@@ -203,7 +295,11 @@ class CgroupProbe:
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         # one worker-thread hop for every cell's files in this tick, not one per cell
         files, output = await self._batcher.run(
-            fetch_and_parse, self._config.resolved, self._config.path, self._config.root
+            fetch_and_parse,
+            self._config.resolved,
+            self._config.path,
+            self._config.root,
+            self._directory,
         )
         return self._finish(files, output)
 
