@@ -18,20 +18,49 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import nats
 import structlog
 import trio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
 
 from cellos_probed.cloudevent import NATS_HEADERS, STRUCTURED_CONTENT_TYPE
 from cellos_probed.config import JetStreamSettings, NatsSettings
 
 T = TypeVar("T")
 STREAM_READ_ATTEMPTS = 5
+#: Every event's NATS header block, made once: status line, Content-Type, blank line.
+EVENT_HEADER_BLOCK: Final = f"NATS/1.0\r\nContent-Type: {STRUCTURED_CONTENT_TYPE}\r\n\r\n".encode()
+_HEADER_LEN: Final = len(EVENT_HEADER_BLOCK)
 log = structlog.get_logger("cellos_probed.nats")
+
+
+def hpub_frame(subject: str, payload: bytes) -> bytes:
+    """One event as the protocol's ``HPUB`` frame, the header block included.
+
+    ``subject`` is ours (a validated prefix and subject tokens), so unlike
+    ``nc.publish`` nothing is re-validated per message.
+    """
+    return b"HPUB %b %d %d\r\n%b%b\r\n" % (
+        subject.encode(),
+        _HEADER_LEN,
+        _HEADER_LEN + len(payload),
+        EVENT_HEADER_BLOCK,
+        payload,
+    )
+
+
+#: nats-py's own write queue, fed a batch's frames at once. ``nc.publish``
+#: costs ~6 us a message (subject and header checks, a header block built,
+#: a frame formatted, a coroutine); at four thousand events a second that
+#: was a tenth of the daemon's CPU. It is a private method: if a nats-py
+#: release drops it, the public per-message path is used instead.
+_queue_frames: Callable[[NatsClient, bytes], Coroutine[Any, Any, None]] | None = getattr(
+    NatsClient, "_send_command", None
+)
 
 
 class NatsUnavailable(Exception):
@@ -223,6 +252,15 @@ class NatsPublisher:
         jetstream = self.settings.jetstream
         if jetstream is not None:
             await self._publish_jetstream(batch, jetstream)
+        elif _queue_frames is not None:
+            limit = nc.max_payload
+            frames = []
+            for subject, payload, _ in batch:
+                if _HEADER_LEN + len(payload) > limit:
+                    raise MaxPayloadError  # as nc.publish would: never send what the server refuses
+                frames.append(hpub_frame(subject, payload))
+            await _queue_frames(nc, b"".join(frames))
+            await nc.flush(timeout=self._flush_timeout)
         else:
             for subject, payload, _ in batch:
                 await nc.publish(subject, payload, headers=NATS_HEADERS)

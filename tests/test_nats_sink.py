@@ -8,10 +8,12 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+import pytest
 import trio
 
+from cellos_probed import nats_bridge
 from cellos_probed.config import NatsSettings
-from cellos_probed.nats_bridge import open_subscription
+from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable, hpub_frame, open_subscription
 from cellos_probed.nats_sink import NatsSink
 from cellos_probed.probes import EventStamper, ProbeContext, ProbeReading, emit_reading
 from tests.conftest import NatsServer, needs_nats, start_nats_server
@@ -36,10 +38,31 @@ async def emit_n(sink: NatsSink, stamper: EventStamper, count: int) -> None:
         await emit_reading(sink, CTX, ProbeReading("host.cgroup", {}, {"n": n}), stamper)
 
 
+def test_an_event_frame_is_byte_for_byte_what_nc_publish_sends() -> None:
+    from nats.aio.client import NATS_HDR_LINE
+    from nats.protocol.command import hpub_cmd
+
+    payload = orjson.dumps({"n": 1, "text": "\r\n in a string"})
+    header = bytes(NATS_HDR_LINE) + b"\r\nContent-Type: application/cloudevents+json\r\n\r\n"
+    subject = f"{PREFIX}.cgroup.cell-1"
+
+    def nats_py(payload: bytes) -> bytes:
+        # nats-py writes an empty reply-to as a second space; the server reads both alike
+        return hpub_cmd(subject, "", header, payload).replace(b"  ", b" ", 1)
+
+    assert hpub_frame(subject, payload) == nats_py(payload)
+    assert hpub_frame(subject, b"") == nats_py(b"")
+
+
 @needs_nats
+@pytest.mark.parametrize("frames", ["queued frames", "nc.publish"])
 async def test_batches_arrive_in_order_with_the_structured_header(
-    nats_server: NatsServer,
+    nats_server: NatsServer, frames: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if frames == "nc.publish":  # the path taken if nats-py drops its private write queue
+        monkeypatch.setattr(nats_bridge, "_queue_frames", None)
+    else:
+        assert nats_bridge._queue_frames is not None, "nats-py no longer has _send_command"
     stamper = EventStamper()
     sink = NatsSink(NatsSettings(servers=(nats_server.url,)), stamper.boot_id, batch_size=50)
     with trio.fail_after(20):
@@ -117,3 +140,30 @@ async def test_new_nats_settings_reconnect_without_dropping_what_is_held(
     finally:
         new.stop()
     assert sink.outbox.dropped == 0
+
+
+@needs_nats
+async def test_a_batch_holding_an_event_over_the_servers_max_payload_is_refused_whole(
+    nats_server: NatsServer,
+) -> None:
+    # The server closes a connection that sends more than max_payload: the
+    # batch is refused before anything is written, as nc.publish would.
+    publisher = NatsPublisher(NatsSettings(servers=(nats_server.url,)))
+    token, up = trio.lowlevel.current_trio_token(), trio.Event()
+    publisher.state.on_change = lambda what: token.run_sync_soon(up.set)
+    publisher.start()
+    try:
+        with trio.fail_after(20):
+            async with open_subscription([nats_server.url], f"{PREFIX}.>") as messages:
+                await up.wait()
+                huge = b"x" * (1024 * 1024 + 1)  # nats-server's default max_payload is 1 MiB
+                with pytest.raises(NatsUnavailable, match="MaxPayload"):
+                    await publisher.publish_batch(
+                        [(f"{PREFIX}.cgroup.a", b"{}", "1"), (f"{PREFIX}.cgroup.b", huge, "2")]
+                    )
+                assert publisher.state.connected
+                await publisher.publish_batch([(f"{PREFIX}.cgroup.c", b"{}", "3")])
+                first = await messages.receive()
+        assert first.subject == f"{PREFIX}.cgroup.c"  # nothing of the refused batch went out
+    finally:
+        await publisher.aclose()
