@@ -25,7 +25,6 @@ import structlog
 import trio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.errors import MaxPayloadError
 
 from cellos_probed.cloudevent import NATS_HEADERS, STRUCTURED_CONTENT_TYPE
 from cellos_probed.config import JetStreamSettings, NatsSettings
@@ -244,30 +243,35 @@ class NatsPublisher:
         self.state.connected = True
         connected.set()
 
-    async def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> int:
+    async def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> list[int]:
         connected = self._connected
         if connected is None or self._nc is None or not connected.is_set():
             raise NatsUnavailable("not connected to any NATS server")
         nc = self._nc
         jetstream = self.settings.jetstream
+        # The server closes a connection that sends more than its max_payload
+        # (headers included): such an event is never sent, its index returned.
+        limit = nc.max_payload
+        refused = [
+            index
+            for index, (_, payload, msg_id) in enumerate(batch)
+            if _HEADER_LEN + len(payload) + (0 if jetstream is None else len(msg_id) + 15) > limit
+        ]
+        if refused:
+            skip = set(refused)
+            batch = [item for index, item in enumerate(batch) if index not in skip]
         if jetstream is not None:
             await self._publish_jetstream(batch, jetstream)
         elif _queue_frames is not None:
-            limit = nc.max_payload
-            frames = []
-            for subject, payload, _ in batch:
-                if _HEADER_LEN + len(payload) > limit:
-                    raise MaxPayloadError  # as nc.publish would: never send what the server refuses
-                frames.append(hpub_frame(subject, payload))
-            await _queue_frames(nc, b"".join(frames))
+            await _queue_frames(nc, b"".join([hpub_frame(s, payload) for s, payload, _ in batch]))
+            # A PING/PONG round trip: the server has processed everything before it.
             await nc.flush(timeout=self._flush_timeout)
         else:
             for subject, payload, _ in batch:
                 await nc.publish(subject, payload, headers=NATS_HEADERS)
-            # A PING/PONG round trip: the server has processed everything before it.
             await nc.flush(timeout=self._flush_timeout)
         self.state.published += len(batch)
-        return len(batch)
+        return refused
 
     async def _ensure_stream(self, jetstream: JetStreamSettings) -> None:
         if self._stream_ready or not jetstream.create_stream:
@@ -319,8 +323,12 @@ class NatsPublisher:
         self._thread.start()
         self._connect_task = self._thread.submit(self._connect())
 
-    async def publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> int:
-        """Publish ``(subject, payload, event id)`` items; raises unless all were confirmed."""
+    async def publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> list[int]:
+        """Publish ``(subject, payload, event id)`` items; raises unless all were confirmed.
+
+        Returns the indices of items larger than the server accepts: those
+        were not sent (sending one would cost the connection), the rest were.
+        """
         try:
             return await wait_future(self._thread.submit(self._publish_batch(list(batch))))
         except NatsUnavailable:

@@ -17,7 +17,7 @@ import trio
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import BufferSettings, NatsSettings, SpoolSettings
 from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable
-from cellos_probed.outbox import Outbox
+from cellos_probed.outbox import Outbox, OutboxEntry
 from cellos_probed.spool import SpoolOutbox
 
 log = structlog.get_logger("cellos_probed.nats_sink")
@@ -165,7 +165,7 @@ class NatsSink:
             if not batch:
                 continue
             try:
-                await self._publisher.publish_batch(
+                refused = await self._publisher.publish_batch(
                     [(e.subject, e.payload, e.msg_id) for e in batch]
                 )
             except NatsUnavailable as exc:
@@ -178,8 +178,26 @@ class NatsSink:
             if failing:
                 log.info("publishing again", held=len(self.outbox))
                 failing = False
+            if refused:
+                self._refuse([batch[index] for index in refused])
             self.outbox.confirm(batch)
-            self.stats.published += len(batch)
+            self.stats.published += len(batch) - len(refused)
+
+    def _refuse(self, entries: list[OutboxEntry]) -> None:
+        """Events the server will never take (over its max_payload): declared, not retried.
+
+        Retrying would hold every later event behind them for good; a reading
+        dropped here is declared by a ``gap`` event (reason ``too_large``).
+        """
+        for entry in entries:
+            log.error(
+                "event larger than the NATS server accepts: dropped and declared as a gap",
+                subject=entry.subject,
+                sequence=entry.sequence,
+                bytes=len(entry.payload),
+            )
+        self.outbox.reject(entries, "too_large")
+        self.stats.dropped = self.outbox.dropped
 
     async def drain(self, timeout: float) -> bool:
         """Wait until everything queued is published, at most ``timeout`` seconds."""

@@ -141,6 +141,12 @@ class Outbox:
                 dropped.append(gap)
         return dropped
 
+    def reject(self, entries: list[OutboxEntry], reason: str) -> None:
+        """Count ``entries`` (of a batch about to be confirmed) as dropped for ``reason``."""
+        for entry in entries:
+            self.dropped += 1
+            self._gaps.drop(entry, reason)
+
     def seal_gaps(self) -> list[GapRange]:
         """Turn every open range into a ``gap`` event queued ahead of readings."""
         return self._gaps.seal_all()

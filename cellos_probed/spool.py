@@ -248,6 +248,13 @@ class SpoolOutbox:
                     records=len(records))  # fmt: skip
         return new_gaps
 
+    def reject(self, entries: list[OutboxEntry], reason: str) -> None:
+        """Count ``entries`` (of a batch about to be confirmed) as dropped for ``reason``."""
+        boots = {record.entry.serial: record.boot_id for record in self._window}
+        for entry in entries:
+            self.dropped += 1
+            self._gaps.drop(entry, reason, boots.get(entry.serial, self.boot_id))
+
     def seal_gaps(self) -> list[GapRange]:
         return self._gaps.seal_all()
 

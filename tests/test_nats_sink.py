@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from cellos_probed import nats_bridge
-from cellos_probed.config import NatsSettings
-from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable, hpub_frame, open_subscription
+from cellos_probed.config import NatsSettings, SpoolSettings
+from cellos_probed.nats_bridge import NatsPublisher, hpub_frame, open_subscription
 from cellos_probed.nats_sink import NatsSink
 from cellos_probed.probes import EventStamper, ProbeContext, ProbeReading, emit_reading
 from tests.conftest import NatsServer, needs_nats, start_nats_server
@@ -143,11 +143,11 @@ async def test_new_nats_settings_reconnect_without_dropping_what_is_held(
 
 
 @needs_nats
-async def test_a_batch_holding_an_event_over_the_servers_max_payload_is_refused_whole(
+async def test_an_event_over_the_servers_max_payload_is_not_sent_and_the_rest_are(
     nats_server: NatsServer,
 ) -> None:
-    # The server closes a connection that sends more than max_payload: the
-    # batch is refused before anything is written, as nc.publish would.
+    # The server closes a connection that sends more than max_payload: such
+    # an event is held back (its index returned), the batch's others go out.
     publisher = NatsPublisher(NatsSettings(servers=(nats_server.url,)))
     token, up = trio.lowlevel.current_trio_token(), trio.Event()
     publisher.state.on_change = lambda what: token.run_sync_soon(up.set)
@@ -156,14 +156,49 @@ async def test_a_batch_holding_an_event_over_the_servers_max_payload_is_refused_
         with trio.fail_after(20):
             async with open_subscription([nats_server.url], f"{PREFIX}.>") as messages:
                 await up.wait()
-                huge = b"x" * (1024 * 1024 + 1)  # nats-server's default max_payload is 1 MiB
-                with pytest.raises(NatsUnavailable, match="MaxPayload"):
-                    await publisher.publish_batch(
-                        [(f"{PREFIX}.cgroup.a", b"{}", "1"), (f"{PREFIX}.cgroup.b", huge, "2")]
-                    )
+                huge = b"x" * (1024 * 1024)  # nats-server's default max_payload is 1 MiB
+                refused = await publisher.publish_batch(
+                    [(f"{PREFIX}.cgroup.a", b"{}", "1"), (f"{PREFIX}.cgroup.b", huge, "2"),
+                     (f"{PREFIX}.cgroup.c", b"{}", "3")]
+                )  # fmt: skip
+                assert refused == [1]
                 assert publisher.state.connected
-                await publisher.publish_batch([(f"{PREFIX}.cgroup.c", b"{}", "3")])
-                first = await messages.receive()
-        assert first.subject == f"{PREFIX}.cgroup.c"  # nothing of the refused batch went out
+                assert [(await messages.receive()).subject for _ in range(2)] == [
+                    f"{PREFIX}.cgroup.a", f"{PREFIX}.cgroup.c",
+                ]  # fmt: skip
     finally:
         await publisher.aclose()
+
+
+@needs_nats
+@pytest.mark.parametrize("outbox", ["memory", "spool"])
+async def test_a_reading_the_server_cannot_take_is_declared_as_a_gap_and_nothing_stalls(
+    nats_server: NatsServer, outbox: str, tmp_path: Path
+) -> None:
+    stamper = EventStamper()
+    spool = SpoolSettings(tmp_path / "spool") if outbox == "spool" else None
+    sink = NatsSink(NatsSettings(servers=(nats_server.url,)), stamper.boot_id, spool=spool)
+    with trio.fail_after(20):
+        async with (
+            open_subscription([nats_server.url], f"{PREFIX}.>") as messages,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(sink.run)
+            await sink.wait_connected()
+            for n in range(5):
+                output = {"rules": ["x" * 1024] * 1100} if n == 2 else {"n": n}
+                await emit_reading(sink, CTX, ProbeReading("host.cgroup", {}, output), stamper)
+            assert await sink.drain(10)
+            received = [orjson.loads((await messages.receive()).data) for _ in range(5)]
+            nursery.cancel_scope.cancel()
+    readings = [event for event in received if not event["type"].endswith(".gap")]
+    gaps = [event["data"] for event in received if event["type"].endswith(".gap")]
+    assert [int(event["sequence"]) for event in readings] == [1, 2, 4, 5]
+    assert len(gaps) == 1
+    assert gaps[0]["reason"] == "too_large"
+    assert (gaps[0]["firstSequence"], gaps[0]["lastSequence"], gaps[0]["dropped"]) == (3, 3, 1)
+    assert gaps[0]["cellId"] == "cell-1"
+    assert gaps[0]["probeSource"] == "host.cgroup"
+    assert sink.stats.dropped == 1
+    assert sink.stats.published == 5  # four readings and the gap
+    assert len(sink.outbox) == 0
