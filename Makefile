@@ -5,14 +5,17 @@ PY := $(VENV)/bin/python
 # Debian packages the daemon and its tests use: libnftables1 is the library
 # the PyPI `pip-nftables` binding loads; nftables gives `nft` for tests;
 # iproute2 gives `ip` for test set-up; iputils-ping generates test traffic;
-# python3-venv lets `make deb` build its virtualenv for Debian's python3.
-APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping python3-venv
+# python3-venv lets `make deb` build its virtualenv for Debian's python3;
+# gcc and python3-dev (the Python headers) compile the required C extension
+# cellos_probed/probes/_fc_sum.c (the metrics summing) at install time.
+APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping python3-venv gcc python3-dev
 
 .PHONY: setup test lint demo clean check-config deb fuzz bench soak
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml tools/apt-install.sh
+# the C extension is compiled by the install: editing its source installs again
+$(VENV)/.installed: pyproject.toml setup.py cellos_probed/probes/_fc_sum.c tools/apt-install.sh
 	bash tools/apt-install.sh $(APT_PACKAGES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

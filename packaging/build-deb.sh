@@ -20,12 +20,14 @@ STAGE=$(mktemp -d /tmp/cellos-deb.XXXXXX)
 trap 'rm -rf "$STAGE"' EXIT
 VENV=$STAGE$FINAL
 "$PYTHON" -m venv "$VENV"
-# build from a clean copy of the sources: no stale build/ tree, no tests
+# build from a clean copy of the sources: no stale build/ tree, no tests; setup.py
+# builds the C extension (gcc, python3-dev), not an in-place one of `make setup`
 mkdir -p "$STAGE/src"
-cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/cellos_probed" "$STAGE/src/"
+cp -r "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/README.md" "$REPO/cellos_probed" "$STAGE/src/"
+find "$STAGE/src/cellos_probed" -name '*.so' -delete
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "$STAGE/src" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
-"$VENV/bin/python" -c "import cellos_probed, nats, trio, pyroute2, nftables, h11" \
+"$VENV/bin/python" -I -c "import cellos_probed.probes._fc_sum, nats, trio, pyroute2, nftables, h11" \
     || { echo "build-deb: the staged virtualenv is incomplete" >&2; exit 1; }
 # pip itself is not needed at run time
 "$VENV/bin/python" -m pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true

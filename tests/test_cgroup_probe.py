@@ -13,6 +13,7 @@ import trio.testing
 
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CgroupProbeConfig, load_config
+from cellos_probed.confine import open_beneath
 from cellos_probed.daemon import Prober
 from cellos_probed.probes import (
     CapturingSink,
@@ -179,7 +180,7 @@ def held_paths() -> set[str]:
 
 def count_path_walks(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     walked: list[Path] = []
-    real = cgroup_module.open_beneath
+    real = open_beneath
 
     def spy(root: Path, path: Path, flags: int, *, directory: bool = False) -> int:
         walked.append(path)
