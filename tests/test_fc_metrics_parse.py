@@ -147,3 +147,20 @@ def test_a_line_not_in_firecrackers_compact_form_is_serialised_from_its_parse() 
     import orjson
 
     assert orjson.loads(orjson.dumps(accumulator.take_reading_json().delta)) == {"a": {"b": 1}}
+
+
+def test_a_one_line_reading_counts_its_lost_lines_and_its_totals_at_once() -> None:
+    acc = MetricsAccumulator()
+    acc.feed(line(1, 10, 0, (1, 1, 1), missed=2) + b"\n")
+    # read, not yet taken: already in the totals, and held only as text
+    assert acc._totals["net_eth0"]["rx_bytes_count"] == 10
+    assert acc._pending is None
+    assert acc._pending_text is not None
+    reading = acc.take_reading_json()
+    assert reading.lost_lines == 2
+    acc.feed(line(2, 5, 0, (1, 1, 1), missed=1) + b"\n" + line(3, 7, 0, (1, 1, 1)) + b"\n")
+    two = acc.take_reading()
+    assert (two.lines, two.lost_lines) == (2, 1)
+    assert two.delta["net_eth0"]["rx_bytes_count"] == 12
+    assert two.totals["net_eth0"]["rx_bytes_count"] == 22
+    assert two.totals["logger"]["missed_metrics_count"] == 3
