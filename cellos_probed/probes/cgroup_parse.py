@@ -153,14 +153,21 @@ def counter_deltas(
     """
     if previous is None:
         return None
-    reset = recreated or any(
-        value < previous.get(name, {}).get(key, 0)
-        for name, counters in current.items()
-        for key, value in counters.items()
-    )
     deltas: dict[str, Any] = {}
-    for name, counters in current.items():
-        before = {} if reset else previous.get(name, {})
-        deltas[name] = {key: value - before.get(key, 0) for key, value in counters.items()}
+    reset = recreated
+    if not reset:
+        # one pass: the increases, and on the first decrease the reset instead
+        for name, counters in current.items():
+            before = previous.get(name)
+            if before is None:
+                deltas[name] = dict(counters)
+                continue
+            increases = {key: value - before.get(key, 0) for key, value in counters.items()}
+            if increases and min(increases.values()) < 0:
+                reset = True
+                break
+            deltas[name] = increases
+    if reset:
+        deltas = {name: dict(counters) for name, counters in current.items()}
     deltas["reset"] = reset
     return deltas
