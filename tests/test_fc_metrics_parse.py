@@ -5,14 +5,24 @@ from __future__ import annotations
 import copy
 import json
 import random
+from typing import Any
+from unittest.mock import patch
 
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cellos_probed.probes import fc_metrics_parse
 from cellos_probed.probes.fc_metrics_parse import (
+    TIMESTAMP_KEY,
     LineSplitter,
     MetricsAccumulator,
+    MetricsReading,
     is_gauge,
     merge,
     parse_line,
 )
+from testbed.fc_emulator.metrics import VmMetrics
 
 
 def line(ts: int, rx: int, faults: int, agg: tuple[int, int, int], missed: int = 0) -> bytes:
@@ -164,3 +174,153 @@ def test_a_one_line_reading_counts_its_lost_lines_and_its_totals_at_once() -> No
     assert two.delta["net_eth0"]["rx_bytes_count"] == 12
     assert two.totals["net_eth0"]["rx_bytes_count"] == 22
     assert two.totals["logger"]["missed_metrics_count"] == 3
+
+
+# -- a reading's first line added from its text (add_line): the readings of the ordinary path
+
+
+def emulator_records(rng: random.Random) -> list[bytes]:
+    """A metrics stream's records, each ending with ``\\n``: emulator lines with activity,
+    and what else a stream holds: torn lines, garbage, NUL holes, blank records, lines not
+    in the compact form, unfinished objects, a negative timestamp, lost lines, a device
+    appearing mid-stream (its section lands in the middle of the line), and now and then a
+    nested key literally named utc_timestamp_ms in every line. The first three are clean."""
+    nested = rng.random() < 0.3
+    vm = VmMetrics()
+    plug = rng.randint(8, 40)
+    records = []
+    previous = b'{"utc_timestamp_ms":1,"vmm":{"panic_count":0}}'
+    for i in range(rng.randint(15, 35)):
+        if i == plug:
+            vm = VmMetrics(nets=("eth0", "eth1"), blocks=("data", "rootfs"))
+        vm.synthetic_activity(rng, 1.0)
+        if rng.random() < 0.3:
+            vm.bump_everything(rng)
+        obj, deltas = vm.build_line(1_700_000_000_000 + 1000 * i)
+        vm.commit(deltas, None, True)
+        if nested:
+            obj["extra"] = {"n": i, "utc_timestamp_ms": i}
+        kind = rng.random() if i >= 3 else 1.0
+        if 0.20 <= kind < 0.25:
+            obj["logger"]["missed_metrics_count"] = rng.randint(1, 5)
+        elif 0.25 <= kind < 0.28:
+            obj["utc_timestamp_ms"] = -obj["utc_timestamp_ms"]
+        text = orjson.dumps(obj)
+        if kind < 0.05:
+            text = previous[: rng.randint(0, len(previous))] + text
+        elif kind < 0.08:
+            text = rng.choice([b"garbage{", b"[]", b"{}", text[: rng.randint(1, len(text) - 1)]])
+        elif kind < 0.12:
+            text = b"\0" * rng.randint(1, 50) + text
+        elif kind < 0.14:
+            text = b"\0" * rng.randint(0, 5)
+        elif kind < 0.17:
+            text = json.dumps(obj).encode()
+        elif kind < 0.20:
+            text = text + rng.choice([b" ", b"\r", b"x"])
+        records.append(text + b"\n")
+        previous = text
+    return records
+
+
+def assert_same_readings(fast: MetricsReading, slow: MetricsReading) -> None:
+    counts = ("utc_timestamp_ms", "lines", "torn_lines", "unparsed_lines", "lost_lines")
+    for name in counts:
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert (type(a), a) == (type(b), b), name
+    assert orjson.dumps(fast.delta) == orjson.dumps(slow.delta)
+    assert orjson.dumps(fast.totals) == orjson.dumps(slow.totals)
+
+
+class Counting:
+    """``add_line``, counting the lines it took."""
+
+    def __init__(self) -> None:
+        self.real = fc_metrics_parse.add_line
+        assert self.real is not None
+        self.taken = 0
+
+    def __call__(self, total: dict[str, Any], line: bytes) -> tuple[int, int] | None:
+        assert self.real is not None
+        got = self.real(total, line)
+        self.taken += got is not None
+        return got
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**64))  # the emulator draws thousands of numbers a line
+def test_readings_are_the_same_with_and_without_add_line(seed: int) -> None:
+    rng = random.Random(seed)
+    records = emulator_records(rng)
+    fast, slow = MetricsAccumulator(), MetricsAccumulator()
+    counting = Counting()
+
+    def feed(chunk: bytes) -> None:
+        with patch.object(fc_metrics_parse, "add_line", counting):
+            completed = fast.feed(chunk)
+        with patch.object(fc_metrics_parse, "add_line", None):
+            assert slow.feed(chunk) == completed
+        assert fast.records == slow.records
+
+    def compare() -> None:
+        if rng.random() < 0.5:
+            assert_same_readings(fast.take_reading(), slow.take_reading())
+        else:
+            assert_same_readings(fast.take_reading_json(), slow.take_reading_json())
+
+    feed(b"".join(records[:2]))  # the totals begin
+    compare()
+    feed(records[2])  # a reading's first line, shaped as the totals: added from its text
+    assert counting.taken == 1
+    compare()
+    stream = b"".join(records[3:])
+    at = 0
+    while at < len(stream):
+        size = rng.choice([rng.randint(1, 300), rng.randint(1, 8000), rng.randint(1, 30000)])
+        feed(stream[at : at + size])
+        at += size
+        if rng.random() < 0.05:
+            fast.truncated()
+            slow.truncated()
+        if rng.random() < 0.3:
+            compare()
+    compare()
+
+
+def test_add_line_keeps_the_parse_of_a_line_delta_text_cannot_cut() -> None:
+    base = orjson.loads(line(1, 10, 0, (1, 2, 3), missed=1))
+    nested = copy.deepcopy(base)
+    nested["net_eth0"]["utc_timestamp_ms"] = 5  # the text cut would be wrong
+    for first, second in [
+        (nested, {**nested, "utc_timestamp_ms": 2}),
+        (base, {**base, "utc_timestamp_ms": -2}),  # delta_text wants digits
+    ]:
+        fast, slow = MetricsAccumulator(), MetricsAccumulator()
+        counting = Counting()
+        for accumulator, add in ((fast, counting), (slow, None)):
+            with patch.object(fc_metrics_parse, "add_line", add):
+                accumulator.feed(orjson.dumps(first) + b"\n")
+                accumulator.take_reading_json()
+                accumulator.feed(orjson.dumps(second) + b"\n")
+        assert counting.taken == 1
+        assert fast._pending_text is None
+        assert fast._pending is not None
+        assert TIMESTAMP_KEY not in fast._pending
+        assert_same_readings(fast.take_reading_json(), slow.take_reading_json())
+
+
+def test_add_line_is_tried_on_a_reading_s_first_line_only() -> None:
+    counting = Counting()
+    accumulator = MetricsAccumulator()
+    with patch.object(fc_metrics_parse, "add_line", counting):
+        accumulator.feed(line(1, 10, 0, (1, 1, 1)) + b"\n")  # the first: the totals are empty
+        assert counting.taken == 0
+        accumulator.take_reading()
+        accumulator.feed(
+            b"\0\0" + line(2, 5, 0, (1, 1, 1)) + b"\n" + line(3, 7, 0, (1, 1, 1)) + b"\n"
+        )
+        assert counting.taken == 1  # the second line of the reading is parsed and summed
+        reading = accumulator.take_reading()
+    assert (reading.lines, reading.utc_timestamp_ms) == (2, 3)
+    assert reading.delta["net_eth0"]["rx_bytes_count"] == 12
+    assert reading.totals["net_eth0"]["rx_bytes_count"] == 22

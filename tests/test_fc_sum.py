@@ -4,6 +4,11 @@ Results are compared leaf by leaf with their types (``True == 1``), key order
 included; errors by type and message; the gauge caches too. The C function is
 called with its configuration spelt out, the reference with the module
 globals it reads patched to match (a fresh gauge cache, the same limit).
+
+``add_line`` (a line's text added in C) is held to ``orjson.loads`` of the
+line and the reference where it takes a line, and to leaving everything
+untouched where it does not; which lines it must take and must refuse is
+tested too.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import copy
 import gc
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -638,3 +644,756 @@ def test_hostile_keys_and_changes_during_the_merge_fail_as_the_reference_does() 
         if gauge is grows:  # BadEq keys cannot be compared, even to themselves
             assert_same(c_total, ref_total)
             assert_same(c_new, ref_new)
+
+
+# -- add_line: a line's text added into totals of its shape, held to orjson.loads + the reference
+
+AddLine = Callable[[Tree, bytes], "tuple[int, int] | None"]
+
+
+def c_add(
+    cache: dict[Any, Any],
+    limit: int = p._GAUGE_CACHE_LIMIT,
+    is_gauge: Callable[[str, str], object] = p.is_gauge,
+    agg_gauges: Any = p._AGG_GAUGES,
+) -> AddLine:
+    return partial(_fc_sum.add_line, cache, is_gauge, agg_gauges, limit)
+
+
+def reference_add(total: Tree, line: bytes) -> tuple[int, int]:
+    """What add_line does with a line it takes (run inside reference_config)."""
+    found = orjson.loads(line)
+    timestamp = found.pop(TIMESTAMP_KEY)
+    merge_into_reference(total, found)
+    return timestamp, p._missed(found)
+
+
+def loaded(line: bytes) -> Tree | None:
+    """The line as the accumulator's parse takes it (a dict with an int timestamp), or None."""
+    try:
+        found = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if type(found) is dict and type(found.get(TIMESTAMP_KEY)) is int:
+        return found
+    return None
+
+
+#: device sets: Firecracker's defaults, two of each, and more nodes than add_line's C stack array
+SHAPES: list[dict[str, tuple[str, ...]]] = [
+    {},
+    {"nets": ("eth0", "eth1"), "blocks": ("rootfs", "data")},
+    {
+        "nets": tuple(f"eth{i}" for i in range(6)),
+        "blocks": tuple(f"disk{i}" for i in range(6)),
+        "vhost_user_blocks": ("vu0",),
+    },
+]
+
+
+def emulator_lines(count: int, seed: int, devices: dict[str, tuple[str, ...]]) -> list[bytes]:
+    """Lines as the emulator writes them, with activity: many leaves non-zero, gauges moving."""
+    vm = VmMetrics(**devices)  # type: ignore[arg-type]
+    rng = random.Random(seed)
+    lines = []
+    for i in range(count):
+        vm.synthetic_activity(rng, 1.0)
+        if i % 2:
+            vm.bump_everything(rng)
+        obj, deltas = vm.build_line(1_700_000_000_000 + 1000 * i)
+        vm.commit(deltas, None, True)
+        lines.append(orjson.dumps(obj))
+    return lines
+
+
+LINE_POOL = [emulator_lines(6, 20 + i, shape) for i, shape in enumerate(SHAPES)]
+
+Path = tuple[str, ...]
+
+
+def dict_paths(tree: Tree, path: Path = ()) -> list[Path]:
+    """Every dict of a line (the line itself first), as key paths."""
+    out = [path]
+    for key, value in tree.items():
+        if type(value) is dict:
+            out += dict_paths(value, (*path, key))
+    return out
+
+
+def leaf_paths(tree: Tree, path: Path = ()) -> list[Path]:
+    out: list[Path] = []
+    for key, value in tree.items():
+        if type(value) is dict:
+            out += leaf_paths(value, (*path, key))
+        elif path:  # not the timestamp
+            out.append((*path, key))
+    return out
+
+
+def at(tree: Tree, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def rebuilt(tree: Tree, path: Path, change: Callable[[list[tuple[Any, Any]]], None]) -> Tree:
+    """``tree`` with the dict at ``path`` rebuilt from its items, changed in place by ``change``."""
+    if path:
+        items = list(tree.items())
+        return {k: rebuilt(v, path[1:], change) if k == path[0] else v for k, v in items}
+    items = list(tree.items())
+    change(items)
+    return dict(items)
+
+
+def renamed(tree: Tree, path: Path, old: Any, new: Any) -> Tree:
+    def rename(items: list[tuple[Any, Any]]) -> None:
+        items[:] = [(new if k == old else k, v) for k, v in items]
+
+    return rebuilt(tree, path, rename)
+
+
+def set_at(tree: Tree, path: Path, value: Any) -> Tree:
+    def put(items: list[tuple[Any, Any]]) -> None:
+        items[:] = [(k, value if k == path[-1] else v) for k, v in items]
+
+    return rebuilt(tree, path[:-1], put)
+
+
+NUMBER = re.compile(rb'(?<=":)-?\d+(?=[,}])')
+INT_MEMBER = re.compile(rb'"([^"\\]+)":(-?\d+)(?=[,}])')
+KEY = re.compile(rb'"([^"\\]+)":')
+BAD_NUMBERS = [b"1.0", b"1e3", b"1E3", b"-1.5", b'"1"', b"true", b"false", b"null", b"01"]
+BAD_NUMBERS += [b"-01", b"00", b"-0", b"18446744073709551616", b"-9223372036854775809"]
+BAD_NUMBERS += [b"99999999999999999999999", b"+1", b"-", b"", b"[1]", b"{}", b"[]", b"NaN"]
+BAD_NUMBERS += [b"Infinity", b"0x1", b"1_0"]
+GOOD_NUMBERS = [0, 1, -1, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 10**12]
+PLAIN_NAMES = ["net_é", "blöck_€", "ключ", "𝄞x", "a\x7fb", "sp ace", "x" * 70, "", "a:b,c{}"]
+ESCAPED_NAMES = ['q"uote', "back\\slash", "tab\tkey", "nl\nkey", "\x00", "\x1f"]
+MUST_TAKE = ["canonical", "new_values", "plain_names", "empty_dicts", "big_totals", "nested_ts"]
+MUST_REFUSE = ["bad_number", "whitespace", "rename", "drop", "add", "reorder", "escape"]
+MUST_REFUSE += ["truncate", "trailing", "duplicate", "timestamp_again", "escaped_names"]
+MUST_REFUSE += ["top_timestamp", "totals_type", "totals_key"]
+
+
+class StrSub(str):
+    pass
+
+
+Mutation = Callable[[Tree, bytes], tuple[Tree, bytes]]
+
+
+def mutation(kind: str, rng: random.Random, template: Tree) -> Mutation:
+    """One kind of change, its places drawn once, for every line of a template's shape.
+
+    ``template`` is a parsed line of the shape; the mutation takes (totals, line)
+    and gives them back changed (totals only by the kinds that change the shape
+    of both, or only the totals' types).
+    """
+    dicts = dict_paths(template)
+    inner = [path for path in dicts if path]
+    leaves = leaf_paths(template)
+
+    def text(change: Callable[[bytes], bytes]) -> Mutation:
+        return lambda total, line: (total, change(line))
+
+    def obj(change: Callable[[Tree], Tree]) -> Mutation:
+        return lambda total, line: (total, orjson.dumps(change(orjson.loads(line))))
+
+    def both(change: Callable[[Tree, bool], Tree]) -> Mutation:
+        return lambda total, line: (
+            change(total, False),
+            orjson.dumps(change(orjson.loads(line), True)),
+        )
+
+    if kind == "canonical":
+        return lambda total, line: (total, line)
+    if kind == "new_values":
+        picks = rng.sample(leaves, 5)
+        values = [rng.choice(GOOD_NUMBERS) for _ in picks]
+        missed = rng.choice([0, 1, 7, 2**64 - 1])
+
+        def values_in(tree: Tree) -> Tree:
+            for path, value in zip(picks, values, strict=True):
+                tree = set_at(tree, path, value)
+            if type(tree.get("logger")) is dict and "missed_metrics_count" in tree["logger"]:
+                tree = set_at(tree, ("logger", "missed_metrics_count"), missed)
+            return tree
+
+        return obj(values_in)
+    if kind == "top_timestamp":  # a section named so in both: the line has two timestamps
+        old = rng.choice(list(template)[1:])
+        member = b'"' + old.encode() + b'":{'
+
+        def second_timestamp(total: Tree, line: bytes) -> tuple[Tree, bytes]:
+            spelt = b'"' + TIMESTAMP_KEY.encode() + b'":{'
+            return renamed(total, (), old, TIMESTAMP_KEY), line.replace(member, spelt, 1)
+
+        return second_timestamp
+    if kind in ("plain_names", "escaped_names", "nested_ts"):
+        path = rng.choice(inner if kind == "nested_ts" else dicts)
+        old = rng.choice(list(at(template, path)))
+        if path == () and old == TIMESTAMP_KEY:
+            old = list(template)[1]
+        names = {"plain_names": PLAIN_NAMES, "escaped_names": ESCAPED_NAMES}.get(kind)
+        name = rng.choice(names or [TIMESTAMP_KEY])
+        return both(lambda tree, _: renamed(tree, path, old, name))
+    if kind == "empty_dicts":
+        path = rng.choice(inner)
+        return both(lambda tree, _: set_at(tree, path, {}))
+    if kind == "big_totals":
+        picks = rng.sample(leaves, 6)
+        values = [rng.choice([2**64 - 1, 2**64, 2**70, -(2**80), -1, 0]) for _ in picks]
+
+        def big(total: Tree, line: bytes) -> tuple[Tree, bytes]:
+            for path, value in zip(picks, values, strict=True):
+                if type(at(total, path[:-1])) is dict and type(at(total, path)) is int:
+                    total = set_at(total, path, value)
+            return total, line
+
+        return big
+    if kind == "bad_number":
+        bad = rng.choice(BAD_NUMBERS)
+        which = rng.random()
+
+        def bad_number(line: bytes) -> bytes:
+            numbers = list(NUMBER.finditer(line))
+            m = numbers[int(which * len(numbers))]
+            return line[: m.start()] + bad + line[m.end() :]
+
+        return text(bad_number)
+    if kind == "whitespace":
+        space = rng.choice([b" ", b"\t", b"\n", b"\r", b" \n"])
+        where, anywhere = rng.random(), rng.random() < 0.5
+
+        def whitespace(line: bytes) -> bytes:
+            places = [i for i, c in enumerate(line) if c in b"{}:,"] + [len(line)]
+            at_ = int(where * (len(line) + 1)) if anywhere else places[int(where * len(places))]
+            return line[:at_] + space + line[at_:]
+
+        return text(whitespace)
+    if kind == "rename":
+        path = rng.choice(dicts)
+        old = rng.choice(list(at(template, path)))
+        return obj(lambda tree: renamed(tree, path, old, old + rng.choice(["x", "_", "é"])))
+    if kind == "drop":
+        path = rng.choice(dicts)
+        old = rng.choice(list(at(template, path)))
+
+        def drop(items: list[tuple[Any, Any]]) -> None:
+            del items[[k for k, _ in items].index(old)]
+
+        return obj(lambda tree: rebuilt(tree, path, drop))
+    if kind == "add":
+        path = rng.choice(dicts)
+        where = rng.random()
+        extra = rng.choice([1, 0, {"sum_us": 1}, {}])
+
+        def add(items: list[tuple[Any, Any]]) -> None:
+            items.insert(int(where * (len(items) + 1)), ("extra", copy.deepcopy(extra)))
+
+        return obj(lambda tree: rebuilt(tree, path, add))
+    if kind == "reorder":
+        path = rng.choice([path for path in dicts if len(at(template, path)) > 1])
+        i = rng.randrange(len(at(template, path)) - 1)
+
+        def swap(items: list[tuple[Any, Any]]) -> None:
+            items[i], items[i + 1] = items[i + 1], items[i]
+
+        return obj(lambda tree: rebuilt(tree, path, swap))
+    if kind == "escape":
+        which, char = rng.random(), rng.random()
+
+        def escape(line: bytes) -> bytes:
+            keys = list(KEY.finditer(line))
+            m = keys[int(which * len(keys))]
+            i = m.start(1) + int(char * (m.end(1) - m.start(1)))
+            return line[:i] + b"\\u%04x" % line[i] + line[i + 1 :]
+
+        return text(escape)
+    if kind == "truncate":
+        where = rng.random()
+        return text(lambda line: line[: int(where * len(line))])
+    if kind == "trailing":
+        tail = rng.choice([b" ", b"\n", b"\r\n", b"x", b"}", b",", b"\x00", b"{}", b"0", b"\xff"])
+        return text(lambda line: line + tail)
+    if kind == "duplicate":
+        which, value = rng.random(), rng.choice([b"0", b"1", b"12345"])
+
+        def duplicate(line: bytes) -> bytes:
+            members = list(INT_MEMBER.finditer(line))
+            m = members[int(which * len(members))]
+            return line[: m.end()] + b',"' + m.group(1) + b'":' + value + line[m.end() :]
+
+        return text(duplicate)
+    if kind == "timestamp_again":
+        which = rng.random()
+
+        def again(line: bytes) -> bytes:
+            places = [i + 1 for i, c in enumerate(line) if c == ord("{")] + [len(line) - 1]
+            i = places[int(which * len(places))]
+            member = b'"utc_timestamp_ms":5'
+            return line[:i] + (b"," + member if i == len(line) - 1 else member + b",") + line[i:]
+
+        return text(again)
+    if kind == "totals_type":
+        path = rng.choice(inner + leaves)
+        value = at(template, path)
+        if len(path) == 1:
+            odd: Any = rng.choice([7, "x", None, DictSub(value), [1]])
+        elif type(value) is dict:
+            odd = rng.choice([DictSub(value), 5, True, None])
+        elif len(path) == 3:
+            odd = rng.choice([True, IntSub(1), None, {"x": 1}, 1.0])
+        else:
+            odd = rng.choice([True, False, IntSub(3), 1.5, "1", None, {}, {"sum_us": 0}])
+        return lambda total, line: (set_at(total, path, copy.deepcopy(odd)), line)
+    assert kind == "totals_key", kind
+    path = rng.choice(dicts)
+    old = rng.choice([key for key in at(template, path) if key != TIMESTAMP_KEY])
+    odd_key: object = rng.choice([StrSub(old), "\ud800" + old, 1])
+    return lambda total, line: (renamed(total, path, old, odd_key), line)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rng=st.randoms(use_true_random=False),
+    kind=st.sampled_from(MUST_TAKE + MUST_REFUSE),
+    shape=st.sampled_from(range(len(SHAPES))),
+    limit=st.sampled_from([0, 5, 100_000]),
+)
+def test_add_line_is_the_parse_and_the_reference_or_nothing(
+    rng: random.Random, kind: str, shape: int, limit: int
+) -> None:
+    pool = LINE_POOL[shape]
+    start = rng.randint(1, 3)
+    template = orjson.loads(pool[0])
+    change = mutation(kind, rng, template)
+    with reference_config():
+        total: Tree = {}
+        for line in pool[:start]:
+            reference_add(total, line)
+    total, _ = change(total, pool[0])
+    c_total, ref_total = copy.deepcopy(total), copy.deepcopy(total)
+    c_cache: dict[Any, Any] = {}
+    taken = []
+    with reference_config(limit) as ref_cache:
+        for original in pool[start : start + rng.randint(1, 3)]:
+            _, line = change(orjson.loads(original), original)  # the line's part only
+            before, cache_before = copy.deepcopy(c_total), copy.deepcopy(c_cache)
+            got = c_add(c_cache, limit)(c_total, line)
+            taken.append(got is not None)
+            if got is None:
+                assert_same(c_total, before)
+                assert_same(c_cache, cache_before)
+                found = loaded(line)
+                if found is not None:  # the ordinary path, to go on in step
+                    merge_into_reference(ref_total, copy.deepcopy(found))
+                    c_merge(c_cache, limit)(c_total, found)
+            else:
+                assert loaded(line) is not None
+                expected = reference_add(ref_total, line)
+                assert got == expected
+                assert [type(x) for x in got] == [int, int]
+            assert_same(c_total, ref_total)
+            assert_same(c_cache, ref_cache)
+    if kind in MUST_TAKE:
+        assert all(taken), kind
+    else:
+        assert not taken[0], kind  # later lines may fit the totals the first one reshaped
+
+
+def test_add_line_takes_every_emulator_line_and_returns_its_timestamp_and_loss() -> None:
+    for pool in LINE_POOL:
+        c_cache: dict[Any, Any] = {}
+        ref_total: Tree = {}
+        with reference_config() as ref_cache:
+            reference_add(ref_total, pool[0])
+            c_total = copy.deepcopy(ref_total)
+            for i, line in enumerate(pool[1:], 1):
+                obj = orjson.loads(line)
+                obj["logger"]["missed_metrics_count"] = i
+                line = orjson.dumps(obj)
+                assert c_add(c_cache)(c_total, line) == (obj[TIMESTAMP_KEY], i)
+                reference_add(ref_total, line)
+                assert_same(c_total, ref_total)
+                assert_same(c_cache, ref_cache)
+        assert c_total["net_eth0"]["rx_bytes_count"] > 0
+
+
+@pytest.mark.parametrize(
+    ("number", "value"),
+    [
+        (b"0", 0),
+        (b"7", 7),
+        (b"-7", -7),
+        (b"18446744073709551615", 2**64 - 1),
+        (b"-9223372036854775808", -(2**63)),
+        (b"9223372036854775808", 2**63),
+        (b"18446744073709551616", None),  # orjson: a float
+        (b"-9223372036854775809", None),
+        (b"184467440737095516150", None),
+        (b"-0", None),  # orjson: 0; refused all the same
+        (b"01", None),
+        (b"00", None),
+        (b"-", None),
+        (b"1.0", None),
+        (b"1e2", None),
+        (b"true", None),
+        (b"null", None),
+        (b'"1"', None),
+    ],
+)
+def test_add_line_integers_are_orjsons_ints(number: bytes, value: int | None) -> None:
+    templates = [b'{"utc_timestamp_ms":1,"s":{"a":%s,"b":0}}']
+    templates += [b'{"utc_timestamp_ms":%s,"s":{"a":1,"b":0}}']  # the timestamp too
+    for template in templates:
+        line = template % number
+        total: Tree = {"s": {"a": 10**30, "b": 5}}
+        got = c_add({})(total, line)
+        if value is None:
+            assert got is None
+            assert total == {"s": {"a": 10**30, "b": 5}}
+            continue
+        with reference_config():
+            expected: Tree = {"s": {"a": 10**30, "b": 5}}
+            assert got == reference_add(expected, line)
+        assert_same(total, expected)
+
+
+def test_add_line_refuses_what_is_not_exactly_the_totals_shape() -> None:
+    line = b'{"utc_timestamp_ms":1,"s":{"a":1,"g":{"sum_us":2,"min_us":3}}}'
+    add = c_add({})
+    good: Tree = {"s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}}
+    totals: list[Tree] = [
+        {},
+        {"s": {"a": 1, "g": {"sum_us": 1}}},
+        {"s": {"a": 1, "g": {"sum_us": 1, "min_us": 9, "max_us": 1}}},
+        {"s": {"a": 1}},
+        {"s": {"g": {"sum_us": 1, "min_us": 9}, "a": 1}},
+        {"s": {"a": 1, "g": {"min_us": 9, "sum_us": 1}}},
+        {"s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}, "t": {}},
+        {"t": {}, "s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}},
+        {"s": {"a": True, "g": {"sum_us": 1, "min_us": 9}}},
+        {"s": {"a": 1, "g": 5}},
+        {"s": DictSub(a=1, g={"sum_us": 1, "min_us": 9})},
+        {TIMESTAMP_KEY: {}, "s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}},
+    ]
+    for total in totals:
+        snapshot = copy.deepcopy(total)
+        assert add(total, line) is None, total
+        assert_same(total, snapshot)
+    assert add(good, line) == (1, 0)
+    assert good == {"s": {"a": 2, "g": {"sum_us": 3, "min_us": 3}}}
+    # keys of totals the line cannot spell without an escape: orjson would read another key
+    # (or refuse the line) where the bytes are the same
+    odd_keys = ['a"b', "a\\", "a\x01", "\n", 'rx_"bytes_count_long', "rx_bytes_\\count_long"]
+    odd_keys += ["rx_bytes_count_lon\x1f", "rx_\tbytes_count_long", "rx_bytes_count_long_name\\"]
+    for key, text in [(key, key.encode()) for key in odd_keys]:
+        odd_total: Tree = {"s": {key: 1}}
+        assert add(odd_total, b'{"utc_timestamp_ms":1,"s":{"' + text + b'":1}}') is None, key
+        assert odd_total == {"s": {key: 1}}
+    # the timestamp alone, or a line that is not an object at all
+    assert add({"s": {}}, b'{"utc_timestamp_ms":1}') is None
+    assert add({"s": {}}, b'{"utc_timestamp_ms":1,"s":{}}') == (1, 0)
+    for odd in (b"", b"{", b"[]", b'{"utc_timestamp_ms":1,}', b'{"utc_timestamp_ms":1,"s":{},}'):
+        assert add({"s": {}}, odd) is None
+
+
+def test_add_line_reads_gauge_answers_from_a_cache_in_any_order() -> None:
+    line = b'{"utc_timestamp_ms":1,"s":{"a":1,"b":2,"c":3,"d":4}}'
+    caches: list[dict[Any, Any]] = [
+        {"s": {"a": True, "b": False, "c": True, "d": False}},  # the fields' order
+        {"s": {"b": False, "a": True, "d": False, "c": True}},
+        {"s": {"a": True, "x": True, "c": True, "d": False}},  # b missing: asked, appended
+        {"s": {"a": 1, "b": "", "c": [0], "d": None}},  # answers taken for their truth
+        {"s": {"a": True, StrSub("b"): False, "c": True, "d": False}},
+        {"s": {0: True, "a": True, "b": False, "c": True, "d": False}},
+    ]
+    for cache in caches:
+        asked: list[str] = []
+
+        def answer(section: str, field: str, asked: list[str] = asked) -> bool:
+            asked.append(field)
+            return field in "ac"
+
+        total: Tree = {"s": {"a": 10, "b": 10, "c": 10, "d": 10}}
+        ref_total = copy.deepcopy(total)
+        c_cache = copy.deepcopy(cache)
+        with reference_config(is_gauge=answer) as ref_cache:
+            ref_cache.update(copy.deepcopy(cache))
+            reference_add(ref_total, line)
+            ref_asked, asked[:] = asked[:], []
+            assert c_add(c_cache, is_gauge=answer)(total, line) == (1, 0)
+        assert asked == ref_asked
+        assert_same(total, ref_total)
+        assert_same(c_cache, ref_cache)
+
+
+def test_public_add_line_binds_the_module_configuration() -> None:
+    assert isinstance(p.add_line, partial)
+    assert p.add_line.func is _fc_sum.add_line
+    assert p.add_line.args[0] is p._section_gauges
+    assert p.add_line.args[1:] == (p.is_gauge, p._AGG_GAUGES, p._GAUGE_CACHE_LIMIT)
+    assert not p.add_line.keywords
+
+
+def test_add_line_wrong_argument_types_are_type_errors() -> None:
+    add = _fc_sum.add_line
+    line = b'{"utc_timestamp_ms":1,"s":{"a":1}}'
+    calls: list[Callable[[], object]] = [
+        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, {"s": {"a": 1}}, bytearray(line)),  # type: ignore[arg-type]
+        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, {"s": {"a": 1}}, line.decode()),  # type: ignore[arg-type]
+        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, DictSub(s={"a": 1}), line),
+        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, None, line),  # type: ignore[arg-type]
+        lambda: add([], p.is_gauge, p._AGG_GAUGES, 1, {}, line),  # type: ignore[arg-type]
+        lambda: add({}, None, p._AGG_GAUGES, 1, {}, line),  # type: ignore[arg-type]
+        lambda: add({}, p.is_gauge, p._AGG_GAUGES, "1", {}, line),  # type: ignore[arg-type]
+        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, {}),  # type: ignore[call-arg]
+        lambda: p.add_line({}, line, line),  # type: ignore[misc, call-arg]
+        lambda: _fc_sum.add_line(
+            {"s": [True]},  # type: ignore[dict-item]
+            p.is_gauge,
+            p._AGG_GAUGES,
+            1,
+            {"s": {"a": 1}},
+            line,
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+
+
+def meddlers() -> list[tuple[str, Callable[[Tree], Callable[[str, str], object]]]]:
+    """is_gauge answers that change the totals being added into, each made for one total."""
+
+    def make(
+        action: Callable[[Tree, str, str], None],
+    ) -> Callable[[Tree], Callable[[str, str], object]]:
+        def bind(total: Tree) -> Callable[[str, str], object]:
+            def answer(section: str, field: str) -> object:
+                action(total, section, field)
+                return is_gauge(section, field)  # not p.is_gauge: the reference's is this
+
+            return answer
+
+        return bind
+
+    def overwrite(total: Tree, section: str, field: str) -> None:
+        if type(total.get(section)) is dict:
+            total[section][field] = 999
+
+    def drop_next_field(total: Tree, section: str, field: str) -> None:
+        out = total.get(section)
+        if type(out) is dict:
+            names = list(out)
+            if field in names and names.index(field) + 1 < len(names):
+                del out[names[names.index(field) + 1]]
+
+    def drop_section(total: Tree, section: str, field: str) -> None:
+        total.pop(section, None)
+
+    def int_next_section(total: Tree, section: str, field: str) -> None:
+        names = list(total)
+        if section in names and names.index(section) + 1 < len(names):
+            total[names[names.index(section) + 1]] = 5
+
+    def clear(total: Tree, section: str, field: str) -> None:
+        total.clear()
+
+    def agg_to_int(total: Tree, section: str, field: str) -> None:
+        out = total.get(section)
+        if type(out) is dict:
+            for name, value in list(out.items()):
+                if type(value) is dict:
+                    out[name] = 1
+
+    def grow(total: Tree, section: str, field: str) -> None:
+        out = total.get(section)
+        if type(out) is dict:
+            for i in range(20):
+                out[f"grown_{field}_{i}"] = i
+        total[f"new_{section}"] = {"x": 1}
+
+    def reenter(total: Tree, section: str, field: str) -> None:
+        if field == "bb":  # add_line into the same total, from inside add_line
+            _fc_sum.add_line({}, is_gauge, p._AGG_GAUGES, 0, total, MEDDLED_LINE)
+
+    return [
+        (name, make(action))
+        for name, action in [
+            ("overwrite", overwrite),
+            ("drop_next_field", drop_next_field),
+            ("drop_section", drop_section),
+            ("int_next_section", int_next_section),
+            ("clear", clear),
+            ("agg_to_int", agg_to_int),
+            ("grow", grow),
+            ("reenter", reenter),
+        ]
+    ]
+
+
+def fresh_keys(tree: Tree) -> Tree:
+    """A deep copy of ``tree`` whose keys are new str objects, held by it alone."""
+    return {
+        key.encode().decode(): fresh_keys(value) if type(value) is dict else value
+        for key, value in tree.items()
+    }
+
+
+def result_of(add: AddLine, total: Tree, line: bytes) -> object:
+    try:
+        return add(total, line)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+MEDDLED_TOTAL: Tree = {
+    "sec": {"aa": 5, "bb": 0, "gg": {"sum_us": 1, "min_us": 2}, "cc": 7},
+    "tab": {"aa": 1, "hh": {"sum_us": 3, "max_us": 4}, "bb": 2},
+    "uni": {"zz": 0},
+}
+MEDDLED_LINE = (
+    b'{"utc_timestamp_ms":9,"sec":{"aa":1,"bb":0,"gg":{"sum_us":5,"min_us":1},"cc":0},'
+    b'"tab":{"aa":0,"hh":{"sum_us":0,"max_us":9},"bb":3},"uni":{"zz":4}}'
+)
+
+
+@pytest.mark.parametrize(("name", "meddler"), meddlers())
+@pytest.mark.parametrize("limit", [0, 100])
+def test_add_line_follows_the_reference_when_is_gauge_changes_the_totals(
+    name: str, meddler: Callable[[Tree], Callable[[str, str], object]], limit: int
+) -> None:
+    # keys of their own: one dropped from the total is freed, and must not be used after
+    ref_total, c_total = fresh_keys(MEDDLED_TOTAL), fresh_keys(MEDDLED_TOTAL)
+    c_cache: dict[Any, Any] = {}
+    with reference_config(limit, is_gauge=meddler(ref_total)) as ref_cache:
+        expected = result_of(reference_add, ref_total, MEDDLED_LINE)
+        got = result_of(c_add(c_cache, limit, meddler(c_total)), c_total, MEDDLED_LINE)
+    assert got == expected
+    assert name != "grow" or "new_sec" in c_total  # it did meddle
+    assert_same(c_total, ref_total)
+    assert_same(c_cache, ref_cache)
+
+
+def test_add_line_follows_the_reference_when_agg_gauges_changes_the_totals() -> None:
+    class Meddling:
+        def __init__(self, total: Tree) -> None:
+            self.total = total
+
+        def __contains__(self, sub: object) -> bool:
+            for section in self.total.values():
+                if type(section) is dict:
+                    section.pop("cc", None)  # a later field
+                    if type(section.get("gg")) is dict:
+                        section["gg"]["max_us"] = 77  # the agg itself grows
+            return sub in AGG_GAUGES
+
+    AGG_GAUGES = p._AGG_GAUGES  # what the reference reads is patched below
+    ref_total, c_total = copy.deepcopy(MEDDLED_TOTAL), copy.deepcopy(MEDDLED_TOTAL)
+    with reference_config() as ref_cache, patch.object(p, "_AGG_GAUGES", Meddling(ref_total)):
+        expected = reference_add(ref_total, MEDDLED_LINE)
+    c_cache: dict[Any, Any] = {}
+    assert c_add(c_cache, agg_gauges=Meddling(c_total))(c_total, MEDDLED_LINE) == expected
+    assert_same(c_total, ref_total)
+    assert_same(c_cache, ref_cache)
+
+
+def test_add_line_is_gauge_raising_propagates_and_leaves_what_the_reference_leaves() -> None:
+    line = (
+        b'{"utc_timestamp_ms":1,"vmm":{"panic_count":1},'
+        b'"signals":{"sigsegv":1,"sigpipe":2,"sigbus":1}}'
+    )
+    total = {"vmm": {"panic_count": 0}, "signals": {"sigsegv": 1, "sigpipe": 5, "sigbus": 0}}
+    ref_total, c_total = copy.deepcopy(total), copy.deepcopy(total)
+    c_cache: dict[Any, Any] = {}
+    with reference_config(is_gauge=boom) as ref_cache:
+        with pytest.raises(Boom, match="signals/sigpipe"):
+            reference_add(ref_total, line)
+        with pytest.raises(Boom, match="signals/sigpipe"):
+            c_add(c_cache, is_gauge=boom)(c_total, line)
+    assert_same(c_total, ref_total)
+    assert_same(c_cache, ref_cache)
+    assert c_total == {
+        "vmm": {"panic_count": 1},
+        "signals": {"sigsegv": 1, "sigpipe": 5, "sigbus": 0},
+    }
+    assert c_add(c_cache)(c_total, line) == (1, 0)  # and with a working is_gauge, on from there
+    assert c_total["signals"] == {"sigsegv": 1, "sigpipe": 7, "sigbus": 1}
+
+
+def test_add_line_no_reference_leaks() -> None:
+    lines = emulator_lines(3, seed=11, devices=SHAPES[2])  # more nodes than the stack array
+    small = emulator_lines(3, seed=12, devices=SHAPES[0])
+    cache: dict[Any, Any] = {}
+    big_total: Tree = {}
+    small_total: Tree = {}
+    with reference_config():
+        reference_add(big_total, lines[0])
+        reference_add(small_total, small[0])
+    # a total each add keeps bounded: the same line added, then taken back out
+    undo = {}
+    for name, line in (("big", lines[1]), ("small", small[1])):
+        obj = orjson.loads(line)
+        for path in leaf_paths(obj):
+            if type(at(obj, path)) is int and not p.is_gauge(path[0], path[1], *path[2:3]):
+                obj = set_at(obj, path, -at(obj, path))
+        undo[name] = orjson.dumps(obj)
+    # counters the lines add 0 to: the total's int objects (shared with kept) stay, untouched
+    added = orjson.loads(lines[1])
+    kept: dict[Path, int] = {}
+    for path in leaf_paths(added):
+        counter = not p.is_gauge(path[0], path[1], *path[2:3])
+        if counter and at(added, path) == 0 and len(kept) < 30:
+            kept[path] = 10**15 + len(kept)
+            big_total = set_at(big_total, path, kept[path])
+    assert len(kept) >= 10
+    surrogate: Tree = {"s": {"\ud800": 1}}
+    meddled: Tree = copy.deepcopy(MEDDLED_TOTAL)
+    refused = [lines[1] + b" ", lines[1][:-100], lines[1].replace(b":0,", b":0.0,", 1)]
+    assert p.add_line is not None
+    adders = [c_add(cache), c_add({}, limit=0), p.add_line]
+    overwriting = c_add({}, limit=0, is_gauge=meddlers()[0][1](meddled))
+
+    def round_() -> None:
+        for add in adders:
+            assert add(big_total, lines[1]) is not None
+            assert add(big_total, undo["big"]) is not None
+            assert add(small_total, small[1]) is not None
+            assert add(small_total, undo["small"]) is not None
+            for line in refused:
+                assert add(big_total, line) is None
+            assert add(surrogate, b'{"utc_timestamp_ms":1,"s":{"x":1}}') is None
+        meddled.clear()
+        meddled.update(copy.deepcopy(MEDDLED_TOTAL))
+        assert overwriting(meddled, MEDDLED_LINE) == (9, 0)  # the look-up path, keys from the text
+
+    for _ in range(2):
+        round_()
+    snapshot = copy.deepcopy(big_total)
+    watched = [
+        *big_total,  # the key objects
+        *big_total["net_eth0"],
+        big_total["net_eth0"],
+        big_total["net_eth0"]["tap_write_agg"],
+        *kept.values(),
+        big_total["latencies_us"],
+        lines[1],
+        cache["net_eth0"],
+        p.is_gauge,
+        p._AGG_GAUGES,
+    ]
+    gc.collect()
+    counts = [sys.getrefcount(obj) for obj in watched]
+    objects = len(gc.get_objects())
+    blocks = sys.getallocatedblocks()
+    for _ in range(100_000 // (len(adders) * 8)):
+        round_()
+    gc.collect()
+    assert [sys.getrefcount(obj) for obj in watched] == counts
+    assert len(gc.get_objects()) <= objects + 10
+    assert sys.getallocatedblocks() <= blocks + 100
+    assert big_total == snapshot
+    assert all(at(big_total, path) is value for path, value in kept.items())

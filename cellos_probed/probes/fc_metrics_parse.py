@@ -254,6 +254,17 @@ merge_into: Callable[[dict[str, Any], dict[str, Any]], None] = partial(
     _fc_sum.merge_into, _section_gauges, is_gauge, _AGG_GAUGES, _GAUGE_CACHE_LIMIT
 )
 
+#: ``add_line(total, line)``: a whole line's TEXT added into ``total`` in C, with
+#: the effect of ``merge_into(total, orjson.loads(line))`` (the timestamp left
+#: out) but no parse and no objects (~3x faster), when the line is Firecracker's
+#: compact form shaped exactly as ``total`` (its sections, fields and their
+#: order): then ``(utc_timestamp_ms, logger.missed_metrics_count or 0)``; else
+#: None, ``total`` untouched. Bound as merge_into is. :meth:`MetricsAccumulator.feed`
+#: tries it on a reading's first line; None (tests) turns that off.
+add_line: Callable[[dict[str, Any], bytes], tuple[int, int] | None] | None = partial(
+    _fc_sum.add_line, _section_gauges, is_gauge, _AGG_GAUGES, _GAUGE_CACHE_LIMIT
+)
+
 
 def _merge_section(section: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     gauges = _section_gauges.get(section)
@@ -363,7 +374,16 @@ class MetricsAccumulator:
     def feed(self, data: bytes) -> int:
         """Take a chunk of the stream; returns how many records it completed."""
         lines = self._splitter.feed(data)
+        fast = add_line
         for line in lines:
+            # a reading's first line, shaped as the totals (nearly every line once the
+            # totals exist): added from its text; anything else parsed and merged
+            if fast is not None and self._lines == 0 and self._totals:
+                whole = line.lstrip(b"\0")
+                added = fast(self._totals, whole)
+                if added is not None:
+                    self._added(whole, *added)
+                    continue
             found, torn = parse_line(line)
             if found is None and not torn:
                 continue  # blank: a hole in a truncated file, nothing was written there
@@ -380,6 +400,25 @@ class MetricsAccumulator:
             self._torn += oversize
             self._unparsed += oversize
         return len(lines) + oversize
+
+    def _added(self, line: bytes, timestamp: int, missed: int) -> None:
+        """A reading's first line, whole, which :func:`add_line` added into the totals.
+
+        The rest of what :meth:`_add` does with a first line: counted, its
+        timestamp and its text (or, for a line :func:`delta_text` does not
+        cut, its parse) kept as the reading's delta.
+        """
+        self.records += 1
+        self._lines = 1
+        self._newest_timestamp = timestamp
+        text = delta_text(line)
+        if text is not None:
+            self._pending_text = text
+            self._pending_missed = missed
+        else:
+            found = orjson.loads(line)
+            del found[TIMESTAMP_KEY]
+            self._pending = found
 
     def _add(self, found: dict[str, Any], line: bytes | None) -> None:
         """One parsed line (a fresh object: nobody else holds it) into totals and reading."""
