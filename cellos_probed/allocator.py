@@ -30,8 +30,14 @@ and frees a hundred thousand short-lived dicts, which reference counting
 alone frees. perf put 14 % of the daemon's CPU in the collector. So once the
 cells' state is built (after the first tick, and again after a reload),
 what exists is moved out of the collector's sight (``gc.freeze``), and the
-youngest generation is collected every 10,000 allocations rather than 700.
-Cycles still get collected; only the long-lived objects are not re-walked.
+youngest generation is collected every 100,000 allocations rather than 700.
+A young collection walks every young object still alive, and a tick at a
+thousand cells holds tens of thousands alive at its peak (readings waiting
+to be published): below that, each tick set off several collections that
+each walked the tick's objects and promoted them to be walked again (CPU
+per tick 0.228 -> 0.219 s with 100,000 instead of 10,000, measured).
+Cycles still get collected, at most ~100,000 objects (~10 MB) late; only
+the long-lived objects are not re-walked.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def configure() -> bool:
 IDLE_BYTES_WORTH_TRIMMING: Final = 2 * TRIM_THRESHOLD_BYTES
 
 #: allocations between collections of the youngest generation (Python's default: 700)
-YOUNG_COLLECTION_EVERY: Final = 10_000
+YOUNG_COLLECTION_EVERY: Final = 100_000
 
 
 def tune_collector(young: int = YOUNG_COLLECTION_EVERY) -> None:
