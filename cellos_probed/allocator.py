@@ -101,7 +101,7 @@ def configure() -> bool:
 IDLE_BYTES_WORTH_TRIMMING: Final = 2 * TRIM_THRESHOLD_BYTES
 
 #: allocations between collections of the youngest generation (Python's default: 700)
-YOUNG_COLLECTION_EVERY: Final = 100_000
+YOUNG_COLLECTION_EVERY: Final = 10_000
 
 
 def tune_collector(young: int = YOUNG_COLLECTION_EVERY) -> None:
