@@ -32,9 +32,10 @@ cells' state is built (after the first tick, and again after a reload),
 what exists is moved out of the collector's sight (``gc.freeze``), and the
 youngest generation is collected every 10,000 allocations rather than 700.
 Cycles still get collected; only the long-lived objects are not re-walked.
-(100,000, above a tick's peak of live young objects, saved 4 % of CPU but
-a 10-minute soak then crept +18 % with no plateau: cyclic garbage held ten
-times longer left the heap fragmented; measured, and left at 10,000.)
+(100,000, above a tick's peak of live young objects, saved ~4 % of CPU,
+but a 10-minute soak then crept +18 % with no plateau where 10,000 stays
+flat: measured, not yet explained; cyclic garbage held ten times longer is
+the suspect.)
 """
 
 from __future__ import annotations
