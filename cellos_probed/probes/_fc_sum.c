@@ -380,6 +380,43 @@ merge_top(const Config *cfg, PyObject *total, PyObject *new)
     }
 }
 
+/* The four leading arguments both functions share, checked: 0, or -1 with
+ * TypeError (``name`` is the caller's, for the message) */
+static int
+config_of(const char *name, PyObject *const *args, Py_ssize_t nargs, Config *cfg)
+{
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly 6 positional arguments (%zd given)",
+                     name, nargs);
+        return -1;
+    }
+    *cfg = (Config){args[0], args[1], args[2], 0};
+    if (!PyDict_CheckExact(cfg->gauge_cache)) {
+        PyErr_Format(PyExc_TypeError, "%s(): gauge_cache must be a dict, not %.100s", name,
+                     Py_TYPE(cfg->gauge_cache)->tp_name);
+        return -1;
+    }
+    if (!PyCallable_Check(cfg->is_gauge)) {
+        PyErr_Format(PyExc_TypeError, "%s(): is_gauge must be callable, not %.100s", name,
+                     Py_TYPE(cfg->is_gauge)->tp_name);
+        return -1;
+    }
+    if (!PyLong_Check(args[3])) {
+        PyErr_Format(PyExc_TypeError, "%s(): cache_limit must be an int, not %.100s", name,
+                     Py_TYPE(args[3])->tp_name);
+        return -1;
+    }
+    int overflow;
+    cfg->cache_limit = PyLong_AsLongLongAndOverflow(args[3], &overflow);
+    if (overflow) {
+        cfg->cache_limit = overflow > 0 ? LLONG_MAX : LLONG_MIN;
+    }
+    else if (cfg->cache_limit == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(merge_into_doc,
 "merge_into($module, gauge_cache, is_gauge, agg_gauges, cache_limit, total, new, /)\n"
 "--\n"
@@ -394,36 +431,11 @@ static PyObject *
 merge_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "merge_into() takes exactly 6 positional arguments (%zd given)",
-                     nargs);
+    Config cfg;
+    if (config_of("merge_into", args, nargs, &cfg) < 0) {
         return NULL;
     }
-    Config cfg = {args[0], args[1], args[2], 0};
     PyObject *total = args[4], *new = args[5];
-    if (!PyDict_CheckExact(cfg.gauge_cache)) {
-        PyErr_Format(PyExc_TypeError, "merge_into(): gauge_cache must be a dict, not %.100s",
-                     Py_TYPE(cfg.gauge_cache)->tp_name);
-        return NULL;
-    }
-    if (!PyCallable_Check(cfg.is_gauge)) {
-        PyErr_Format(PyExc_TypeError, "merge_into(): is_gauge must be callable, not %.100s",
-                     Py_TYPE(cfg.is_gauge)->tp_name);
-        return NULL;
-    }
-    if (!PyLong_Check(args[3])) {
-        PyErr_Format(PyExc_TypeError, "merge_into(): cache_limit must be an int, not %.100s",
-                     Py_TYPE(args[3])->tp_name);
-        return NULL;
-    }
-    int overflow;
-    cfg.cache_limit = PyLong_AsLongLongAndOverflow(args[3], &overflow);
-    if (overflow) {
-        cfg.cache_limit = overflow > 0 ? LLONG_MAX : LLONG_MIN;
-    }
-    else if (cfg.cache_limit == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     if (!PyDict_CheckExact(total) || !PyDict_CheckExact(new)) {
         PyErr_Format(PyExc_TypeError, "merge_into(): total and new must be dicts, not %.100s and %.100s",
                      Py_TYPE(total)->tp_name, Py_TYPE(new)->tp_name);
@@ -1200,36 +1212,11 @@ static PyObject *
 add_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "add_line() takes exactly 6 positional arguments (%zd given)",
-                     nargs);
+    Config cfg;
+    if (config_of("add_line", args, nargs, &cfg) < 0) {
         return NULL;
     }
-    Config cfg = {args[0], args[1], args[2], 0};
     PyObject *total = args[4], *line = args[5];
-    if (!PyDict_CheckExact(cfg.gauge_cache)) {
-        PyErr_Format(PyExc_TypeError, "add_line(): gauge_cache must be a dict, not %.100s",
-                     Py_TYPE(cfg.gauge_cache)->tp_name);
-        return NULL;
-    }
-    if (!PyCallable_Check(cfg.is_gauge)) {
-        PyErr_Format(PyExc_TypeError, "add_line(): is_gauge must be callable, not %.100s",
-                     Py_TYPE(cfg.is_gauge)->tp_name);
-        return NULL;
-    }
-    if (!PyLong_Check(args[3])) {
-        PyErr_Format(PyExc_TypeError, "add_line(): cache_limit must be an int, not %.100s",
-                     Py_TYPE(args[3])->tp_name);
-        return NULL;
-    }
-    int overflow;
-    cfg.cache_limit = PyLong_AsLongLongAndOverflow(args[3], &overflow);
-    if (overflow) {
-        cfg.cache_limit = overflow > 0 ? LLONG_MAX : LLONG_MIN;
-    }
-    else if (cfg.cache_limit == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     if (!PyDict_CheckExact(total)) {
         PyErr_Format(PyExc_TypeError, "add_line(): total must be a dict, not %.100s",
                      Py_TYPE(total)->tp_name);
