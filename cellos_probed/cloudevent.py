@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -65,26 +64,65 @@ def rfc3339_millis(instant: datetime) -> str:
     return _last_stamp[1]
 
 
-@dataclass(frozen=True, slots=True)
 class CloudEvent:
-    id: str
-    source: str
-    type: str
-    time: str
-    data: dict[str, Any]
-    sequence: str | None = None
-    cellosagentboot: str | None = None
-    traceparent: str | None = None
-    specversion: str = "1.0"
-    datacontenttype: str = "application/json"
-    #: Last token of the NATS subject (cell id, or host id for ``agent``);
-    #: routing only, not a CloudEvents attribute.
-    subject_token: str = ""
+    """One event: the CloudEvents attributes, its ``data``, and its JSON made once.
 
-    @property
-    def kind(self) -> str:
-        """The type's last segment: ``cgroup``, ``probe_error``, ``gap`` ..."""
-        return self.type.rsplit(".", 1)[-1]
+    ``json``: the structured-mode payload when the event's maker has it
+    already (a probe's events are joined from parts made once per cell and
+    probe, see ``probes.EventStream``); otherwise it is serialised on first
+    use. Either way it is what :meth:`to_dict` gives, serialised by orjson.
+    Treat an event as immutable: its JSON is not made again.
+    """
+
+    __slots__ = (
+        "_json",
+        "cellosagentboot",
+        "data",
+        "datacontenttype",
+        "id",
+        "kind",
+        "sequence",
+        "source",
+        "specversion",
+        "subject_token",
+        "time",
+        "traceparent",
+        "type",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        source: str,
+        type: str,
+        time: str,
+        data: dict[str, Any],
+        sequence: str | None = None,
+        cellosagentboot: str | None = None,
+        traceparent: str | None = None,
+        specversion: str = "1.0",
+        datacontenttype: str = "application/json",
+        subject_token: str = "",
+        *,
+        kind: str | None = None,
+        json: bytes | None = None,
+    ) -> None:
+        self.id = id
+        self.source = source
+        self.type = type
+        self.time = time
+        self.data = data
+        self.sequence = sequence
+        self.cellosagentboot = cellosagentboot
+        self.traceparent = traceparent
+        self.specversion = specversion
+        self.datacontenttype = datacontenttype
+        #: Last token of the NATS subject (cell id, or host id for ``agent``);
+        #: routing only, not a CloudEvents attribute.
+        self.subject_token = subject_token
+        #: The type's last segment: ``cgroup``, ``probe_error``, ``gap`` ...
+        self.kind = type.rsplit(".", 1)[-1] if kind is None else kind
+        self._json = json
 
     def subject(self, prefix: str) -> str:
         return f"{prefix}.{self.kind}.{self.subject_token}"
@@ -108,5 +146,17 @@ class CloudEvent:
         return out
 
     def to_json(self) -> bytes:
-        """Structured-mode payload; computed once per event by the sink."""
-        return orjson.dumps(self.to_dict())
+        """The structured-mode payload (made once)."""
+        if self._json is None:
+            self._json = orjson.dumps(self.to_dict())
+        return self._json
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CloudEvent):
+            return NotImplemented
+        return (self.to_dict(), self.subject_token) == (other.to_dict(), other.subject_token)
+
+    __hash__ = None  # type: ignore[assignment]  # data is a dict: not hashable
+
+    def __repr__(self) -> str:
+        return f"CloudEvent({self.to_dict()!r}, subject_token={self.subject_token!r})"

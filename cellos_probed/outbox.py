@@ -33,6 +33,26 @@ class OutboxEntry:
     attribution: dict[str, Any] | None
 
 
+_ATTRIBUTION_KEYS = ("cellId", "runId", "specSignatureHash")
+
+
+def entry_for(event: CloudEvent, subject_prefix: str, serial: int) -> OutboxEntry:
+    """``event`` as the outbox holds it: subject, JSON, and what its gap accounting needs."""
+    if event.sequence is None:  # gap and agent events: counted in no sequence
+        return OutboxEntry(serial, event.subject(subject_prefix), event.to_json(), event.id,
+                           None, None, None)  # fmt: skip
+    data = event.data
+    return OutboxEntry(
+        serial,
+        f"{subject_prefix}.{event.kind}.{event.subject_token}",
+        event.to_json(),
+        event.id,
+        int(event.sequence),
+        data.get("probeSource"),
+        {key: data[key] for key in _ATTRIBUTION_KEYS},
+    )
+
+
 @dataclass(slots=True)
 class GapRange:
     attribution: dict[str, Any]
@@ -112,24 +132,13 @@ class Outbox:
 
     def put(self, event: CloudEvent) -> list[GapRange]:
         """Queue ``event``; returns the ranges newly dropped to make room."""
-        payload = event.to_json()
-        data = event.data
-        sequence = None if event.sequence is None else int(event.sequence)
-        entry = OutboxEntry(
-            next(self._serials),
-            event.subject(self.subject_prefix),
-            payload,
-            event.id,
-            sequence,
-            data.get("probeSource") if sequence is not None else None,
-            {key: data[key] for key in ("cellId", "runId", "specSignatureHash")}
-            if sequence is not None
-            else None,
-        )
+        entry = entry_for(event, self.subject_prefix, next(self._serials))
         self._entries.append(entry)
-        self._bytes += len(payload)
+        self._bytes += len(entry.payload)
         self.accepted += 1
         dropped: list[GapRange] = []
+        if len(self._entries) <= self.max_events and self._bytes <= self.max_bytes:
+            return dropped
         while self._entries and (
             len(self._entries) > self.max_events or self._bytes > self.max_bytes
         ):
@@ -160,11 +169,7 @@ class Outbox:
             gap.reason,
             gap.boot_id or self.boot_id,
         )
-        self._sealed.append(
-            OutboxEntry(
-                0, event.subject(self.subject_prefix), event.to_json(), event.id, None, None, None
-            )
-        )
+        self._sealed.append(entry_for(event, self.subject_prefix, 0))
 
     def batch(self, limit: int) -> list[OutboxEntry]:
         """The next entries to publish, gap events first; they stay until :meth:`confirm`."""

@@ -37,7 +37,7 @@ import orjson
 import structlog
 
 from cellos_probed.cloudevent import CloudEvent
-from cellos_probed.outbox import GapRange, GapTracker, OutboxEntry
+from cellos_probed.outbox import GapRange, GapTracker, OutboxEntry, entry_for
 from cellos_probed.probes import build_gap_envelope
 
 log = structlog.get_logger("cellos_probed.spool")
@@ -184,19 +184,7 @@ class SpoolOutbox:
         return bool(self._gaps)
 
     def put(self, event: CloudEvent) -> list[GapRange]:
-        data = event.data
-        has_sequence = event.sequence is not None
-        entry = OutboxEntry(
-            0,
-            event.subject(self.subject_prefix),
-            event.to_json(),
-            event.id,
-            int(event.sequence) if event.sequence is not None else None,
-            data.get("probeSource") if has_sequence else None,
-            {key: data[key] for key in ("cellId", "runId", "specSignatureHash")}
-            if has_sequence
-            else None,
-        )
+        entry = entry_for(event, self.subject_prefix, 0)
         self._append(entry, self.boot_id)
         self.accepted += 1
         return self._enforce_bound()
@@ -262,8 +250,7 @@ class SpoolOutbox:
         event = build_gap_envelope(
             gap.attribution, gap.probe_source, gap.first, gap.last, gap.reason, gap.boot_id
         )
-        entry = OutboxEntry(0, event.subject(self.subject_prefix), event.to_json(), event.id,
-                            None, None, None)  # fmt: skip
+        entry = entry_for(event, self.subject_prefix, 0)
         self._append(entry, gap.boot_id)
 
     def batch(self, limit: int) -> list[OutboxEntry]:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
+import orjson
+
 from cellos_probed.cloudevent import CloudEvent, new_event_id, rfc3339_millis
 
 #: CloudEvents ``source`` for host-probe-emitted events. The pair
@@ -142,6 +144,118 @@ class CapturingSink:
         return list(self.events)
 
 
+class EventStream:
+    """One (cell, probe)'s events: their sequence, and the JSON they all share.
+
+    Of a probe's event only the id, the time, the sequence, the inputs and
+    the output (or error) differ from one to the next; the rest (envelope
+    attributes, the cell's attribution, the boot) is serialised here once,
+    when the stream is first used or its cell's identity changes (a reload
+    with a new run), and each event's JSON is joined from those parts and
+    its own. The result is byte for byte what ``orjson.dumps(event.to_dict())``
+    gives (tests/test_event_stream.py); building the envelope and serialising
+    it whole was ~7 us an event, a sixth of the daemon at a thousand cells.
+    """
+
+    __slots__ = (
+        "_after_sequence",
+        "_after_stamp",
+        "_error_head",
+        "_reading_head",
+        "attribution",
+        "context",
+        "probe_source",
+        "sequence",
+    )
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        self.context: ProbeContext | None = None
+        self.probe_source = ""
+        self.attribution: dict[str, str] = {}
+        self._reading_head = self._error_head = b""
+        self._after_sequence = self._after_stamp = b""
+
+    def bind(self, ctx: ProbeContext, probe_source: str, boot_id: str) -> None:
+        """Make the shared parts for ``ctx`` and ``probe_source`` (the sequence goes on)."""
+        self.context, self.probe_source = ctx, probe_source
+        self.attribution = {
+            "cellId": ctx.cell_id,
+            "runId": ctx.run_id,
+            "specSignatureHash": ctx.spec_signature_hash,
+        }
+        short = _known_probe(probe_source)
+
+        def head(kind: str) -> bytes:
+            return b'","source":%b,"type":%b,"datacontenttype":"application/json","time":"' % (
+                orjson.dumps(HOST_PROBE_EVENT_SOURCE),
+                orjson.dumps(event_type_for(kind)),
+            )
+
+        self._reading_head, self._error_head = head(short), head(PROBE_ERROR_KIND)
+        # the attribution object, open after specSignatureHash, ready for hostReceivedAt
+        self._after_sequence = b'","cellosagentboot":%b,"data":%b,"hostReceivedAt":"' % (
+            orjson.dumps(boot_id),
+            orjson.dumps(self.attribution)[:-1],
+        )
+        self._after_stamp = b'","probeSource":%b,"inputs":' % orjson.dumps(probe_source)
+
+    def event(
+        self,
+        stamp: str,
+        inputs: dict[str, Any],
+        result_key: str,
+        result: Any,
+        boot_id: str,
+    ) -> CloudEvent:
+        """The next event: ``data[result_key]`` (``output`` or ``error``) is ``result``."""
+        self.sequence += 1
+        sequence = str(self.sequence)
+        event_id = new_event_id()
+        is_error = result_key == "error"
+        data = {
+            **self.attribution,
+            "hostReceivedAt": stamp,
+            "probeSource": self.probe_source,
+            "inputs": inputs,
+            result_key: result,
+        }
+        stamp_bytes = stamp.encode()
+        json = b"".join(
+            (
+                b'{"specversion":"1.0","id":"',
+                event_id.encode(),
+                self._error_head if is_error else self._reading_head,
+                stamp_bytes,
+                b'","sequence":"',
+                sequence.encode(),
+                self._after_sequence,
+                stamp_bytes,
+                self._after_stamp,
+                orjson.dumps(inputs),
+                b',"error":' if is_error else b',"output":',
+                orjson.dumps(result),
+                b"}}",
+            )
+        )
+        kind = PROBE_ERROR_KIND if is_error else _SHORT_NAMES[self.probe_source]
+        return CloudEvent(
+            event_id,
+            HOST_PROBE_EVENT_SOURCE,
+            _EVENT_TYPES[kind],
+            stamp,
+            data,
+            sequence,
+            boot_id,
+            None,
+            "1.0",
+            "application/json",
+            self.attribution["cellId"],
+            kind=kind,
+            json=json,
+        )
+
+
 class EventStamper:
     """The loss-visibility extensions: one boot id, one count per (cell, probe).
 
@@ -150,20 +264,34 @@ class EventStamper:
     event declares them. The stamper outlives config reloads.
     """
 
-    __slots__ = ("_counters", "boot_id")
+    __slots__ = ("_streams", "boot_id")
 
     def __init__(self, boot_id: str | None = None) -> None:
         self.boot_id = boot_id or str(uuid.uuid4())
-        self._counters: dict[tuple[str, str], int] = {}
+        self._streams: dict[tuple[str, str], EventStream] = {}
+
+    def stream(self, ctx: ProbeContext, probe_source: str) -> EventStream:
+        """The (cell, probe) stream, bound to ``ctx``; an unknown probe is a parse error."""
+        key = (ctx.cell_id, _known_probe(probe_source))
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = EventStream()
+        bound = stream.context
+        if (bound is not ctx and bound != ctx) or stream.probe_source != probe_source:
+            stream.bind(ctx, probe_source, self.boot_id)
+        return stream
 
     def next_sequence(self, cell_id: str, probe: str) -> int:
         key = (cell_id, probe)
-        value = self._counters.get(key, 0) + 1
-        self._counters[key] = value
-        return value
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = EventStream()
+        stream.sequence += 1
+        return stream.sequence
 
     def last_sequence(self, cell_id: str, probe: str) -> int:
-        return self._counters.get((cell_id, probe), 0)
+        stream = self._streams.get((cell_id, probe))
+        return 0 if stream is None else stream.sequence
 
 
 def probe_short_name(probe_source: str) -> str:
@@ -258,6 +386,10 @@ def build_host_probe_envelope(
     return _envelope(short, ctx.cell_id, data, stamp, sequence, boot_id)
 
 
+def _error_data(error: ProbeError) -> dict[str, str]:
+    return {"kind": error.kind, "message": error.message or error.prefix}
+
+
 def build_probe_error_envelope(
     ctx: ProbeContext,
     probe_source: str,
@@ -273,7 +405,7 @@ def build_probe_error_envelope(
     stamp = rfc3339_millis(received_at or datetime.now(UTC))
     data = _attribution(ctx, stamp, probe_source)
     data["inputs"] = inputs
-    data["error"] = {"kind": error.kind, "message": error.message or error.prefix}
+    data["error"] = _error_data(error)
     return _envelope(PROBE_ERROR_KIND, ctx.cell_id, data, stamp, sequence, boot_id)
 
 
@@ -288,12 +420,13 @@ async def emit_reading(
     The single point where "a probe produced something" turns into "the
     sink saw an event", so host-stamping cannot be bypassed.
     """
-    reading.host_received_at = datetime.now(UTC)
-    sequence = boot_id = None
-    if stamper is not None:
-        sequence = stamper.next_sequence(ctx.cell_id, _known_probe(reading.probe_source))
-        boot_id = stamper.boot_id
-    event = build_host_probe_envelope(ctx, reading, sequence=sequence, boot_id=boot_id)
+    reading.host_received_at = received = datetime.now(UTC)
+    if stamper is None:
+        event = build_host_probe_envelope(ctx, reading)
+    else:
+        event = stamper.stream(ctx, reading.probe_source).event(
+            rfc3339_millis(received), reading.inputs, "output", reading.output, stamper.boot_id
+        )
     await sink.emit(event)
     return event
 
@@ -307,13 +440,16 @@ async def emit_probe_error(
     stamper: EventStamper | None = None,
 ) -> CloudEvent:
     """Publish that ``probe_source`` failed, sharing the probe's sequence."""
-    sequence = boot_id = None
-    if stamper is not None:
-        sequence = stamper.next_sequence(ctx.cell_id, _known_probe(probe_source))
-        boot_id = stamper.boot_id
-    event = build_probe_error_envelope(
-        ctx, probe_source, inputs, error, sequence=sequence, boot_id=boot_id
-    )
+    if stamper is None:
+        event = build_probe_error_envelope(ctx, probe_source, inputs, error)
+    else:
+        event = stamper.stream(ctx, probe_source).event(
+            rfc3339_millis(datetime.now(UTC)),
+            inputs,
+            "error",
+            _error_data(error),
+            stamper.boot_id,
+        )
     await sink.emit(event)
     return event
 

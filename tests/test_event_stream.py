@@ -1,0 +1,227 @@
+"""A probe's events joined from parts made once: the same bytes as the envelope serialised whole."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellos_probed.cloudevent import CloudEvent
+from cellos_probed.outbox import Outbox
+from cellos_probed.probes import (
+    PROBE_NAMES,
+    CapturingSink,
+    EventStamper,
+    ProbeContext,
+    ProbeIoError,
+    ProbeParseError,
+    ProbeReading,
+    ProbeTimeoutError,
+    build_host_probe_envelope,
+    build_probe_error_envelope,
+    emit_probe_error,
+    emit_reading,
+)
+
+#: JSON values as probes produce them (ints within 64 bits, as orjson takes them)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+objects = st.dictionaries(st.text(), json_values, max_size=5)
+#: identities with what JSON must escape: quotes, backslashes, control characters, non-ASCII
+names = st.text(min_size=1, max_size=20)
+
+
+def reference(event: CloudEvent) -> bytes:
+    """What the envelope serialised whole gives."""
+    return orjson.dumps(event.to_dict())
+
+
+def same_envelope_but_id(event: CloudEvent, expected: CloudEvent) -> None:
+    mine, theirs = event.to_dict(), expected.to_dict()
+    assert mine.pop("id") != theirs.pop("id")  # each event has its own id
+    assert mine == theirs
+    assert (event.kind, event.subject_token) == (expected.kind, expected.subject_token)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cell=names,
+    run=names,
+    spec=names,
+    probe=st.sampled_from(PROBE_NAMES),
+    prefixed=st.booleans(),
+    inputs=objects,
+    output=objects,
+    boot=names,
+)
+def test_a_reading_joined_from_parts_is_the_envelope_serialised_whole(
+    cell: str,
+    run: str,
+    spec: str,
+    probe: str,
+    prefixed: bool,
+    inputs: dict[str, Any],
+    output: dict[str, Any],
+    boot: str,
+) -> None:
+    source = f"host.{probe}" if prefixed else probe
+    ctx = ProbeContext(cell, run, spec)
+    stamper = EventStamper(boot)
+    reading = ProbeReading(source, inputs, output, datetime.now(UTC))
+    event = stamper.stream(ctx, source).event(
+        "2026-11-30T06:00:00.123Z", inputs, "output", output, boot
+    )
+    assert event.to_json() == reference(event)
+    reading.host_received_at = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
+    expected = build_host_probe_envelope(ctx, reading, sequence=1, boot_id=boot)
+    same_envelope_but_id(event, expected)
+    assert orjson.loads(event.to_json())["id"] == event.id
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cell=names,
+    run=names,
+    probe=st.sampled_from(PROBE_NAMES),
+    inputs=objects,
+    message=st.text(),
+    kind=st.sampled_from([ProbeIoError, ProbeParseError, ProbeTimeoutError]),
+)
+def test_a_probe_error_joined_from_parts_is_the_envelope_serialised_whole(
+    cell: str,
+    run: str,
+    probe: str,
+    inputs: dict[str, Any],
+    message: str,
+    kind: type[ProbeIoError],
+) -> None:
+    ctx = ProbeContext(cell, run, "sha256:x")
+    stamper = EventStamper("boot-1")
+    error = kind(message)
+    stream = stamper.stream(ctx, f"host.{probe}")
+    stream.event("2026-11-30T06:00:00.000Z", inputs, "output", {}, "boot-1")  # sequence 1
+    event = stream.event(
+        "2026-11-30T06:00:00.000Z",
+        inputs,
+        "error",
+        {"kind": error.kind, "message": error.message or error.prefix},
+        "boot-1",
+    )
+    assert event.to_json() == reference(event)
+    expected = build_probe_error_envelope(
+        ctx,
+        f"host.{probe}",
+        inputs,
+        error,
+        sequence=2,
+        boot_id="boot-1",
+        received_at=datetime(2026, 11, 30, 6, 0, tzinfo=UTC),
+    )
+    same_envelope_but_id(event, expected)
+    assert event.kind == "probe_error"
+
+
+@pytest.mark.trio
+async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> None:
+    sink = CapturingSink()
+    stamper = EventStamper()
+    a, b = ProbeContext("a", "run-a", "h"), ProbeContext("b", "run-b", "h")
+    await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {"n": 1}), stamper)
+    await emit_probe_error(sink, a, "host.cgroup", {}, ProbeIoError("gone"), stamper)
+    await emit_reading(sink, a, ProbeReading("host.tap_link", {}, {}), stamper)
+    await emit_reading(sink, b, ProbeReading("cgroup", {}, {"n": 2}), stamper)
+    await emit_reading(sink, a, ProbeReading("cgroup", {}, {"n": 3}), stamper)
+    seen = [(e.data["cellId"], e.kind, e.sequence) for e in sink.events]
+    assert seen == [
+        ("a", "cgroup", "1"),
+        ("a", "probe_error", "2"),
+        ("a", "tap_link", "1"),
+        ("b", "cgroup", "1"),
+        ("a", "cgroup", "3"),
+    ]
+    assert stamper.last_sequence("a", "cgroup") == 3
+    # the short and the prefixed name are one probe, each named as given
+    assert [e.data["probeSource"] for e in sink.events] == [
+        "host.cgroup",
+        "host.cgroup",
+        "host.tap_link",
+        "cgroup",
+        "cgroup",
+    ]
+    for event in sink.events:
+        assert event.to_json() == reference(event)
+        assert orjson.loads(event.to_json())["data"]["hostReceivedAt"] == event.time
+
+
+@pytest.mark.trio
+async def test_a_new_run_of_a_cell_is_attributed_at_once_and_its_sequence_goes_on() -> None:
+    """A reload that gives the cell a new run: the parts made once are made again."""
+    sink = CapturingSink()
+    stamper = EventStamper()
+    await emit_reading(
+        sink, ProbeContext("a", "run-1", "h1"), ProbeReading("cgroup", {}, {}), stamper
+    )
+    await emit_reading(
+        sink, ProbeContext("a", "run-1", "h1"), ProbeReading("cgroup", {}, {}), stamper
+    )
+    await emit_reading(
+        sink, ProbeContext("a", "run-2", "h2"), ProbeReading("cgroup", {}, {}), stamper
+    )
+    sent = [orjson.loads(e.to_json()) for e in sink.events]
+    assert [(s["data"]["runId"], s["data"]["specSignatureHash"]) for s in sent] == [
+        ("run-1", "h1"),
+        ("run-1", "h1"),
+        ("run-2", "h2"),
+    ]
+    assert [s["sequence"] for s in sent] == ["1", "2", "3"]
+    assert [e.data["runId"] for e in sink.events] == ["run-1", "run-1", "run-2"]
+
+
+@pytest.mark.trio
+async def test_an_unknown_probe_is_refused_before_any_sequence_is_spent() -> None:
+    sink = CapturingSink()
+    stamper = EventStamper()
+    with pytest.raises(ProbeParseError, match="unknown host probe short name: disk"):
+        await emit_reading(
+            sink, ProbeContext("a", "r", "h"), ProbeReading("host.disk", {}, {}), stamper
+        )
+    assert sink.events == []
+
+
+@pytest.mark.trio
+async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
+    stamper = EventStamper()
+    outbox = Outbox("p.v1", stamper.boot_id, max_events=1, max_bytes=1 << 20)
+
+    class Into:
+        async def emit(self, event: CloudEvent) -> None:
+            outbox.put(event)
+
+    ctx = ProbeContext("cell-7", "run-7", "sha256:x")
+    first = await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), stamper)
+    (entry,) = outbox.batch(10)
+    assert (entry.subject, entry.payload, entry.msg_id) == (
+        "p.v1.nftables.cell-7",
+        first.to_json(),
+        first.id,
+    )
+    await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), stamper)
+    # the first reading was pushed out: declared with the cell's attribution
+    (gap,) = outbox.seal_gaps()
+    assert (gap.attribution, gap.probe_source, gap.first, gap.last) == (
+        {"cellId": "cell-7", "runId": "run-7", "specSignatureHash": "sha256:x"},
+        "host.nftables",
+        1,
+        1,
+    )
