@@ -233,32 +233,41 @@ def assert_same_readings(fast: MetricsReading, slow: MetricsReading) -> None:
 
 
 class Counting:
-    """``add_line``, counting the lines it took."""
+    """``add_line`` (or ``add_text``), counting the lines it took."""
 
-    def __init__(self) -> None:
-        self.real = fc_metrics_parse.add_line
+    def __init__(self, name: str = "add_line") -> None:
+        self.real = getattr(fc_metrics_parse, name)
         assert self.real is not None
         self.taken = 0
 
-    def __call__(self, total: dict[str, Any], line: bytes) -> tuple[int, int] | None:
+    def __call__(self, *args: Any) -> Any:
         assert self.real is not None
-        got = self.real(total, line)
+        got = self.real(*args)
         self.taken += got is not None
         return got
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**64))  # the emulator draws thousands of numbers a line
-def test_readings_are_the_same_with_and_without_add_line(seed: int) -> None:
+@given(seed=st.integers(0, 2**64), path=st.sampled_from(["add_text", "add_line"]))
+def test_readings_are_the_same_with_and_without_the_fast_paths(seed: int, path: str) -> None:
+    """Totals kept as text (add_text), or as objects a line's text is added into
+    (add_line), give every reading exactly as parsing and merging each line does."""
     rng = random.Random(seed)
     records = emulator_records(rng)
     fast, slow = MetricsAccumulator(), MetricsAccumulator()
-    counting = Counting()
+    counting = Counting(path)
+    other = "add_line" if path == "add_text" else "add_text"
 
     def feed(chunk: bytes) -> None:
-        with patch.object(fc_metrics_parse, "add_line", counting):
+        with (
+            patch.object(fc_metrics_parse, path, counting),
+            patch.object(fc_metrics_parse, other, None),
+        ):
             completed = fast.feed(chunk)
-        with patch.object(fc_metrics_parse, "add_line", None):
+        with (
+            patch.object(fc_metrics_parse, "add_line", None),
+            patch.object(fc_metrics_parse, "add_text", None),
+        ):
             assert slow.feed(chunk) == completed
         assert fast.records == slow.records
 
@@ -298,7 +307,10 @@ def test_add_line_keeps_the_parse_of_a_line_delta_text_cannot_cut() -> None:
         fast, slow = MetricsAccumulator(), MetricsAccumulator()
         counting = Counting()
         for accumulator, add in ((fast, counting), (slow, None)):
-            with patch.object(fc_metrics_parse, "add_line", add):
+            with (
+                patch.object(fc_metrics_parse, "add_line", add),
+                patch.object(fc_metrics_parse, "add_text", None),
+            ):
                 accumulator.feed(orjson.dumps(first) + b"\n")
                 accumulator.take_reading_json()
                 accumulator.feed(orjson.dumps(second) + b"\n")
@@ -312,7 +324,10 @@ def test_add_line_keeps_the_parse_of_a_line_delta_text_cannot_cut() -> None:
 def test_add_line_is_tried_on_a_reading_s_first_line_only() -> None:
     counting = Counting()
     accumulator = MetricsAccumulator()
-    with patch.object(fc_metrics_parse, "add_line", counting):
+    with (
+        patch.object(fc_metrics_parse, "add_line", counting),
+        patch.object(fc_metrics_parse, "add_text", None),
+    ):
         accumulator.feed(line(1, 10, 0, (1, 1, 1)) + b"\n")  # the first: the totals are empty
         assert counting.taken == 0
         accumulator.take_reading()

@@ -1397,3 +1397,210 @@ def test_add_line_no_reference_leaks() -> None:
     assert sys.getallocatedblocks() <= blocks + 100
     assert big_total == snapshot
     assert all(at(big_total, path) is value for path, value in kept.items())
+
+
+# -- add_text: totals kept as their JSON text ------------------------------------------
+
+
+def shape_of(tree: Any) -> Any:
+    """Keys in order, nested: what add_text compares between the totals and a line."""
+    if type(tree) is not dict:
+        return None
+    return [(key, shape_of(value)) for key, value in tree.items()]
+
+
+def plain_keys(tree: Any) -> bool:
+    """No key orjson escapes (add_text refuses a backslash in a key)."""
+    if type(tree) is not dict:
+        return True
+    return all(
+        not re.search(r'[\x00-\x1f"\\]', key) and plain_keys(value) for key, value in tree.items()
+    )
+
+
+def text_must_take(total: Tree, line: bytes) -> bool:
+    """Whether add_text must take ``line``: orjson's own compact text of a line shaped
+    exactly as ``total``, its timestamp first, ints only, every sum within 64 bits."""
+    found = loaded(line)
+    if found is None or next(iter(found)) != TIMESTAMP_KEY or orjson.dumps(found) != line:
+        return False
+    found.pop(TIMESTAMP_KEY)
+    if shape_of(found) != shape_of(total) or not plain_keys(found):
+        return False
+    if not all(type(at(found, path)) is int for path in leaf_paths(found)):
+        return False
+    merged = copy.deepcopy(total)
+    with reference_config():
+        merge_into_reference(merged, found)
+    return all(-(2**63) <= at(merged, path) <= 2**64 - 1 for path in leaf_paths(merged))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rng=st.randoms(use_true_random=False),
+    kind=st.sampled_from(MUST_TAKE + MUST_REFUSE),
+    shape=st.sampled_from(range(len(SHAPES))),
+)
+def test_add_text_is_the_parse_and_the_reference_or_nothing(
+    rng: random.Random, kind: str, shape: int
+) -> None:
+    """Taken, a line gives the reference's totals serialised; refused, only a line
+    that is not exactly the totals' shape in orjson's compact form (or overflows)."""
+    pool = LINE_POOL[shape]
+    start = rng.randint(1, 3)
+    change = mutation(kind, rng, orjson.loads(pool[0]))
+    with reference_config():
+        total: Tree = {}
+        for line in pool[:start]:
+            reference_add(total, line)
+    total, _ = change(total, pool[0])
+    try:
+        text = orjson.dumps(total)
+    except TypeError:  # a sum beyond 64 bits (or a key not a str): kept as objects
+        assert kind in ("big_totals", "totals_key")
+        return
+    layout = p.text_layout(total)
+    if layout is None:  # an empty or odd section: kept as objects too
+        assert kind in ("empty_dicts", "totals_type")
+        return
+    assert text_layout_flags(total) == list(layout)
+    taken = []
+    for original in pool[start : start + rng.randint(1, 3)]:
+        _, line = change(orjson.loads(original), original)
+        must = text_must_take(total, line)
+        got = _fc_sum.add_text(layout, text, line)
+        taken.append(got is not None)
+        assert (got is not None) == must, (kind, line[:200])
+        found = loaded(line)
+        if got is None:
+            if found is None:
+                continue
+            with reference_config():  # the ordinary path; the text is made again from it
+                merge_into_reference(total, found)
+            try:
+                text = orjson.dumps(total)
+            except TypeError:
+                return
+            new_layout = p.text_layout(total)
+            if new_layout is None:
+                return
+            layout = new_layout
+            continue
+        with reference_config():
+            expected = reference_add(total, line)
+        assert got == (orjson.dumps(total), *expected)
+        assert [type(x) for x in got] == [bytes, int, int]
+        text = got[0]
+    if kind in MUST_TAKE:
+        assert all(taken), kind
+
+
+def text_layout_flags(total: Tree) -> list[int]:
+    """The layout spelt out from is_gauge, leaf by leaf."""
+    return [int(p.is_gauge(path[0], path[1], *path[2:3])) for path in leaf_paths(total)]
+
+
+@pytest.mark.parametrize(
+    ("before", "number", "gauge", "after"),
+    [
+        (2**64 - 2, 1, 0, 2**64 - 1),
+        (2**64 - 1, 1, 0, None),  # beyond 64 bits: the exact sum stays with the objects
+        (2**64 - 1, 0, 0, 2**64 - 1),
+        (-(2**63), -1, 0, None),
+        (-(2**63) + 1, -1, 0, -(2**63)),
+        (2**64 - 1, -(2**63), 0, 2**63 - 1),
+        (2**64 - 1, 5, 1, 5),  # a gauge takes the line's value
+        (7, -(2**63), 1, -(2**63)),
+        (10, -3, 0, 7),
+    ],
+)
+def test_add_text_sums_exactly_within_64_bits(
+    before: int, number: int, gauge: int, after: int | None
+) -> None:
+    totals = orjson.dumps({"s": {"a": before, "z": 0}})
+    line = b'{"utc_timestamp_ms":5,"s":{"a":%d,"z":0}}' % number
+    got = _fc_sum.add_text(bytes([gauge, 0]), totals, line)
+    if after is None:
+        assert got is None
+    else:
+        assert got == (orjson.dumps({"s": {"a": after, "z": 0}}), 5, 0)
+
+
+def test_add_text_returns_the_line_s_timestamp_and_loss() -> None:
+    totals = orjson.dumps({"logger": {"missed_metrics_count": 4, "x": {"sum_us": 1}}})
+    layout = bytes(text_layout_flags(orjson.loads(totals)))
+    for ts, missed in [(0, 0), (2**64 - 1, 9), (-(2**63), 2**63)]:
+        line = b'{"utc_timestamp_ms":%d,"logger":{"missed_metrics_count":%d,"x":{"sum_us":2}}}'
+        got = _fc_sum.add_text(layout, totals, line % (ts, missed))
+        assert got == (
+            orjson.dumps({"logger": {"missed_metrics_count": 4 + missed, "x": {"sum_us": 3}}}),
+            ts,
+            missed,
+        )
+    # no logger section, or the count as an agg: 0, as _missed says
+    assert _fc_sum.add_text(b"\0", b'{"a":{"b":1}}', b'{"utc_timestamp_ms":1,"a":{"b":1}}') == (
+        b'{"a":{"b":2}}',
+        1,
+        0,
+    )
+    agg = b'{"logger":{"missed_metrics_count":{"sum_us":1}}}'
+    line = b'{"utc_timestamp_ms":1,"logger":{"missed_metrics_count":{"sum_us":6}}}'
+    assert _fc_sum.add_text(b"\0", agg, line) == (
+        b'{"logger":{"missed_metrics_count":{"sum_us":7}}}',
+        1,
+        0,
+    )
+
+
+def test_add_text_refuses_a_layout_that_does_not_fit_and_odd_totals() -> None:
+    line = b'{"utc_timestamp_ms":1,"s":{"a":1,"b":2}}'
+    totals = b'{"s":{"a":1,"b":2}}'
+    assert _fc_sum.add_text(b"\0\0", totals, line) == (b'{"s":{"a":2,"b":4}}', 1, 0)
+    for layout in (b"", b"\0", b"\0\0\0"):
+        assert _fc_sum.add_text(layout, totals, line) is None
+    for odd in (b'{"s":{"a":1,"b":2}} ', b'{"s":{"a":1,"b":2}', b'{"s":{"a":1,"b":2}}}', b""):
+        assert _fc_sum.add_text(b"\0\0", odd, line) is None
+    assert _fc_sum.add_text(b"", b"{}", b'{"utc_timestamp_ms":3}') == (b"{}", 3, 0)
+    assert _fc_sum.add_text(b"", b"{}", line) is None
+
+
+def test_add_text_wrong_argument_types_are_type_errors() -> None:
+    good = (b"\0", b'{"s":{"a":1}}', b'{"utc_timestamp_ms":1,"s":{"a":1}}')
+    assert _fc_sum.add_text(*good) is not None
+    for index in range(3):
+        for wrong in ("text", bytearray(good[index]), memoryview(good[index]), None):
+            args: list[Any] = list(good)
+            args[index] = wrong
+            with pytest.raises(TypeError, match=f"argument {index + 1} must be bytes"):
+                _fc_sum.add_text(*args)
+    loose: Any = _fc_sum.add_text
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        loose(*good[:2])
+
+
+def test_add_text_no_reference_leaks() -> None:
+    lines = emulator_lines(3, seed=21, devices=SHAPES[2])
+    total: Tree = {}
+    with reference_config():
+        reference_add(total, lines[0])
+    layout = p.text_layout(total)
+    assert layout is not None
+    text = orjson.dumps(total)
+    refused = [lines[1] + b" ", lines[1][:-100], lines[1].replace(b":0,", b":0.0,", 1)]
+
+    def round_() -> None:
+        for _ in range(200):
+            got = _fc_sum.add_text(layout, text, lines[1])
+            assert got is not None
+            for line in refused:
+                assert _fc_sum.add_text(layout, text, line) is None
+
+    round_()
+    gc.collect()
+    refs = [sys.getrefcount(x) for x in (layout, text, lines[1])]
+    blocks = sys.getallocatedblocks()
+    for _ in range(5):
+        round_()
+    gc.collect()
+    assert [sys.getrefcount(x) for x in (layout, text, lines[1])] == refs
+    assert sys.getallocatedblocks() - blocks < 50

@@ -5,6 +5,7 @@
  *     merge_into(gauge_cache, is_gauge, agg_gauges, cache_limit, total, new) -> None
  *     add_line(gauge_cache, is_gauge, agg_gauges, cache_limit, total, line)
  *         -> (utc_timestamp_ms, missed) | None
+ *     add_text(layout, totals, line) -> (new_totals, utc_timestamp_ms, missed) | None
  *
  * add_line is merge_into of the line's text, without parsing it into
  * objects, for the lines shaped exactly as total: see above its definition.
@@ -1268,16 +1269,261 @@ done:
     return answer;
 }
 
+/* ---- add_text: totals kept as their own JSON text ---------------------------------- */
+
+/* '"<key>":' at *tp in the totals and at *lp in the line, the same plain bytes
+ * (no control byte, quote or backslash): 1 (both moved past the colon, *key and
+ * *key_len the totals' key), 0 anything else */
+static inline int
+same_text_key(const char **tp, const char *tend, const char **lp, const char *lend,
+         const char **key, Py_ssize_t *key_len)
+{
+    const char *t = *tp, *l = *lp;
+    if (t >= tend || *t != '"' || l >= lend || *l != '"') {
+        return 0;
+    }
+    const char *start = t + 1;
+    const char *close = memchr(start, '"', (size_t)(tend - start));
+    if (close == NULL || close + 1 >= tend || close[1] != ':') {
+        return 0;
+    }
+    Py_ssize_t len = close - start;
+    if (lend - l < len + 3 || l[len + 1] != '"' || l[len + 2] != ':' ||
+        !same_plain_bytes(l + 1, start, len)) {
+        return 0;
+    }
+    *key = start;
+    *key_len = len;
+    *tp = close + 2;
+    *lp = l + len + 3;
+    return 1;
+}
+
+/* an integer as scan_int takes it, as a signed 128-bit value: 1, or 0 not one */
+static inline int
+scan_value(const char **pp, const char *end, __int128 *value)
+{
+    int negative;
+    unsigned long long magnitude;
+    if (!scan_int(pp, end, &negative, &magnitude)) {
+        return 0;
+    }
+    *value = negative ? -(__int128)magnitude : (__int128)magnitude;
+    return 1;
+}
+
+/* value (within [-2**63, 2**64 - 1]) in decimal at o; past it */
+static inline char *
+write_value(char *o, __int128 value)
+{
+    unsigned long long magnitude;
+    if (value < 0) {
+        *o++ = '-';
+        magnitude = (unsigned long long)(-value);
+    }
+    else {
+        magnitude = (unsigned long long)value;
+    }
+    char digits[20];
+    int i = 20;
+    do {
+        digits[--i] = (char)('0' + magnitude % 10);
+        magnitude /= 10;
+    } while (magnitude);
+    memcpy(o, digits + i, (size_t)(20 - i));
+    return o + 20 - i;
+}
+
+static PyObject *
+signed_int(__int128 value)
+{
+    return value < 0 ? PyLong_FromLongLong((long long)value)
+                     : PyLong_FromUnsignedLongLong((unsigned long long)value);
+}
+
+PyDoc_STRVAR(add_text_doc,
+"add_text(layout, totals, line, /) -> (new_totals, utc_timestamp_ms, missed) | None\n"
+"\n"
+"A Firecracker metrics line added into totals kept as JSON text, text to text.\n"
+"\n"
+"``totals`` is ``orjson.dumps(t)`` of totals ``t`` whose sections are\n"
+"non-empty dicts of ints or of non-empty dicts of ints, and ``layout`` one\n"
+"byte per integer leaf of ``t`` in order, non-zero where the leaf is a\n"
+"gauge (fc_metrics_parse.text_layout). For a line in Firecracker's compact\n"
+"form with ``t``'s sections, fields and agg keys in ``t``'s order, and no\n"
+"sum beyond what orjson holds (-2**63 .. 2**64 - 1): ``orjson.dumps`` of\n"
+"``t`` after ``merge_into(t, line without its timestamp)``, the line's\n"
+"``utc_timestamp_ms`` and its ``logger.missed_metrics_count`` (0 without\n"
+"one). Any other line (or totals): None.");
+
+#define BOTH(c) (t < tend && *t == (c) && l < lend && *l == (c))
+
+static PyObject *
+add_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "add_text() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++) {
+        if (!PyBytes_CheckExact(args[i])) {
+            PyErr_Format(PyExc_TypeError, "add_text(): argument %d must be bytes, not %.100s",
+                         i + 1, Py_TYPE(args[i])->tp_name);
+            return NULL;
+        }
+    }
+    const unsigned char *layout = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t leaves = PyBytes_GET_SIZE(args[0]), leaf = 0;
+    const char *t = PyBytes_AS_STRING(args[1]), *tend = t + PyBytes_GET_SIZE(args[1]);
+    const char *l = PyBytes_AS_STRING(args[2]), *lend = l + PyBytes_GET_SIZE(args[2]);
+
+    if (lend - l < LINE_PREFIX_LEN || memcmp(l, LINE_PREFIX, LINE_PREFIX_LEN) != 0) {
+        Py_RETURN_NONE;
+    }
+    l += LINE_PREFIX_LEN;
+    __int128 timestamp, missed = 0;
+    if (!scan_value(&l, lend, &timestamp)) {
+        Py_RETURN_NONE;
+    }
+    /* each number written is at most one digit longer than the longer of the two
+     * it sums, and every byte of the line's keys is room to spare: the two sizes
+     * together always hold the result */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (tend - t) + (lend - l));
+    if (out == NULL) {
+        return NULL;
+    }
+    char *o = PyBytes_AS_STRING(out);
+    const char *key;
+    Py_ssize_t key_len;
+    if (t >= tend || *t != '{') {
+        goto refuse;
+    }
+    t++;
+    *o++ = '{';
+    if (t < tend && *t == '}') { /* no sections yet: nor may the line have any */
+        if (l >= lend || *l != '}') {
+            goto refuse;
+        }
+        t++;
+        l++;
+        *o++ = '}';
+        goto finished;
+    }
+    if (l >= lend || *l != ',') {
+        goto refuse;
+    }
+    l++;
+    for (;;) { /* sections */
+        if (!same_text_key(&t, tend, &l, lend, &key, &key_len)) {
+            goto refuse;
+        }
+        if (key_len == LINE_PREFIX_LEN - 4 && memcmp(key, LINE_PREFIX + 2, (size_t)key_len) == 0) {
+            goto refuse; /* a second timestamp: the parse would keep that one */
+        }
+        int logger = key_len == 6 && memcmp(key, "logger", 6) == 0;
+        memcpy(o, key - 1, (size_t)key_len + 3);
+        o += key_len + 3;
+        if (!BOTH('{')) {
+            goto refuse;
+        }
+        t++, l++, *o++ = '{';
+        for (;;) { /* fields */
+            if (!same_text_key(&t, tend, &l, lend, &key, &key_len)) {
+                goto refuse;
+            }
+            memcpy(o, key - 1, (size_t)key_len + 3);
+            o += key_len + 3;
+            int agg = BOTH('{');
+            if (agg) {
+                t++, l++, *o++ = '{';
+            }
+            int missed_field =
+                !agg && logger && key_len == 20 && memcmp(key, "missed_metrics_count", 20) == 0;
+            for (;;) { /* the field's one number, or an agg's subs */
+                if (agg) {
+                    if (!same_text_key(&t, tend, &l, lend, &key, &key_len)) {
+                        goto refuse;
+                    }
+                    memcpy(o, key - 1, (size_t)key_len + 3);
+                    o += key_len + 3;
+                }
+                __int128 before, number;
+                if (leaf >= leaves || !scan_value(&t, tend, &before) ||
+                    !scan_value(&l, lend, &number)) {
+                    goto refuse;
+                }
+                __int128 value = layout[leaf++] ? number : before + number;
+                if (value > (__int128)ULLONG_MAX || value < -((__int128)1 << 63)) {
+                    goto refuse; /* the Python path keeps the exact sum */
+                }
+                if (missed_field) {
+                    missed = number;
+                }
+                o = write_value(o, value);
+                if (!agg) {
+                    break;
+                }
+                if (BOTH(',')) {
+                    t++, l++, *o++ = ',';
+                    continue;
+                }
+                if (!BOTH('}')) {
+                    goto refuse;
+                }
+                t++, l++, *o++ = '}';
+                break;
+            }
+            if (BOTH(',')) {
+                t++, l++, *o++ = ',';
+                continue;
+            }
+            if (!BOTH('}')) {
+                goto refuse;
+            }
+            t++, l++, *o++ = '}';
+            break;
+        }
+        if (BOTH(',')) {
+            t++, l++, *o++ = ',';
+            continue;
+        }
+        if (!BOTH('}')) {
+            goto refuse;
+        }
+        t++, l++, *o++ = '}';
+        break;
+    }
+finished:
+    if (t != tend || l != lend || leaf != leaves) {
+        goto refuse;
+    }
+    if (_PyBytes_Resize(&out, o - PyBytes_AS_STRING(out)) < 0) {
+        return NULL;
+    }
+    PyObject *ts = signed_int(timestamp), *lost = ts == NULL ? NULL : signed_int(missed);
+    PyObject *answer = lost == NULL ? NULL : PyTuple_Pack(3, out, ts, lost);
+    Py_DECREF(out);
+    Py_XDECREF(ts);
+    Py_XDECREF(lost);
+    return answer;
+refuse:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
+#undef BOTH
+
 static PyMethodDef methods[] = {
     {"merge_into", (PyCFunction)(void (*)(void))merge_into, METH_FASTCALL, merge_into_doc},
     {"add_line", (PyCFunction)(void (*)(void))add_line, METH_FASTCALL, add_line_doc},
+    {"add_text", (PyCFunction)(void (*)(void))add_text, METH_FASTCALL, add_text_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cellos_probed.probes._fc_sum",
-    .m_doc = "Firecracker metrics lines summed in C: see merge_into and add_line.",
+    .m_doc = "Firecracker metrics lines summed in C: see merge_into, add_line and add_text.",
     .m_size = -1,
     .m_methods = methods,
 };

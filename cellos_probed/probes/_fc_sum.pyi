@@ -40,3 +40,14 @@ def add_line(
     (TypeError otherwise); an error from ``is_gauge`` propagates with ``total``
     as ``merge_into`` would leave it (the fields before the failing one merged).
     """
+
+def add_text(layout: bytes, totals: bytes, line: bytes, /) -> tuple[bytes, int, int] | None:
+    """One metrics line added into totals kept as their JSON text, text to text.
+
+    ``totals`` is ``orjson.dumps(t)`` of totals whose sections are non-empty
+    dicts of ints or of non-empty dicts of ints, ``layout`` one byte per integer
+    leaf in order, non-zero for a gauge. For a line in Firecracker's compact form
+    shaped exactly as ``t`` and no sum beyond -2**63 .. 2**64 - 1: the text of the
+    merged totals, the line's ``utc_timestamp_ms`` and ``logger.missed_metrics_count``
+    (0 without one). Otherwise None.
+    """
