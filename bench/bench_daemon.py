@@ -9,8 +9,9 @@ for a fixed number of ticks, removes everything, and reports:
 - per tick: duration p50/p99/max (the daemon's own `agent` figures), overruns;
 - the daemon's CPU seconds per tick (from /proc/<pid>/stat), peak RSS, RSS growth;
 - events per second delivered to the subscriber, and how many were lost;
-- the floor (bench/floor.py: the same kernel reads by the simplest loop) and
-  the ratio of the daemon's CPU to it;
+- the floor (bench/floor.py: the same kernel reads by the simplest loop), run
+  for 10 ticks before the daemon and 10 after (the mean is the floor: the
+  machine's speed drifts), and the ratio of the daemon's CPU to it;
 - a peer: node_exporter's netclass collector scraping the same TAPs, its CPU
   per scrape next to our tap_link cost per tick.
 
@@ -351,6 +352,23 @@ def run_probe_alone(config: Path, probe: str, workdir: Path, ticks: int) -> dict
     return {"probe": probe, "ticks": ticks, "cpu_seconds_per_tick": (cpu1 - cpu0) / (t1 - t0)}
 
 
+#: ticks of each floor run (one before the daemon, one after)
+FLOOR_TICKS = 10
+
+
+def mean_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The floor runs' mean, each run kept beside it (``runs``)."""
+    parts = runs[0]["parts_cpu_seconds_per_tick"]
+    return {
+        "cpu_seconds_per_tick": statistics.mean(r["cpu_seconds_per_tick"] for r in runs),
+        "parts_cpu_seconds_per_tick": {
+            part: statistics.mean(r["parts_cpu_seconds_per_tick"][part] for r in runs)
+            for part in parts
+        },
+        "runs": runs,
+    }
+
+
 def run_floor(workdir: Path, spec: dict[str, Any], ticks: int) -> dict[str, Any]:
     path = workdir / "floor.json"
     path.write_text(json.dumps({**spec, "ticks": ticks, "tick_seconds": 1.0}))
@@ -428,6 +446,19 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         probes = sorted(supported_probes() & {"cgroup", "tap_link", "nftables", "fc_metrics"})
         if vms is None:
             probes = [p for p in probes if p != "fc_metrics"]
+        floor_spec = {
+            "cgroup_dirs": [str(cgroup_parent / c) for c in cgroups],
+            "netns": str(netns),
+            "nft": {"family": "inet", "table": "cellosbench"} if "nftables" in probes else None,
+            "vms": [
+                {key: str(workdir / "jail" / vm[key]) for key in ("api_socket", "metrics_path")}
+                for vm in (vms or [])
+            ] if "fc_metrics" in probes else [],
+        }  # fmt: skip
+        # the floor before and after the daemon: this shared machine's speed drifts,
+        # and the mean of the two brackets the daemon's run
+        say(f"N={n}: floor (before)")
+        floor_before = run_floor(workdir, floor_spec, FLOOR_TICKS)
         say(f"N={n}: daemon for {ticks} ticks with probes {', '.join(probes)}")
         emulator_pids = [int(pid) for pid in vms[0]["emulator_pids"].split(",")] if vms else []
         emulator_cpu0 = sum(cpu_seconds(pid) for pid in emulator_pids)
@@ -441,16 +472,8 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
             if emulator_pids
             else None
         )
-        say(f"N={n}: floor")
-        floor = run_floor(workdir, {
-            "cgroup_dirs": [str(cgroup_parent / c) for c in cgroups],
-            "netns": str(netns),
-            "nft": {"family": "inet", "table": "cellosbench"} if "nftables" in probes else None,
-            "vms": [
-                {key: str(workdir / "jail" / vm[key]) for key in ("api_socket", "metrics_path")}
-                for vm in (vms or [])
-            ] if "fc_metrics" in probes else [],
-        }, min(ticks, 10))  # fmt: skip
+        say(f"N={n}: floor (after)")
+        floor = mean_floor([floor_before, run_floor(workdir, floor_spec, FLOOR_TICKS)])
         say(f"N={n}: node_exporter, and tap_link alone")
         peer = run_node_exporter(netns_name, netns, 5)
         tap_alone = run_probe_alone(config, "tap_link", workdir, 10)

@@ -416,6 +416,9 @@ async def run_daemon(
             # the cells' state is built now: keep it out of the collector's walks
             prober.reloaded_since_settle = False
             allocator.settle_long_lived()
+            allocator.collect_by_ticks()
+        elif settle_heap:  # the tick's objects are gone: what is young now is little
+            allocator.collect_after_tick(prober.tick_stats.ticks)
         if prober.tick_stats.ticks % TRIM_EVERY_TICKS == 0:
             allocator.trim_if_holding()  # what a burst left goes back (allocator.py)
         every = prober.config.daemon.agent_event_every_ticks

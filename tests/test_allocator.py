@@ -158,3 +158,37 @@ def test_memory_a_burst_left_goes_back_and_a_ticks_worth_stays() -> None:
     assert held < allocator.IDLE_BYTES_WORTH_TRIMMING
     assert not trimmed
     assert abs(released) < 2_000_000
+
+
+def test_collections_by_ticks_take_the_generations_in_turn_and_free_cycles() -> None:
+    import gc
+    import weakref
+
+    before = gc.get_threshold()
+    seen: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            seen.append(info["generation"])
+
+    class Node:
+        pass
+
+    gc.callbacks.append(record)
+    try:
+        allocator.collect_by_ticks()
+        assert gc.get_threshold() == (allocator.BURST_COLLECTION_EVERY, *before[1:])
+        generations = [allocator.collect_after_tick(tick) for tick in (1, 2, 10, 11, 100)]
+        assert generations == [0, 0, 1, 0, 2]
+        assert seen == generations  # exactly one collection each, of that generation
+        # a cycle made during a tick is gone at the tick's end
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]
+        alive = weakref.ref(node)
+        del node
+        assert alive() is not None
+        allocator.collect_after_tick(3)
+        assert alive() is None
+    finally:
+        gc.callbacks.remove(record)
+        gc.set_threshold(*before)

@@ -7,16 +7,20 @@ by a sleep).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import trio
 
 from cellos_probed.probes import fc_metrics
 from cellos_probed.probes.fc_exchange import MAX_OWED_ROUNDS
+from cellos_probed.probes.fc_metrics import READ_BYTES, MetricsFollower
+from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
 from testbed.fc_emulator import open_emulator
 from tests.conftest import poll_until
 from tests.fc_helpers import (
@@ -335,3 +339,41 @@ async def test_regular_file_is_followed_from_its_end_through_truncation(fc_root:
                     output = last_output(prober, "cell-1")
                 assert output["totals"] == minus(vm.emitted_totals(), history)
     assert output["torn_lines"] == 0
+
+
+def test_a_fifo_is_drained_by_reads_until_one_comes_back_short(tmp_path: Path) -> None:
+    """A pipe's read takes everything it holds, so a short read ends the drain;
+    a full read is followed by another (more may be waiting)."""
+    path = tmp_path / "metrics.fifo"
+    os.mkfifo(path)
+    writer = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 4 * READ_BYTES)  # room for more than one read
+    try:
+        accumulator = MetricsAccumulator()
+        follower = MetricsFollower(str(path), accumulator)
+        follower.ensure_open()
+        reads: list[int] = []
+        real_read = os.read
+
+        def counting_read(fd: int, size: int) -> bytes:
+            reads.append(-1)  # a read asked for (EAGAIN raises out of it)
+            data = real_read(fd, size)
+            reads[-1] = len(data)
+            return data
+
+        line = b'{"utc_timestamp_ms":1,"vmm":{"panic_count":0}}\n'
+        os.write(writer, line)
+        with patch.object(os, "read", counting_read):
+            assert follower.drain() == len(line)
+        assert reads == [len(line)]  # no second read to learn the pipe is empty
+        assert follower.writer_present
+        big = line * (READ_BYTES // len(line) + 5)  # more than one read's worth
+        assert os.write(writer, big) == len(big)
+        reads.clear()
+        with patch.object(os, "read", counting_read):
+            assert follower.drain() == len(big)
+        assert reads == [READ_BYTES, len(big) - READ_BYTES]
+        assert accumulator.records == 1 + big.count(b"\n")
+        follower.close()
+    finally:
+        os.close(writer)

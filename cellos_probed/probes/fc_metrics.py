@@ -169,6 +169,10 @@ class MetricsFollower:
             self.writer_present = True
             total += len(data)
             self.accumulator.feed(data)
+            if self.is_fifo and len(data) < READ_BYTES:
+                # a pipe's read takes all it holds: it is empty now, and asking
+                # again only to be told so (EAGAIN) is an exception per VM per tick
+                break
         return total
 
     def _check_truncation(self, fd: int) -> None:
