@@ -76,6 +76,7 @@ class CloudEvent:
 
     __slots__ = (
         "_json",
+        "attribution",
         "cellosagentboot",
         "data",
         "datacontenttype",
@@ -106,6 +107,7 @@ class CloudEvent:
         *,
         kind: str | None = None,
         json: bytes | None = None,
+        attribution: dict[str, str] | None = None,
     ) -> None:
         self.id = id
         self.source = source
@@ -123,6 +125,9 @@ class CloudEvent:
         #: The type's last segment: ``cgroup``, ``probe_error``, ``gap`` ...
         self.kind = type.rsplit(".", 1)[-1] if kind is None else kind
         self._json = json
+        #: the cell's ``cellId``, ``runId`` and ``specSignatureHash`` as one object its
+        #: maker shares between events (read only): what gap accounting keeps
+        self.attribution = attribution
 
     def subject(self, prefix: str) -> str:
         return f"{prefix}.{self.kind}.{self.subject_token}"

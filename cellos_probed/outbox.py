@@ -42,6 +42,7 @@ def entry_for(event: CloudEvent, subject_prefix: str, serial: int) -> OutboxEntr
         return OutboxEntry(serial, event.subject(subject_prefix), event.to_json(), event.id,
                            None, None, None)  # fmt: skip
     data = event.data
+    attribution = event.attribution  # shared by its maker, or taken from the data
     return OutboxEntry(
         serial,
         f"{subject_prefix}.{event.kind}.{event.subject_token}",
@@ -49,7 +50,7 @@ def entry_for(event: CloudEvent, subject_prefix: str, serial: int) -> OutboxEntr
         event.id,
         int(event.sequence),
         data.get("probeSource"),
-        {key: data[key] for key in _ATTRIBUTION_KEYS},
+        {key: data[key] for key in _ATTRIBUTION_KEYS} if attribution is None else attribution,
     )
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 import trio.testing
@@ -21,6 +22,7 @@ from cellos_probed.probes import (
     ProbeContext,
     ProbeIoError,
     ProbeParseError,
+    emit_reading,
 )
 from cellos_probed.probes import cgroup as cgroup_module
 from cellos_probed.probes.cgroup import CGROUP_FILES, CgroupProbe
@@ -257,3 +259,26 @@ async def test_a_real_cgroup_removed_and_made_again_is_found_anew(real_cgroup: P
     assert again.output["deltas"]["reset"] is True
     assert "cpu.stat" in again.inputs["files"]
     probe.close()
+
+
+async def test_a_reading_s_json_is_made_with_it_and_is_what_its_event_carries(
+    tmp_path: Path,
+) -> None:
+    """The output is serialised on the worker thread that read it, deltas included;
+    the event embeds those bytes, the same as serialising the output there and then."""
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.cpu_stat["usage_usec"] = 1000
+    cgroup.write()
+    probe = probe_for(cgroup.path)
+    sink = CapturingSink()
+    stamper = EventStamper()
+    for _ in range(2):
+        reading = await probe.read(CTX)
+        assert reading.output_json == orjson.dumps(reading.output)
+        event = await emit_reading(sink, CTX, reading, stamper)
+        assert orjson.loads(event.to_json())["data"]["output"] == reading.output
+        assert event.to_json() == orjson.dumps(event.to_dict())
+        cgroup.cpu_stat["usage_usec"] += 250
+        cgroup.write()
+    assert reading.output["deltas"]["cpu_stat"]["usage_usec"] == 250
+    assert b'"usage_usec":250' in sink.events[-1].to_json()

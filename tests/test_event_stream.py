@@ -225,3 +225,23 @@ async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
         1,
         1,
     )
+
+
+@pytest.mark.trio
+async def test_an_output_serialised_by_its_probe_is_embedded_as_it_is() -> None:
+    sink = CapturingSink()
+    stamper = EventStamper()
+    ctx = ProbeContext("a", "r", "h")
+    output = {"n": 1, "f": 0.5}
+    made = orjson.dumps(output)
+    await emit_reading(sink, ctx, ProbeReading("cgroup", {}, output, None, made), stamper)
+    await emit_reading(sink, ctx, ProbeReading("cgroup", {}, output), stamper)
+    first, second = sink.events
+    assert made in first.to_json()
+    assert first.to_json() == reference(first)
+    assert first.to_json().replace(first.id.encode(), second.id.encode()).replace(
+        b'"sequence":"1"', b'"sequence":"2"'
+    ) == second.to_json().replace(second.time.encode(), first.time.encode())
+    # the cell's attribution: one object for the stream's events, what a gap names
+    assert first.attribution is second.attribution
+    assert first.attribution == {"cellId": "a", "runId": "r", "specSignatureHash": "h"}

@@ -64,6 +64,9 @@ class ProbeReading:
     inputs: dict[str, Any]
     output: dict[str, Any]
     host_received_at: datetime | None = None
+    #: ``orjson.dumps(output)``, when the probe made it where the output was made
+    #: (a worker thread, with the objects still in its cache); never changed after
+    output_json: bytes | None = None
 
 
 class ProbeError(Exception):
@@ -207,8 +210,10 @@ class EventStream:
         result_key: str,
         result: Any,
         boot_id: str,
+        result_json: bytes | None = None,
     ) -> CloudEvent:
-        """The next event: ``data[result_key]`` (``output`` or ``error``) is ``result``."""
+        """The next event: ``data[result_key]`` (``output`` or ``error``) is ``result``,
+        ``result_json`` its JSON if already made."""
         self.sequence += 1
         sequence = str(self.sequence)
         event_id = new_event_id()
@@ -234,7 +239,7 @@ class EventStream:
                 self._after_stamp,
                 orjson.dumps(inputs),
                 b',"error":' if is_error else b',"output":',
-                orjson.dumps(result),
+                orjson.dumps(result) if result_json is None else result_json,
                 b"}}",
             )
         )
@@ -253,6 +258,7 @@ class EventStream:
             self.attribution["cellId"],
             kind=kind,
             json=json,
+            attribution=self.attribution,
         )
 
 
@@ -425,7 +431,12 @@ async def emit_reading(
         event = build_host_probe_envelope(ctx, reading)
     else:
         event = stamper.stream(ctx, reading.probe_source).event(
-            rfc3339_millis(received), reading.inputs, "output", reading.output, stamper.boot_id
+            rfc3339_millis(received),
+            reading.inputs,
+            "output",
+            reading.output,
+            stamper.boot_id,
+            reading.output_json,
         )
     await sink.emit(event)
     return event
