@@ -119,3 +119,21 @@ async def poll_until(predicate: Callable[[], bool], *, interval: float = 0.05) -
 
     while not predicate():  # noqa: ASYNC110 - an external condition, nothing to await
         await trio.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def captured_events_carry_the_json_of_their_dict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every event any test captures: its JSON (joined from parts made once, with
+    outputs a probe serialised where it read them) is its dict serialised whole."""
+    import orjson
+
+    from cellos_probed.cloudevent import CloudEvent
+    from cellos_probed.probes import CapturingSink
+
+    real = CapturingSink.emit
+
+    async def checked(self: CapturingSink, event: CloudEvent) -> None:
+        assert event.to_json() == orjson.dumps(event.to_dict()), event.to_json()[:300]
+        await real(self, event)
+
+    monkeypatch.setattr(CapturingSink, "emit", checked)

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import structlog
 import trio
 
@@ -328,7 +329,8 @@ class FcMetricsProbe:
             "delta": reading.delta,
             "totals": reading.totals,
         }
-        return ProbeReading("host.fc_metrics", self.inputs(), output)
+        # the event's output serialised here, on the round's thread, as the sums were
+        return ProbeReading("host.fc_metrics", self.inputs(), output, None, orjson.dumps(output))
 
     # -- the tick ------------------------------------------------------------------------------
 

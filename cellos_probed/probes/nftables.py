@@ -278,4 +278,5 @@ class NftablesProbe:
         output["deltas"] = view_deltas(self._previous, view)
         output["missing"] = output.pop("missing")  # keep the documented key order
         self._previous = view
-        return ProbeReading("host.nftables", self.inputs(), output)
+        # serialised now, while its objects are in the cache (the event embeds the bytes)
+        return ProbeReading("host.nftables", self.inputs(), output, None, orjson.dumps(output))
