@@ -7,7 +7,7 @@ import time
 
 from cellos_probed.probes import ProbeError
 from cellos_probed.probes.fc_api import ApiConnection
-from cellos_probed.probes.fc_exchange import run_round
+from cellos_probed.probes.fc_exchange import LAST_CALL_SECONDS, run_round
 from cellos_probed.probes.fc_http import FLUSH_REQUEST, INSTANCE_REQUEST, ApiResponse
 
 NO_CONTENT = b"HTTP/1.1 204 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n\r\n"
@@ -63,3 +63,58 @@ def test_after_the_deadline_nothing_more_is_asked_and_silence_is_owed() -> None:
         assert silent.answers == []
         assert silent.connection.owed == 1
         assert silent.connection.sock is not None  # kept for the late answer
+
+
+class Slow(Flush):
+    """An answer that takes the round's thread ``seconds`` to handle (a busy host)."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        super().__init__(sock)
+        self.seconds = seconds
+
+    def answered(self, response: ApiResponse, *, last_call: bool = False) -> bytes | None:
+        time.sleep(self.seconds)
+        return super().answered(response, last_call=last_call)
+
+
+def test_answers_are_taken_past_the_deadline_only_for_the_last_call_s_time() -> None:
+    """Every VMM answered in time, but handling each takes 5 ms: the round takes
+    what it can in LAST_CALL_SECONDS and hands back; the rest are owed (timeouts)."""
+    pairs = [socket.socketpair() for _ in range(40)]
+    try:
+        exchanges = []
+        for ours, vmm in pairs:
+            vmm.sendall(NO_CONTENT)
+            exchanges.append(Slow(ours, 0.005))
+        started = time.monotonic()
+        run_round(exchanges, deadline=started - 1.0)
+        took = time.monotonic() - started
+        taken = [e for e in exchanges if e.answers]
+        assert took < LAST_CALL_SECONDS + 0.05  # not 40 x 5 ms
+        assert 1 <= len(taken) <= LAST_CALL_SECONDS / 0.005 + 1
+        assert all(e.answers == [(204, True)] for e in taken)
+        assert all(e.connection.owed == 1 for e in exchanges if not e.answers)
+    finally:
+        for ours, vmm in pairs:
+            ours.close()
+            vmm.close()
+
+
+def test_a_busy_round_stops_handling_answers_at_its_deadline() -> None:
+    """Answers keep coming while the thread is busy: the round stops at its deadline
+    (and the last call's time), not when the last answer is handled."""
+    pairs = [socket.socketpair() for _ in range(60)]
+    try:
+        exchanges = []
+        for ours, vmm in pairs:
+            vmm.sendall(NO_CONTENT)
+            exchanges.append(Slow(ours, 0.005))
+        started = time.monotonic()
+        run_round(exchanges, deadline=started + 0.05)
+        took = time.monotonic() - started
+        assert took < 0.05 + LAST_CALL_SECONDS + 0.05  # not 60 x 5 ms = 0.3 s
+        assert 0 < sum(1 for e in exchanges if e.answers) < len(exchanges)
+    finally:
+        for ours, vmm in pairs:
+            ours.close()
+            vmm.close()

@@ -44,7 +44,7 @@ from cellos_probed.probes import (
     ProbeTimeoutError,
 )
 from cellos_probed.probes.fc_api import ApiConnection
-from cellos_probed.probes.fc_exchange import run_round
+from cellos_probed.probes.fc_exchange import LAST_CALL_SECONDS, run_round
 from cellos_probed.probes.fc_http import (
     FLUSH_REQUEST,
     INSTANCE_REQUEST,
@@ -352,7 +352,8 @@ class FcMetricsProbe:
         remaining = min(
             trio.current_effective_deadline() - trio.current_time(), API_TIMEOUT_SECONDS
         )
-        deadline = time.monotonic() + max(0.0, remaining - ROUND_MARGIN_SECONDS)
+        # the round stops waiting early enough to take what came, and hand back, in time
+        deadline = time.monotonic() + max(0.0, remaining - ROUND_MARGIN_SECONDS - LAST_CALL_SECONDS)
         limiter = probes[0]._rounds
         for probe in probes:
             probe._in_round = True
