@@ -17,10 +17,21 @@ import trio
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import BufferSettings, NatsSettings, SpoolSettings
 from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable
-from cellos_probed.outbox import Outbox, OutboxEntry
+from cellos_probed.outbox import GapRange, Outbox, OutboxEntry
 from cellos_probed.spool import SpoolOutbox
 
 log = structlog.get_logger("cellos_probed.nats_sink")
+
+
+def _log_dropped(gaps: list[GapRange]) -> None:
+    for gap in gaps:
+        log.warning(
+            "buffer full: dropping oldest readings",
+            cell=gap.attribution["cellId"],
+            probe=gap.probe_source,
+            first_sequence=gap.first,
+            reason=gap.reason,
+        )
 
 
 @dataclass(slots=True)
@@ -77,14 +88,7 @@ class NatsSink:
         return self._publisher.state.reconnects
 
     async def emit(self, event: CloudEvent) -> None:
-        for gap in self.outbox.put(event):
-            log.warning(
-                "buffer full: dropping oldest readings",
-                cell=gap.attribution["cellId"],
-                probe=gap.probe_source,
-                first_sequence=gap.first,
-                reason=gap.reason,
-            )
+        _log_dropped(self.outbox.put(event))
         self.stats.emitted += 1
         self.stats.dropped = self.outbox.dropped
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -170,6 +174,8 @@ class NatsSink:
                 )
             except NatsUnavailable as exc:
                 self.stats.publish_failures += 1
+                _log_dropped(self.outbox.batch_failed())
+                self.stats.dropped = self.outbox.dropped
                 if not failing:
                     log.warning("cannot publish yet; holding events", error=str(exc))
                     failing = True

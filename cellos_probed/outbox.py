@@ -118,6 +118,10 @@ class Outbox:
         self._serials = itertools.count(1)
         self._gaps = GapTracker(self._seal)
         self._sealed: deque[OutboxEntry] = deque()
+        #: the last serial of the batch being published (0: none). An entry of it
+        #: pushed out meanwhile may still arrive: its drop waits for the outcome
+        self._in_flight_last = 0
+        self._held: list[OutboxEntry] = []
         self.accepted = 0
         self.dropped = 0
 
@@ -145,11 +149,26 @@ class Outbox:
         ):
             victim = self._entries.popleft()
             self._bytes -= len(victim.payload)
+            if victim.serial <= self._in_flight_last:
+                self._held.append(victim)  # being published: lost only if the batch fails
+                continue
             self.dropped += 1
             gap = self._gaps.drop(victim, "buffer_full")
             if gap is not None:
                 dropped.append(gap)
         return dropped
+
+    def batch_failed(self) -> list[GapRange]:
+        """The batch in flight was not confirmed: what was pushed out of it is lost."""
+        held, self._held = self._held, []
+        self._in_flight_last = 0
+        lost: list[GapRange] = []
+        for victim in held:
+            self.dropped += 1
+            gap = self._gaps.drop(victim, "buffer_full")
+            if gap is not None:
+                lost.append(gap)
+        return lost
 
     def reject(self, entries: list[OutboxEntry], reason: str) -> None:
         """Count ``entries`` (of a batch about to be confirmed) as dropped for ``reason``."""
@@ -176,6 +195,7 @@ class Outbox:
         """The next entries to publish, gap events first; they stay until :meth:`confirm`."""
         out = list(itertools.islice(self._sealed, limit))
         out.extend(itertools.islice(self._entries, max(0, limit - len(out))))
+        self._in_flight_last = max((entry.serial for entry in out), default=0)
         return out
 
     def confirm(self, batch: list[OutboxEntry]) -> None:
@@ -186,3 +206,6 @@ class Outbox:
         last = max((entry.serial for entry in batch if entry.serial), default=0)
         while self._entries and self._entries[0].serial <= last:
             self._bytes -= len(self._entries.popleft().payload)
+        # what was pushed out of the batch while it was in flight arrived after all
+        self._held.clear()
+        self._in_flight_last = 0

@@ -243,6 +243,10 @@ class SpoolOutbox:
             self.dropped += 1
             self._gaps.drop(entry, reason, boots.get(entry.serial, self.boot_id))
 
+    def batch_failed(self) -> list[GapRange]:
+        """The batch in flight was not confirmed: it stays spooled, to be sent again."""
+        return []
+
     def seal_gaps(self) -> list[GapRange]:
         return self._gaps.seal_all()
 

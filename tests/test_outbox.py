@@ -110,3 +110,34 @@ def test_entries_dropped_while_a_batch_was_in_flight_are_not_confirmed_twice() -
     outbox.confirm(in_flight)
     left = [orjson.loads(e.payload)["sequence"] for e in outbox.batch(10)]
     assert left == ["3", "4", "5"]
+
+
+def test_an_entry_pushed_out_while_its_batch_is_in_flight_is_lost_only_if_the_batch_fails() -> None:
+    """The batch being published may still arrive: declaring its pushed-out entries
+    at once named readings that did arrive (a gap over delivered sequences)."""
+    for outcome in ("confirmed", "failed"):
+        stamper = EventStamper()
+        outbox = Outbox(PREFIX, stamper.boot_id, max_events=3, max_bytes=1 << 20)
+        for _ in range(3):
+            outbox.put(reading(stamper, "a"))
+        in_flight = outbox.batch(2)  # sequences 1 and 2 on their way
+        assert outbox.put(reading(stamper, "a")) == []  # pushes 1 out: held, not declared
+        assert outbox.put(reading(stamper, "a")) == []  # and 2
+        assert outbox.dropped == 0
+        assert not outbox.has_open_gaps()
+        if outcome == "confirmed":
+            outbox.confirm(in_flight)  # they arrived: nothing is missing
+            assert outbox.dropped == 0
+            assert outbox.seal_gaps() == []
+        else:
+            (gap,) = outbox.batch_failed()  # they did not: now they are lost, and declared
+            assert (gap.first, gap.last, gap.reason) == (1, 2, "buffer_full")
+            assert outbox.dropped == 2
+            assert [g.last for g in outbox.seal_gaps()] == [2]
+        # an entry not in flight is declared at once, as before
+        before = outbox.dropped
+        outbox.put(reading(stamper, "a"))  # pushes 3 out
+        assert outbox.dropped == before + 1
+        assert outbox.has_open_gaps()
+        held = [e.sequence for e in outbox.batch(10) if e.sequence is not None]
+        assert held == [4, 5, 6]
