@@ -217,8 +217,9 @@ async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
         first.id,
     )
     await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), stamper)
-    # the first reading was pushed out: declared with the cell's attribution
-    (gap,) = outbox.seal_gaps()
+    # the first reading was pushed out of its batch in flight, and the batch failed:
+    # it is declared lost, with the cell's attribution
+    (gap,) = outbox.batch_failed()
     assert (gap.attribution, gap.probe_source, gap.first, gap.last) == (
         {"cellId": "cell-7", "runId": "run-7", "specSignatureHash": "sha256:x"},
         "host.nftables",
