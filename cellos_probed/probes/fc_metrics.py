@@ -44,7 +44,7 @@ from cellos_probed.probes import (
     ProbeTimeoutError,
 )
 from cellos_probed.probes.fc_api import ApiConnection
-from cellos_probed.probes.fc_exchange import LAST_CALL_SECONDS, run_round
+from cellos_probed.probes.fc_exchange import run_round
 from cellos_probed.probes.fc_http import (
     FLUSH_REQUEST,
     INSTANCE_REQUEST,
@@ -342,9 +342,10 @@ class FcMetricsProbe:
     ) -> None:
         """Every cell's VMM in rounds of ROUND_SIZE, a few rounds at once on worker threads.
 
-        Each round ends by the enclosing deadline (less a margin, so it hands
-        back before the daemon's timeout fires); a VM that has not answered
-        by then has no result, which the daemon reports as a timeout.
+        Each round waits for answers until the enclosing deadline (less a
+        margin), then takes what is already there for at most
+        ``fc_exchange.LAST_CALL_SECONDS``; a VM whose answer was not taken
+        has no result, which the daemon reports as a timeout.
         """
         probes = [probe for _, probe in jobs if not probe._closed]
         if not probes:
@@ -352,8 +353,9 @@ class FcMetricsProbe:
         remaining = min(
             trio.current_effective_deadline() - trio.current_time(), API_TIMEOUT_SECONDS
         )
-        # the round stops waiting early enough to take what came, and hand back, in time
-        deadline = time.monotonic() + max(0.0, remaining - ROUND_MARGIN_SECONDS - LAST_CALL_SECONDS)
+        # the VMMs have until the timeout; the round may then take LAST_CALL_SECONDS more
+        # for answers already there (fc_exchange)
+        deadline = time.monotonic() + max(0.0, remaining - ROUND_MARGIN_SECONDS)
         limiter = probes[0]._rounds
         for probe in probes:
             probe._in_round = True
