@@ -339,3 +339,31 @@ def test_add_line_is_tried_on_a_reading_s_first_line_only() -> None:
     assert (reading.lines, reading.utc_timestamp_ms) == (2, 3)
     assert reading.delta["net_eth0"]["rx_bytes_count"] == 12
     assert reading.totals["net_eth0"]["rx_bytes_count"] == 22
+
+
+def test_a_reading_of_several_lines_keeps_the_totals_as_text() -> None:
+    """Every VMM's own 60 s timer adds a second line to a reading now and then: the
+    totals stay text (only the delta is summed as objects), and the reading is the
+    same as parsing and merging every line."""
+    fast, slow = MetricsAccumulator(), MetricsAccumulator()
+    first = line(1, 10, 0, (1, 2, 3)) + b"\n"
+    pair = line(2, 5, 1, (1, 1, 1)) + b"\n" + line(3, 7, 0, (2, 2, 2)) + b"\n"
+    with (
+        patch.object(fc_metrics_parse, "add_line", None),
+        patch.object(fc_metrics_parse, "add_text", None),
+    ):
+        slow.feed(first)
+        expected = [slow.take_reading_json()]
+        slow.feed(pair)
+        expected.append(slow.take_reading_json())
+    fast.feed(first)
+    got = [fast.take_reading_json()]
+    assert fast._totals_text is not None  # from the first reading on
+    fast.feed(pair)
+    assert fast._totals_text is not None  # not taken back as objects for the second line
+    assert fast._pending is not None  # the delta of two lines: a sum of objects
+    got.append(fast.take_reading_json())
+    for a, b in zip(got, expected, strict=True):
+        assert_same_readings(a, b)
+    assert got[1].lines == 2
+    assert orjson.loads(orjson.dumps(got[1].totals))["net_eth0"]["rx_bytes_count"] == 22

@@ -418,16 +418,23 @@ class MetricsAccumulator:
         lines = self._splitter.feed(data)
         fast, text_fast = add_line, add_text
         for line in lines:
-            # a reading's first line, shaped as the totals (nearly every line once the
-            # totals exist): added from its text; anything else parsed and merged
-            if self._lines == 0:
-                whole = line.lstrip(b"\0")
-                if self._totals_text is not None and text_fast is not None:
-                    summed = text_fast(self._layout, self._totals_text, whole)
-                    if summed is not None:
-                        self._totals_text = summed[0]
+            # a line shaped as the totals (nearly every line once the totals exist):
+            # added from its text; anything else parsed and merged
+            whole = line.lstrip(b"\0")
+            if self._totals_text is not None and text_fast is not None:
+                summed = text_fast(self._layout, self._totals_text, whole)
+                if summed is not None:
+                    self._totals_text = summed[0]
+                    if self._lines == 0:
                         self._added(whole, summed[1], summed[2])
-                        continue
+                    else:  # a reading's further line: only its delta needs the objects
+                        # (the totals stay text: a thousand VMMs' 60 s timers firing
+                        # together turned every VM's totals into objects at once, and
+                        # the heap kept the peak: RSS +7 % over the soak, measured)
+                        self.records += 1
+                        self._add(orjson.loads(whole), None, totals_added=True)
+                    continue
+            if self._lines == 0:
                 totals = self._dict_totals()
                 if fast is not None and totals:
                     added = fast(totals, whole)
@@ -470,12 +477,15 @@ class MetricsAccumulator:
             del found[TIMESTAMP_KEY]
             self._pending = found
 
-    def _add(self, found: dict[str, Any], line: bytes | None) -> None:
+    def _add(
+        self, found: dict[str, Any], line: bytes | None, *, totals_added: bool = False
+    ) -> None:
         """One parsed line (a fresh object: nobody else holds it) into totals and reading."""
         self._lines += 1
         self._newest_timestamp = found.pop(TIMESTAMP_KEY)
-        # totals take copies of the sections they lack: ``found`` stays unshared
-        merge_into(self._dict_totals(), found)
+        if not totals_added:
+            # totals take copies of the sections they lack: ``found`` stays unshared
+            merge_into(self._dict_totals(), found)
         if self._lines == 1:
             text = None if line is None else delta_text(line)
             if text is not None:
