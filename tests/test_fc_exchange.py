@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cellos_probed.probes import ProbeError
 from cellos_probed.probes.fc_api import ApiConnection
@@ -77,15 +79,26 @@ class Slow(Flush):
         return super().answered(response, last_call=last_call)
 
 
-def test_answers_are_taken_past_the_deadline_only_for_the_last_call_s_time() -> None:
-    """Every VMM answered in time, but handling each takes 5 ms: the round takes
-    what it can in LAST_CALL_SECONDS and hands back; the rest are owed (timeouts)."""
-    pairs = [socket.socketpair() for _ in range(40)]
+@contextmanager
+def answered_slowly(count: int, seconds: float = 0.005) -> Iterator[list[Slow]]:
+    """``count`` exchanges whose VMMs have all answered, each ``seconds`` to handle."""
+    pairs = [socket.socketpair() for _ in range(count)]
     try:
         exchanges = []
         for ours, vmm in pairs:
             vmm.sendall(NO_CONTENT)
-            exchanges.append(Slow(ours, 0.005))
+            exchanges.append(Slow(ours, seconds))
+        yield exchanges
+    finally:
+        for ours, vmm in pairs:
+            ours.close()
+            vmm.close()
+
+
+def test_answers_are_taken_past_the_deadline_only_for_the_last_call_s_time() -> None:
+    """Every VMM answered in time, but handling each takes 5 ms: the round takes
+    what it can in LAST_CALL_SECONDS and hands back; the rest are owed (timeouts)."""
+    with answered_slowly(40) as exchanges:
         started = time.monotonic()
         run_round(exchanges, deadline=started - 1.0)
         took = time.monotonic() - started
@@ -94,27 +107,14 @@ def test_answers_are_taken_past_the_deadline_only_for_the_last_call_s_time() -> 
         assert 1 <= len(taken) <= LAST_CALL_SECONDS / 0.005 + 1
         assert all(e.answers == [(204, True)] for e in taken)
         assert all(e.connection.owed == 1 for e in exchanges if not e.answers)
-    finally:
-        for ours, vmm in pairs:
-            ours.close()
-            vmm.close()
 
 
 def test_a_busy_round_stops_handling_answers_at_its_deadline() -> None:
     """Answers keep coming while the thread is busy: the round stops at its deadline
     (and the last call's time), not when the last answer is handled."""
-    pairs = [socket.socketpair() for _ in range(60)]
-    try:
-        exchanges = []
-        for ours, vmm in pairs:
-            vmm.sendall(NO_CONTENT)
-            exchanges.append(Slow(ours, 0.005))
+    with answered_slowly(60) as exchanges:
         started = time.monotonic()
         run_round(exchanges, deadline=started + 0.05)
         took = time.monotonic() - started
         assert took < 0.05 + LAST_CALL_SECONDS + 0.05  # not 60 x 5 ms = 0.3 s
         assert 0 < sum(1 for e in exchanges if e.answers) < len(exchanges)
-    finally:
-        for ours, vmm in pairs:
-            ours.close()
-            vmm.close()

@@ -1272,11 +1272,11 @@ done:
 /* ---- add_text: totals kept as their own JSON text ---------------------------------- */
 
 /* '"<key>":' at *tp in the totals and at *lp in the line, the same plain bytes
- * (no control byte, quote or backslash): 1 (both moved past the colon, *key and
- * *key_len the totals' key), 0 anything else */
+ * (no control byte, quote or backslash): 1 (both moved past the colon, the key
+ * copied to *op and *op past it, *key and *key_len the totals' key), 0 anything else */
 static inline int
-same_text_key(const char **tp, const char *tend, const char **lp, const char *lend,
-         const char **key, Py_ssize_t *key_len)
+same_text_key(const char **tp, const char *tend, const char **lp, const char *lend, char **op,
+              const char **key, Py_ssize_t *key_len)
 {
     const char *t = *tp, *l = *lp;
     if (t >= tend || *t != '"' || l >= lend || *l != '"') {
@@ -1292,11 +1292,28 @@ same_text_key(const char **tp, const char *tend, const char **lp, const char *le
         !same_plain_bytes(l + 1, start, len)) {
         return 0;
     }
+    memcpy(*op, t, (size_t)len + 3);
+    *op += len + 3;
     *key = start;
     *key_len = len;
     *tp = close + 2;
     *lp = l + len + 3;
     return 1;
+}
+
+/* after a member, in both texts: ',' (1: another member follows) or '}' (0: the
+ * object ends), copied to *op; -1 when the two texts differ there */
+static inline int
+next_member(const char **tp, const char *tend, const char **lp, const char *lend, char **op)
+{
+    const char *t = *tp, *l = *lp;
+    if (t >= tend || l >= lend || *t != *l || (*t != ',' && *t != '}')) {
+        return -1;
+    }
+    *(*op)++ = *t;
+    *tp = t + 1;
+    *lp = l + 1;
+    return *t == ',';
 }
 
 /* an integer as scan_int takes it, as a signed 128-bit value: 1, or 0 not one */
@@ -1357,6 +1374,18 @@ PyDoc_STRVAR(add_text_doc,
 "one). Any other line (or totals): None.");
 
 #define BOTH(c) (t < tend && *t == (c) && l < lend && *l == (c))
+/* inside a loop over an object's members: on to the next, or out of the loop */
+#define MEMBER_END()                                     \
+    {                                                    \
+        int more_ = next_member(&t, tend, &l, lend, &o); \
+        if (more_ < 0) {                                 \
+            goto refuse;                                 \
+        }                                                \
+        if (more_) {                                     \
+            continue; /* the enclosing loop's */         \
+        }                                                \
+    }                                                    \
+    break
 
 static PyObject *
 add_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -1415,25 +1444,21 @@ add_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     l++;
     for (;;) { /* sections */
-        if (!same_text_key(&t, tend, &l, lend, &key, &key_len)) {
+        if (!same_text_key(&t, tend, &l, lend, &o, &key, &key_len)) {
             goto refuse;
         }
         if (key_len == LINE_PREFIX_LEN - 4 && memcmp(key, LINE_PREFIX + 2, (size_t)key_len) == 0) {
             goto refuse; /* a second timestamp: the parse would keep that one */
         }
         int logger = key_len == 6 && memcmp(key, "logger", 6) == 0;
-        memcpy(o, key - 1, (size_t)key_len + 3);
-        o += key_len + 3;
         if (!BOTH('{')) {
             goto refuse;
         }
         t++, l++, *o++ = '{';
         for (;;) { /* fields */
-            if (!same_text_key(&t, tend, &l, lend, &key, &key_len)) {
+            if (!same_text_key(&t, tend, &l, lend, &o, &key, &key_len)) {
                 goto refuse;
             }
-            memcpy(o, key - 1, (size_t)key_len + 3);
-            o += key_len + 3;
             int agg = BOTH('{');
             if (agg) {
                 t++, l++, *o++ = '{';
@@ -1442,11 +1467,9 @@ add_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 !agg && logger && key_len == 20 && memcmp(key, "missed_metrics_count", 20) == 0;
             for (;;) { /* the field's one number, or an agg's subs */
                 if (agg) {
-                    if (!same_text_key(&t, tend, &l, lend, &key, &key_len)) {
+                    if (!same_text_key(&t, tend, &l, lend, &o, &key, &key_len)) {
                         goto refuse;
                     }
-                    memcpy(o, key - 1, (size_t)key_len + 3);
-                    o += key_len + 3;
                 }
                 __int128 before, number;
                 if (leaf >= leaves || !scan_value(&t, tend, &before) ||
@@ -1464,35 +1487,11 @@ add_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 if (!agg) {
                     break;
                 }
-                if (BOTH(',')) {
-                    t++, l++, *o++ = ',';
-                    continue;
-                }
-                if (!BOTH('}')) {
-                    goto refuse;
-                }
-                t++, l++, *o++ = '}';
-                break;
+                MEMBER_END();
             }
-            if (BOTH(',')) {
-                t++, l++, *o++ = ',';
-                continue;
-            }
-            if (!BOTH('}')) {
-                goto refuse;
-            }
-            t++, l++, *o++ = '}';
-            break;
+            MEMBER_END();
         }
-        if (BOTH(',')) {
-            t++, l++, *o++ = ',';
-            continue;
-        }
-        if (!BOTH('}')) {
-            goto refuse;
-        }
-        t++, l++, *o++ = '}';
-        break;
+        MEMBER_END();
     }
 finished:
     if (t != tend || l != lend || leaf != leaves) {
@@ -1511,6 +1510,7 @@ refuse:
     Py_DECREF(out);
     Py_RETURN_NONE;
 }
+#undef MEMBER_END
 #undef BOTH
 
 static PyMethodDef methods[] = {
