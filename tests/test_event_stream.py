@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,6 +88,22 @@ def test_a_reading_joined_from_parts_is_the_envelope_serialised_whole(
     expected = build_host_probe_envelope(ctx, reading, sequence=1, boot_id=boot)
     same_envelope_but_id(event, expected)
     assert orjson.loads(event.to_json())["id"] == event.id
+
+
+@settings(max_examples=200, deadline=None)
+@given(output=objects, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=4))
+def test_an_output_given_as_pieces_of_its_json_is_joined_into_the_same_bytes(
+    output: dict[str, Any], cuts: list[int]
+) -> None:
+    # a Firecracker reading's output comes as pieces (its totals are not copied twice)
+    text = orjson.dumps(output)
+    bounds = sorted({0, len(text), *(min(cut, len(text)) for cut in cuts)})
+    pieces = tuple(text[a:b] for a, b in itertools.pairwise(bounds))
+    stamper = EventStamper("boot-1")
+    stream = stamper.stream(ProbeContext("cell-1", "run-1", "spec"), "host.fc_metrics")
+    event = stream.event("2026-11-30T06:00:00.123Z", {"vm": 1}, "output", output, "boot-1", pieces)
+    assert event.to_json() == reference(event)
+    assert orjson.loads(event.to_json())["data"]["output"] == output
 
 
 @settings(max_examples=200, deadline=None)

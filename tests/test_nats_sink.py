@@ -13,7 +13,13 @@ import trio
 
 from cellos_probed import nats_bridge
 from cellos_probed.config import NatsSettings, SpoolSettings
-from cellos_probed.nats_bridge import NatsPublisher, hpub_frame, open_subscription
+from cellos_probed.nats_bridge import (
+    FRAME_SPLIT_BYTES,
+    NatsPublisher,
+    hpub_frame,
+    hpub_pieces,
+    open_subscription,
+)
 from cellos_probed.nats_sink import NatsSink
 from cellos_probed.probes import EventStamper, ProbeContext, ProbeReading, emit_reading
 from tests.conftest import NatsServer, needs_nats, start_nats_server
@@ -52,6 +58,21 @@ def test_an_event_frame_is_byte_for_byte_what_nc_publish_sends() -> None:
 
     assert hpub_frame(subject, payload) == nats_py(payload)
     assert hpub_frame(subject, b"") == nats_py(b"")
+
+
+@pytest.mark.parametrize("size", [0, 1, FRAME_SPLIT_BYTES - 1, FRAME_SPLIT_BYTES, 20_000])
+def test_a_frame_queued_in_pieces_is_the_same_bytes_and_a_big_payload_is_not_copied(
+    size: int,
+) -> None:
+    subject = f"{PREFIX}.fc_metrics.cell-1"
+    payload = orjson.dumps({"t": "x" * max(0, size - 8)})[:size] if size else b""
+    pieces = hpub_pieces(subject, payload)
+    assert b"".join(pieces) == hpub_frame(subject, payload)
+    if size >= FRAME_SPLIT_BYTES:
+        assert len(pieces) == 3
+        assert pieces[1] is payload  # queued as it is
+    else:
+        assert len(pieces) == 1
 
 
 @needs_nats

@@ -65,8 +65,10 @@ class ProbeReading:
     output: dict[str, Any]
     host_received_at: datetime | None = None
     #: ``orjson.dumps(output)``, when the probe made it where the output was made
-    #: (a worker thread, with the objects still in its cache); never changed after
-    output_json: bytes | None = None
+    #: (a worker thread, with the objects still in its cache); never changed after.
+    #: Or that JSON's pieces, in order, when some are big and made already (a
+    #: Firecracker reading's totals): the event's JSON is joined from them directly
+    output_json: bytes | tuple[bytes, ...] | None = None
 
 
 class ProbeError(Exception):
@@ -210,10 +212,10 @@ class EventStream:
         result_key: str,
         result: Any,
         boot_id: str,
-        result_json: bytes | None = None,
+        result_json: bytes | tuple[bytes, ...] | None = None,
     ) -> CloudEvent:
         """The next event: ``data[result_key]`` (``output`` or ``error``) is ``result``,
-        ``result_json`` its JSON if already made."""
+        ``result_json`` its JSON (or that JSON's pieces) if already made."""
         self.sequence += 1
         sequence = str(self.sequence)
         event_id = new_event_id()
@@ -226,23 +228,27 @@ class EventStream:
             result_key: result,
         }
         stamp_bytes = stamp.encode()
-        json = b"".join(
-            (
-                b'{"specversion":"1.0","id":"',
-                event_id.encode(),
-                self._error_head if is_error else self._reading_head,
-                stamp_bytes,
-                b'","sequence":"',
-                sequence.encode(),
-                self._after_sequence,
-                stamp_bytes,
-                self._after_stamp,
-                orjson.dumps(inputs),
-                b',"error":' if is_error else b',"output":',
-                orjson.dumps(result) if result_json is None else result_json,
-                b"}}",
-            )
-        )
+        parts = [
+            b'{"specversion":"1.0","id":"',
+            event_id.encode(),
+            self._error_head if is_error else self._reading_head,
+            stamp_bytes,
+            b'","sequence":"',
+            sequence.encode(),
+            self._after_sequence,
+            stamp_bytes,
+            self._after_stamp,
+            orjson.dumps(inputs),
+            b',"error":' if is_error else b',"output":',
+        ]
+        if result_json is None:
+            parts.append(orjson.dumps(result))
+        elif type(result_json) is bytes:
+            parts.append(result_json)
+        else:  # pieces: joined here, in one copy
+            parts.extend(result_json)
+        parts.append(b"}}")
+        json = b"".join(parts)
         kind = PROBE_ERROR_KIND if is_error else _SHORT_NAMES[self.probe_source]
         return CloudEvent(
             event_id,

@@ -341,7 +341,7 @@ class MetricsReading:
     torn_lines: int
     unparsed_lines: int
     lost_lines: int
-    #: dicts from take_reading, orjson.Fragment from take_reading_json
+    #: dicts from take_reading, their JSON (bytes) from take_reading_json
     delta: Any
     totals: Any
 
@@ -517,7 +517,7 @@ class MetricsAccumulator:
         )
 
     def take_reading_json(self) -> MetricsReading:
-        """As :meth:`take_reading`, with ``delta`` and ``totals`` as JSON fragments.
+        """As :meth:`take_reading`, with ``delta`` and ``totals`` as their JSON text.
 
         Serialised here, once, as the sums stand now: the totals go on being
         added to in place, and the event embeds the fragments as they are.
@@ -531,8 +531,8 @@ class MetricsAccumulator:
             r.torn_lines,
             r.unparsed_lines,
             r.lost_lines,
-            orjson.Fragment(delta if type(delta) is bytes else dumps_saturated(delta)),
-            orjson.Fragment(self._totals_json()),
+            delta if type(delta) is bytes else dumps_saturated(delta),
+            self._totals_json(),
         )
 
     def _dict_totals(self) -> dict[str, Any]:
