@@ -243,7 +243,7 @@ class EventStream:
         ]
         if result_json is None:
             parts.append(orjson.dumps(result))
-        elif type(result_json) is bytes:
+        elif isinstance(result_json, bytes):
             parts.append(result_json)
         else:  # pieces: joined here, in one copy
             parts.extend(result_json)

@@ -319,7 +319,7 @@ class FcMetricsProbe:
     def _reading(self) -> ProbeReading:
         assert self._instance_cache is not None
         reading = self.accumulator.take_reading_json()  # serialised here, on the round's thread
-        output = {
+        output: dict[str, Any] = {
             "instance": self._instance_cache,
             "utc_timestamp_ms": reading.utc_timestamp_ms,
             "lines": reading.lines,
