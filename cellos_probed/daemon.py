@@ -85,8 +85,10 @@ class SharedResources:
         #: the index of the tick being run; shared queries key their results on it
         #: so that every cell reading one table in one tick shares one query
         self.tick_index = 0
+        #: ticks begun, counted here whatever index the caller gives (run once, tests)
+        self.ticks_begun = 0
         #: one rtnetlink link watcher per network namespace, shared by its cells
-        self.link_watchers = LinkWatchers(lambda: self.nursery)
+        self.link_watchers = LinkWatchers(lambda: self.nursery, tick=lambda: self.ticks_begun)
         #: one libnftables query per (namespace, family, table) per tick, on a
         #: thread (and context) of its own per namespace
         self.nft_tables = NftTableQueries(
@@ -231,6 +233,7 @@ class Prober:
         """
         timeout = self.config.daemon.probe_timeout_seconds
         self.shared.tick_index = index
+        self.shared.ticks_begun += 1
         groups = self._probe_groups()
         self._errors.start_tick()
         async with trio.open_nursery() as nursery:

@@ -124,6 +124,8 @@ class RepeatedErrorFilter:
 
     def recovered(self, cell: str, probe: str) -> bool:
         """True when the probe had been failing (log its recovery once)."""
+        if not self._last:  # nothing failing: the usual case, four thousand times a tick
+            return False
         if self._last.pop((cell, probe), None) is None:
             return False
         return self._within_budget(self._held_recovered, probe)

@@ -23,6 +23,7 @@ import trio
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import Config, parse_config
 from cellos_probed.daemon import DaemonHandle, Prober, run_daemon
+from cellos_probed.netns import NamespaceError
 from cellos_probed.probes import CapturingSink
 from cellos_probed.probes.tap_link import LinkWatcher, LinkWatchers
 from testbed.taps import (
@@ -384,6 +385,36 @@ async def test_a_namespace_recreated_at_the_same_path_is_followed() -> None:
                     ip("link", "set", tap, "address", "02:fc:00:00:02:02", netns=ns)
                     again = (await tick(prober))["cell-1"]
                 assert again.data["output"]["address"] == "02:fc:00:00:02:02"
+
+
+async def test_the_daemons_watchers_look_at_a_namespace_once_a_tick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cellos_probed.probes.tap_link as tap_link
+
+    looked: list[str] = []
+    real = tap_link.namespace_identity
+
+    def counting(path: str) -> tuple[int, int]:
+        looked.append(path)
+        return real(path)
+
+    monkeypatch.setattr(tap_link, "namespace_identity", counting)
+    ns, ticks = unique_name("clt"), [1]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            watchers = LinkWatchers(lambda: nursery, tick=lambda: ticks[0])
+            with network_namespace(ns) as path:
+                for _ in range(50):  # a tick's cells of one namespace, read in turn
+                    await watchers.watcher(path)
+                assert looked == [str(path)]
+                ticks[0] += 1
+                await watchers.watcher(path)
+                assert looked == [str(path), str(path)]
+            ticks[0] += 1  # the next tick sees the namespace gone
+            with pytest.raises(NamespaceError, match="does not exist"):
+                await watchers.watcher(path)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_socket_overrun_is_repaired_by_a_dump() -> None:

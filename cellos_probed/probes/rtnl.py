@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
+import orjson
 from pyroute2.netlink import (
     NLM_F_DUMP,
     NLM_F_DUMP_INTR,
@@ -124,6 +125,9 @@ class LinkInfo:
     carrier_changes: int | None
     mtu: int | None
     address: str | None
+    #: :meth:`output_json`'s result, made on first use (a link's message is read
+    #: every tick for as long as nothing changes: a thousand TAPs a second)
+    _made: tuple[dict[str, Any], bytes] | None = field(default=None, compare=False, repr=False)
 
     @property
     def admin_up(self) -> bool:
@@ -146,6 +150,15 @@ class LinkInfo:
             "mtu": self.mtu,
             "address": self.address,
         }
+
+    def output_json(self) -> tuple[dict[str, Any], bytes]:
+        """:meth:`output` made once (shared: read only) and its JSON without the closing brace."""
+        made = self._made
+        if made is None:
+            fields = self.output()
+            made = (fields, orjson.dumps(fields)[:-1])
+            object.__setattr__(self, "_made", made)  # a cache, not state: frozen otherwise
+        return made
 
 
 def _mac(raw: memoryview) -> str:
