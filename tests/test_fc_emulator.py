@@ -192,6 +192,23 @@ async def test_counters_are_deltas_gauges_are_stores_aggregates_sum(fc_root: Pat
     assert second["signals"]["sigpipe"] == 0
 
 
+async def test_a_long_running_vm_keeps_only_its_latest_flushes_on_record(fc_root: Path) -> None:
+    with trio.fail_after(10):
+        async with open_emulator(fc_root) as emulator:
+            spec = emulator.spec("vm", flush_record=3)
+            vm = await emulator.add(spec)
+            fd = open_reader(spec.metrics_path)
+            try:
+                for n in range(5):
+                    vm.write_metrics(f"test-{n}")
+                    read_lines(fd)
+                # the boot line and the first two were let go; the totals count every line
+                assert [why for why, _ in vm.flushes] == ["test-2", "test-3", "test-4"]
+                assert vm.processes[-1].lines_written == 6
+            finally:
+                os.close(fd)
+
+
 async def test_api_responses_are_byte_exact(fc_root: Path) -> None:
     with trio.fail_after(10):
         async with open_emulator(fc_root) as emulator:

@@ -71,6 +71,10 @@ class VmSpec:
     flush_interval: float = 60.0
     activity: bool = False
     seed: int = 0
+    #: how many of its latest flushes the VM keeps in ``flushes`` (None: all, for
+    #: tests); a long-running emulator process keeps a few, or a soak's thousand
+    #: VMs pile up ~700,000 records the emulator's collector walks again and again
+    flush_record: int | None = None
 
 
 class EmulatedVm:
@@ -234,6 +238,9 @@ class EmulatedVm:
             written = leaves_in_prefix(text[: outcome.produced].decode())
             self.metrics.commit(deltas, written, whole=False)
         self.flushes.append((why, outcome))
+        keep = self.spec.flush_record
+        if keep is not None and len(self.flushes) > keep:
+            del self.flushes[:-keep]
         if self.keep_history and outcome.written:
             self.history[self.last_timestamp_ms] = self.emitted_totals()
         return outcome
