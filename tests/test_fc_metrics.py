@@ -281,6 +281,51 @@ async def test_restart_keeps_totals_monotonic_and_shows_the_new_instance(fc_root
     assert new[("vcpu", "exit_io_in")] > old[("vcpu", "exit_io_in")]
 
 
+async def test_an_open_fifo_is_looked_at_again_only_every_trusted_rounds(
+    fc_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).endswith("metrics.fifo"):
+            looked.append(str(path))
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    rng = random.Random(5)
+    with trio.fail_after(20):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1"))
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                for index in range(3):  # the first rounds look: nothing is known yet
+                    await prober.tick(index)
+                monkeypatch.setattr(os, "stat", counting_stat)
+                assert fc_metrics.TRUSTED_ROUNDS == 10
+                for index in range(3, 14):
+                    vm.metrics.bump_everything(rng)
+                    await prober.tick(index)
+                monkeypatch.undo()
+                assert len(looked) == 1  # ten rounds kept the FIFO as it was, the 11th looked
+                assert last_output(prober, "cell-1")["totals"] == vm.emitted_totals()
+
+
+async def test_a_new_vmm_with_a_new_fifo_is_followed_while_the_old_one_was_trusted(
+    fc_root: Path,
+) -> None:
+    with trio.fail_after(20):
+        async with open_emulator(fc_root) as emulator:
+            vm = await emulator.add(emulator.spec("cell-1"))
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                for index in range(4):  # long enough for the open FIFO to be trusted
+                    await prober.tick(index)
+                await emulator.restart(vm, new_id="cell-1-b", recreate_fifo=True)
+                await prober.tick(4)
+                after = last_output(prober, "cell-1")
+                assert after["instance"]["id"] == "cell-1-b"
+                assert after["lines"] == 3  # the old exit line, the new boot and flush lines
+                assert after["totals"] == vm.emitted_totals()
+
+
 async def test_vm_errors_are_clear_and_cost_only_that_cell(fc_root: Path) -> None:
     cells = ["ok", "preboot", "gone", "stale", "noline", "nometrics"]
     with trio.fail_after(10):
