@@ -235,6 +235,33 @@ async def test_cells_sharing_a_table_cost_one_query_per_tick() -> None:
     assert mixed[-1]["cell-1"]["output"]["counters"][cells_rules[1].rx] == figures(4)
 
 
+async def test_a_view_that_raises_costs_its_own_cell_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cellos_probed.probes.nftables import NftablesProbe
+
+    ns = unique_name("nfr")
+    cells_rules = [CellRules(f"cell-{n}") for n in range(3)]
+    spec = TableSpec("inet", table_name(), tuple(cells_rules))
+    real = NftablesProbe.reading_from
+
+    def broken_for_cell_1(probe: NftablesProbe, snapshot: Any) -> Any:
+        if cells_rules[1].rx in probe._config.counters:
+            raise KeyError("a bug")
+        return real(probe, snapshot)
+
+    monkeypatch.setattr(NftablesProbe, "reading_from", broken_for_cell_1)
+    with namespace_with_loopback(ns) as path, nft_table(spec, ns), trio.fail_after(20):
+        counting = [Cell(r.cell, path, spec.name, (r.rx, r.tx)) for r in cells_rules]
+        async with ticking(counting) as ticker:
+            events = await ticker.tick()
+
+    assert events["cell-1"]["error"] == {"kind": "io", "message": "unexpected KeyError"}
+    for cell in ("cell-0", "cell-2"):
+        assert events[cell]["type"].endswith(".nftables")
+        assert events[cell]["output"]["missing"] == []
+
+
 async def test_cells_in_two_namespaces_read_their_own_table() -> None:
     name = table_name()
     ns_a, ns_b = unique_name("nfa"), unique_name("nfb")

@@ -417,6 +417,44 @@ async def test_the_daemons_watchers_look_at_a_namespace_once_a_tick(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_namespaces_cells_are_read_together_and_fail_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cellos_probed.probes.tap_link import TapLinkProbe
+
+    ns = unique_name("clb")
+    taps = [unique_name("tap") for _ in range(3)]
+    real = TapLinkProbe.reading_from
+
+    def broken_for_the_second(probe: TapLinkProbe, watcher: LinkWatcher) -> Any:
+        if probe._config.interface == taps[1]:
+            raise RuntimeError("a bug")
+        return real(probe, watcher)
+
+    with trio.fail_after(20):
+        with network_namespace(ns) as path:
+            cells = [Cell(f"cell-{i}", tap, path) for i, tap in enumerate(taps)]
+            async with running(make_config(cells)) as prober:
+                with ExitStack() as stack:
+                    for tap in taps:
+                        stack.enter_context(tap_device(tap, ns))
+                    monkeypatch.setattr(TapLinkProbe, "reading_from", broken_for_the_second)
+                    read = await tick(prober)
+                    monkeypatch.undo()
+                    # an unexpected error costs its own cell only
+                    assert read["cell-1"].data["error"] == {
+                        "kind": "io",
+                        "message": "unexpected RuntimeError",
+                    }
+                    assert read["cell-0"].kind == read["cell-2"].kind == "tap_link"
+                ip("netns", "delete", ns)
+                gone = await tick(prober)
+                # the namespace's error is every cell's, each its own event
+                assert {cell: event.data["error"]["message"] for cell, event in gone.items()} == {
+                    f"cell-{i}": f"network namespace does not exist: {path}" for i in range(3)
+                }
+
+
 async def test_a_socket_overrun_is_repaired_by_a_dump() -> None:
     ns = unique_name("clo")
     names = [f"t{i}" for i in range(200)]

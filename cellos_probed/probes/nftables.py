@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import orjson
@@ -268,11 +268,48 @@ class NftablesProbe:
         """Cells reading one table are read in turn by one task: they share its query."""
         return (self._netns_path, self._config.family, self._config.table)
 
+    @classmethod
+    async def read_batch(
+        cls,
+        jobs: Sequence[tuple[ProbeContext, NftablesProbe]],
+        results: list[ProbeReading | ProbeError | None],
+    ) -> None:
+        """A table's cells (one batch key): its shared listing awaited once, then each
+        cell's view taken in turn, with no trip through the scheduler per cell."""
+        if not jobs:
+            return
+        first = jobs[0][1]
+        config = first._config
+        try:
+            snapshot = await first._queries.snapshot(
+                first._netns_path,
+                config.family,
+                config.table,
+                with_rules=any(probe._config.chain is not None for _, probe in jobs),
+            )
+        except ProbeError as error:
+            for i in range(len(jobs)):
+                results[i] = type(error)(error.message)  # each cell its own exception
+            return
+        for i, (_, probe) in enumerate(jobs):
+            try:
+                results[i] = probe.reading_from(snapshot)
+            except ProbeError as error:
+                results[i] = error
+            except Exception as exc:  # a bug, not the table's fault: this cell only
+                log.exception("nftables view raised", table=config.table)
+                results[i] = ProbeIoError(f"unexpected {type(exc).__name__}")
+
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         config = self._config
         snapshot = await self._queries.snapshot(
             self._netns_path, config.family, config.table, with_rules=config.chain is not None
         )
+        return self.reading_from(snapshot)
+
+    def reading_from(self, snapshot: TableSnapshot) -> ProbeReading:
+        """This cell's reading from its table's listing, with the increases since the last."""
+        config = self._config
         view = cell_view(snapshot, config.counters, config.chain)
         output = view_output(view)
         output["deltas"] = view_deltas(self._previous, view)
