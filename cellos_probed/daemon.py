@@ -29,10 +29,12 @@ import trio
 
 from cellos_probed import allocator
 from cellos_probed.batching import ThreadBatcher
+from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import CellConfig, Config, ConfigError, load_config
 from cellos_probed.log import RepeatedErrorFilter, probe_context
 from cellos_probed.netns import NamespaceThreads
 from cellos_probed.probes import (
+    EMIT_NOWAIT,
     EventSink,
     EventStamper,
     HostProbe,
@@ -43,8 +45,8 @@ from cellos_probed.probes import (
     ProbeReading,
     ProbeTimeoutError,
     build_agent_envelope,
-    emit_probe_error,
-    emit_reading,
+    probe_error_event,
+    reading_event,
 )
 from cellos_probed.probes.cgroup import CgroupProbe
 from cellos_probed.probes.fc_metrics import FcMetricsProbe
@@ -285,8 +287,13 @@ class Prober:
                 for i, (runner, probe) in enumerate(members):
                     probe_context.set((runner.context.cell_id, probe.probe_name()))
                     results[i] = await self._read_one(runner, probe)
+        put = getattr(self.sink, EMIT_NOWAIT, None)
         for (runner, probe), result in zip(members, results, strict=True):
-            await self._publish(runner, probe, result, timeout)
+            event = self._event_for(runner, probe, result, timeout)
+            if put is not None:
+                put(event)
+            else:
+                await self.sink.emit(event)
 
     @staticmethod
     async def _read_one(runner: CellRunner, probe: HostProbe) -> ProbeReading | ProbeError:
@@ -298,13 +305,14 @@ class Prober:
             log.exception("probe raised an unexpected exception")
             return _as_probe_error(exc)
 
-    async def _publish(
+    def _event_for(
         self,
         runner: CellRunner,
         probe: HostProbe,
         result: ProbeReading | ProbeError | None,
         timeout: float,
-    ) -> None:
+    ) -> CloudEvent:
+        """The event a probe's result becomes, counted and (when it changes) logged."""
         name = probe.probe_name()
         cell = runner.context.cell_id
         if result is None:
@@ -314,14 +322,13 @@ class Prober:
             if self._errors.recovered(cell, name):
                 probe_context.set((cell, name))
                 log.info("probe recovered")
-            await emit_reading(self.sink, runner.context, result, self.stamper)
-            return
+            return reading_event(runner.context, result, self.stamper)
         self.probe_stats.count_error(result.kind)
         if self._errors.failed(cell, name, str(result)):
             probe_context.set((cell, name))
             log.warning("probe failed", kind=result.kind, error=result.message)
-        await emit_probe_error(
-            self.sink, runner.context, f"host.{name}", probe.inputs(), result, self.stamper
+        return probe_error_event(
+            runner.context, f"host.{name}", probe.inputs(), result, self.stamper
         )
 
     def apply(self, config: Config) -> dict[str, list[str]]:

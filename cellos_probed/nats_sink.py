@@ -88,6 +88,10 @@ class NatsSink:
         return self._publisher.state.reconnects
 
     async def emit(self, event: CloudEvent) -> None:
+        self.emit_nowait(event)
+
+    def emit_nowait(self, event: CloudEvent) -> None:
+        """Queue ``event``; never waits (a full outbox drops the oldest, declared)."""
         _log_dropped(self.outbox.put(event))
         self.stats.emitted += 1
         self.stats.dropped = self.outbox.dropped

@@ -27,8 +27,8 @@ class RunnableSink(CapturingSink):
         super().__init__()
         self.changed = trio.Event()
 
-    async def emit(self, event: CloudEvent) -> None:
-        await super().emit(event)
+    def emit_nowait(self, event: CloudEvent) -> None:
+        super().emit_nowait(event)
         self.changed.set()
         self.changed = trio.Event()
 

@@ -160,3 +160,26 @@ async def test_a_hung_probe_times_out_and_delays_nobody(
     assert second[0] == 1.0
     assert prober.tick_stats.overruns == 0
     assert [e.sequence for _, e in sink.events if e.data["cellId"] == "hung"].count("2") == 2
+
+
+async def test_a_sink_that_takes_events_without_waiting_gets_every_probe_event_so() -> None:
+    class NoWaitSink:
+        def __init__(self) -> None:
+            self.taken: list[CloudEvent] = []
+
+        async def emit(self, event: CloudEvent) -> None:
+            raise AssertionError("the tick's probe events go through emit_nowait")
+
+        def emit_nowait(self, event: CloudEvent) -> None:
+            self.taken.append(event)
+
+    sink = NoWaitSink()
+    prober = Prober(config_with(["ok", "bad"]), sink, EventStamper())
+    prober.runners["ok"].probes = [FakeProbe("cgroup", delay=0.0)]
+    prober.runners["bad"].probes = [FakeProbe("cgroup", delay=0.0, fail=True)]
+    with trio.fail_after(5):
+        await prober.tick(0)
+    assert sorted((e.data["cellId"], e.kind) for e in sink.taken) == [
+        ("bad", "probe_error"),
+        ("ok", "cgroup"),
+    ]

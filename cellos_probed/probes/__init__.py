@@ -136,6 +136,12 @@ class EventSink(Protocol):
     async def emit(self, event: CloudEvent) -> None: ...
 
 
+#: A sink that can also take an event synchronously, never waiting: the daemon
+#: hands a tick's thousands of events over without three coroutines each.
+#: (``emit_nowait(event) -> None``; looked up with ``getattr``.)
+EMIT_NOWAIT: Final = "emit_nowait"
+
+
 @dataclass(slots=True)
 class CapturingSink:
     """Records every event emitted through it, in order (tests, ``once``)."""
@@ -143,6 +149,11 @@ class CapturingSink:
     events: list[CloudEvent] = field(default_factory=list)
 
     async def emit(self, event: CloudEvent) -> None:
+        self.emit_nowait(event)
+
+    def emit_nowait(self, event: CloudEvent) -> None:
+        """:meth:`emit` without a coroutine (the daemon's per-event path); a
+        subclass extends this one, which both paths go through."""
         self.events.append(event)
 
     def snapshot(self) -> list[CloudEvent]:
@@ -421,31 +432,56 @@ def build_probe_error_envelope(
     return _envelope(PROBE_ERROR_KIND, ctx.cell_id, data, stamp, sequence, boot_id)
 
 
+def reading_event(
+    ctx: ProbeContext, reading: ProbeReading, stamper: EventStamper | None = None
+) -> CloudEvent:
+    """Stamp ``host_received_at`` and build the reading's envelope.
+
+    With :func:`emit_reading`, the single point where "a probe produced
+    something" turns into an event, so host-stamping cannot be bypassed.
+    """
+    reading.host_received_at = received = datetime.now(UTC)
+    if stamper is None:
+        return build_host_probe_envelope(ctx, reading)
+    return stamper.stream(ctx, reading.probe_source).event(
+        rfc3339_millis(received),
+        reading.inputs,
+        "output",
+        reading.output,
+        stamper.boot_id,
+        reading.output_json,
+    )
+
+
 async def emit_reading(
     sink: EventSink,
     ctx: ProbeContext,
     reading: ProbeReading,
     stamper: EventStamper | None = None,
 ) -> CloudEvent:
-    """Stamp ``host_received_at``, build the envelope and hand it to ``sink``.
-
-    The single point where "a probe produced something" turns into "the
-    sink saw an event", so host-stamping cannot be bypassed.
-    """
-    reading.host_received_at = received = datetime.now(UTC)
-    if stamper is None:
-        event = build_host_probe_envelope(ctx, reading)
-    else:
-        event = stamper.stream(ctx, reading.probe_source).event(
-            rfc3339_millis(received),
-            reading.inputs,
-            "output",
-            reading.output,
-            stamper.boot_id,
-            reading.output_json,
-        )
+    """:func:`reading_event`, handed to ``sink``."""
+    event = reading_event(ctx, reading, stamper)
     await sink.emit(event)
     return event
+
+
+def probe_error_event(
+    ctx: ProbeContext,
+    probe_source: str,
+    inputs: dict[str, Any],
+    error: ProbeError,
+    stamper: EventStamper | None = None,
+) -> CloudEvent:
+    """That ``probe_source`` failed, sharing the probe's sequence."""
+    if stamper is None:
+        return build_probe_error_envelope(ctx, probe_source, inputs, error)
+    return stamper.stream(ctx, probe_source).event(
+        rfc3339_millis(datetime.now(UTC)),
+        inputs,
+        "error",
+        _error_data(error),
+        stamper.boot_id,
+    )
 
 
 async def emit_probe_error(
@@ -456,17 +492,8 @@ async def emit_probe_error(
     error: ProbeError,
     stamper: EventStamper | None = None,
 ) -> CloudEvent:
-    """Publish that ``probe_source`` failed, sharing the probe's sequence."""
-    if stamper is None:
-        event = build_probe_error_envelope(ctx, probe_source, inputs, error)
-    else:
-        event = stamper.stream(ctx, probe_source).event(
-            rfc3339_millis(datetime.now(UTC)),
-            inputs,
-            "error",
-            _error_data(error),
-            stamper.boot_id,
-        )
+    """:func:`probe_error_event`, handed to ``sink``."""
+    event = probe_error_event(ctx, probe_source, inputs, error, stamper)
     await sink.emit(event)
     return event
 
