@@ -414,7 +414,9 @@ async def open_subscription(
             return
         try:
             send.send_nowait(item)
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # the subscriber is gone (its channel closed, or the context left while
+            # messages were still arriving): the rest are nobody's
             pass
 
     def hand_over(item: ReceivedMessage | None) -> None:

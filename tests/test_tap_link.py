@@ -414,6 +414,20 @@ async def test_the_daemons_watchers_look_at_a_namespace_once_a_tick(
             ticks[0] += 1  # the next tick sees the namespace gone
             with pytest.raises(NamespaceError, match="does not exist"):
                 await watchers.watcher(path)
+            assert watchers._looked_at == {}  # nothing kept for a path that is gone
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_watcher_no_cell_reads_any_more_takes_what_it_kept_with_it() -> None:
+    ns = unique_name("cle")
+    with trio.fail_after(20), network_namespace(ns) as path:
+        async with trio.open_nursery() as nursery:
+            watchers = LinkWatchers(lambda: nursery, tick=lambda: 1, idle_seconds=0.2)
+            watcher = await watchers.watcher(path)
+            assert set(watchers._looked_at) == {str(path)}
+            await watcher.stopped.wait()  # expired, unused
+            assert watchers._watchers == {}
+            assert watchers._looked_at == {}
             nursery.cancel_scope.cancel()
 
 

@@ -11,9 +11,11 @@ import trio
 
 from cellos_probed.config import load_config
 from cellos_probed.daemon import DaemonHandle, run_daemon
+from cellos_probed.nats_bridge import open_subscription
 from cellos_probed.verify import Completeness
 from tests.conftest import NatsServer, needs_nats
 from tests.test_daemon import RunnableSink, write_config
+from tests.test_delivery import PREFIX
 from tests.test_delivery import write_config as write_delivery_config
 
 T = "dev.cellos.events.cell.observability.host.v1"
@@ -101,10 +103,14 @@ async def test_tail_verify_against_a_running_daemon(
 ) -> None:
     config = write_delivery_config(tmp_path, [nats_server.url], tick=0.05)
     with trio.fail_after(30):
-        daemon = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
-            stderr=subprocess.DEVNULL,
-        )
+        async with open_subscription([nats_server.url], f"{PREFIX}.>") as messages:
+            daemon = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
+                stderr=subprocess.DEVNULL,
+            )
+            # the daemon is publishing before the tail starts (a loaded machine
+            # can take longer than the tail's 1.5 s to start it)
+            await messages.receive()
         result = await trio.run_process(
             [sys.executable, "-m", "cellos_probed", "tail", "--config", str(config),
              "--verify", "--duration", "1.5"],

@@ -387,11 +387,11 @@ class LinkWatchers:
                     self._looked_at.pop(key, None)
                     self._discard(key)  # let go of a deleted namespace
                     raise
-                if tick is not None:
-                    self._looked_at[key] = (tick, identity)
             if current is not None and current.identity != identity:
                 self._discard(key)  # the path names another namespace now
                 current = None
+            if tick is not None:
+                self._looked_at[key] = (tick, identity)
         if current is not None and current.error is not None:
             if now - current.failed_at < self._retry_seconds:
                 raise current.error
@@ -435,6 +435,8 @@ class LinkWatchers:
             if idle >= self._idle_seconds:
                 if self._watchers.get(watcher.netns) is watcher:
                     del self._watchers[watcher.netns]
+                    if watcher.netns is not None:  # a path used no more: nothing kept for it
+                        self._looked_at.pop(watcher.netns, None)
                 watcher.scope.cancel()
                 return
             await trio.sleep(self._idle_seconds - idle)
