@@ -102,22 +102,27 @@ async def test_tail_verify_against_a_running_daemon(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     config = write_delivery_config(tmp_path, [nats_server.url], tick=0.05)
-    with trio.fail_after(30):
-        async with open_subscription([nats_server.url], f"{PREFIX}.>") as messages:
-            daemon = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
-                stderr=subprocess.DEVNULL,
-            )
-            # the daemon is publishing before the tail starts (a loaded machine
-            # can take longer than the tail's 1.5 s to start it)
-            await messages.receive()
-        result = await trio.run_process(
-            [sys.executable, "-m", "cellos_probed", "tail", "--config", str(config),
-             "--verify", "--duration", "1.5"],
-            capture_stdout=True, capture_stderr=True, check=False,
-        )  # fmt: skip
-        daemon.send_signal(signal.SIGTERM)
-        assert await daemon.wait() == 0
+    daemon = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(30):
+            async with open_subscription([nats_server.url], f"{PREFIX}.>") as messages:
+                # the daemon is publishing before the tail starts (a loaded machine
+                # can take longer than the tail's 1.5 s to start it)
+                await messages.receive()
+            result = await trio.run_process(
+                [sys.executable, "-m", "cellos_probed", "tail", "--config", str(config),
+                 "--verify", "--duration", "1.5"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+    finally:
+        if daemon.returncode is None:  # the test failed: no daemon is left behind
+            daemon.kill()
+            await daemon.wait()
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode()
     assert out.strip().endswith("OK: every missing reading was declared")
