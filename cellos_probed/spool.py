@@ -119,6 +119,11 @@ class SpoolOutbox:
         self.recovered = 0
         self._serials = itertools.count(1)
         self._window: deque[SpoolRecord] = deque()
+        #: (segment, end) of the records of the batch being published: a segment
+        #: dropped meanwhile may hold some, and they may still arrive
+        self._in_flight: set[tuple[int, int]] = set()
+        #: such records: declared lost only if their batch fails
+        self._held: list[tuple[OutboxEntry, str]] = []
         self._gaps = GapTracker(self._seal)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._ack = self._read_ack()
@@ -222,7 +227,10 @@ class SpoolOutbox:
             self._read = (number + 1, 0)
         self._pending -= len(records)
         new_gaps = []
-        for _, entry, boot in records:
+        for end, entry, boot in records:
+            if (number, end) in self._in_flight:
+                self._held.append((entry, boot))  # being published: see batch_failed
+                continue
             if entry.sequence is None:
                 # a gap or agent event: gaps are carried forward, agent figures superseded
                 if entry.subject.startswith(f"{self.subject_prefix}.gap."):
@@ -244,8 +252,21 @@ class SpoolOutbox:
             self._gaps.drop(entry, reason, boots.get(entry.serial, self.boot_id))
 
     def batch_failed(self) -> list[GapRange]:
-        """The batch in flight was not confirmed: it stays spooled, to be sent again."""
-        return []
+        """The batch in flight was not confirmed: it stays spooled, to be sent again,
+        but for its records whose segment was dropped meanwhile: lost, declared."""
+        self._in_flight.clear()
+        held, self._held = self._held, []
+        new_gaps = []
+        for entry, boot in held:
+            if entry.sequence is None:  # a gap event: carried forward, never dropped
+                if entry.subject.startswith(f"{self.subject_prefix}.gap."):
+                    self._append(entry, boot)
+                continue
+            self.dropped += 1
+            gap = self._gaps.drop(entry, "spool_full", boot)
+            if gap is not None:
+                new_gaps.append(gap)
+        return new_gaps
 
     def seal_gaps(self) -> list[GapRange]:
         return self._gaps.seal_all()
@@ -258,10 +279,13 @@ class SpoolOutbox:
         self._append(entry, gap.boot_id)
 
     def batch(self, limit: int) -> list[OutboxEntry]:
-        """The next records after the confirmed cursor, read ahead into memory."""
+        """The next records after the confirmed cursor, read ahead into memory; they
+        are in flight until :meth:`confirm` or :meth:`batch_failed`."""
         while len(self._window) < limit and self._read_more(limit - len(self._window)):
             pass
-        return [record.entry for record in itertools.islice(self._window, limit)]
+        records = list(itertools.islice(self._window, limit))
+        self._in_flight = {(record.segment, record.end) for record in records}
+        return [record.entry for record in records]
 
     def _read_more(self, wanted: int) -> bool:
         segment, offset = self._read
@@ -280,6 +304,8 @@ class SpoolOutbox:
         return False
 
     def confirm(self, batch: list[OutboxEntry]) -> None:
+        self._in_flight.clear()
+        self._held.clear()  # their segment was dropped, but they arrived
         serials = {entry.serial for entry in batch}
         while self._window and self._window[0].entry.serial in serials:
             record = self._window.popleft()

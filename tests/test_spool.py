@@ -128,3 +128,59 @@ def test_gap_events_are_carried_forward_not_dropped(tmp_path: Path) -> None:
     kept = {int(e["sequence"]) for e in events if "sequence" in e}
     assert kept | declared == set(range(1, 91))
     assert os.listdir(tmp_path)
+
+
+def _overflow_while_in_flight(tmp_path: Path) -> tuple[SpoolOutbox, list, EventStamper]:  # type: ignore[type-arg]
+    """A batch taken from the oldest segment, then enough put to drop that segment."""
+    stamper = EventStamper()
+    size = len(reading(EventStamper(), "a").to_json())
+    spool = SpoolOutbox(
+        tmp_path, PREFIX, stamper.boot_id, max_bytes=size * 20, segment_bytes=size * 5
+    )
+    for _ in range(5):
+        spool.put(reading(stamper, "a"))
+    in_flight = spool.batch(3)  # being published ...
+    for _ in range(40):  # ... while the spool fills and drops its oldest segment
+        spool.put(reading(stamper, "a"))
+    assert spool.dropped > 0
+    return spool, in_flight, stamper
+
+
+def _declared(entries: list) -> set[int]:  # type: ignore[type-arg]
+    out: set[int] = set()
+    for event in (orjson.loads(e.payload) for e in entries):
+        if event["type"].endswith(".gap"):
+            out |= set(range(event["data"]["firstSequence"], event["data"]["lastSequence"] + 1))
+    return out
+
+
+def test_records_in_flight_when_their_segment_is_dropped_are_not_declared_if_they_arrive(
+    tmp_path: Path,
+) -> None:
+    spool, in_flight, _ = _overflow_while_in_flight(tmp_path)
+    assert sequences(in_flight) == [("a", "1"), ("a", "2"), ("a", "3")]
+    spool.confirm(in_flight)  # they arrived
+    spool.seal_gaps()
+    rest = spool.batch(1000)
+    declared = _declared(rest)
+    kept = {int(s) for _, s in sequences(rest) if s != "gap"}
+    assert {1, 2, 3}.isdisjoint(declared)  # delivered, so never declared lost
+    assert kept.isdisjoint(declared)
+    assert kept | declared | {1, 2, 3} == set(range(1, 46))
+    assert len(declared) == spool.dropped
+
+
+def test_records_in_flight_when_their_segment_is_dropped_are_declared_if_the_batch_fails(
+    tmp_path: Path,
+) -> None:
+    spool, _, _ = _overflow_while_in_flight(tmp_path)
+    # not delivered, and their segment is gone: lost now, declared
+    assert all(gap.reason == "spool_full" for gap in spool.batch_failed())
+    spool.seal_gaps()
+    rest = spool.batch(1000)
+    declared = _declared(rest)
+    kept = {int(s) for _, s in sequences(rest) if s != "gap"}
+    assert {1, 2, 3} <= declared
+    assert kept.isdisjoint(declared)
+    assert kept | declared == set(range(1, 46))
+    assert len(declared) == spool.dropped
