@@ -226,20 +226,13 @@ class SpoolOutbox:
         if self._read[0] <= number:
             self._read = (number + 1, 0)
         self._pending -= len(records)
-        new_gaps = []
+        lost = []
         for end, entry, boot in records:
             if (number, end) in self._in_flight:
                 self._held.append((entry, boot))  # being published: see batch_failed
-                continue
-            if entry.sequence is None:
-                # a gap or agent event: gaps are carried forward, agent figures superseded
-                if entry.subject.startswith(f"{self.subject_prefix}.gap."):
-                    self._append(entry, boot)
-                continue
-            self.dropped += 1
-            gap = self._gaps.drop(entry, "spool_full", boot)
-            if gap is not None:
-                new_gaps.append(gap)
+            else:
+                lost.append((entry, boot))
+        new_gaps = self._lose(lost)
         log.warning("spool full: dropped the oldest segment", segment=path.name,
                     records=len(records))  # fmt: skip
         return new_gaps
@@ -256,9 +249,14 @@ class SpoolOutbox:
         but for its records whose segment was dropped meanwhile: lost, declared."""
         self._in_flight.clear()
         held, self._held = self._held, []
+        return self._lose(held)
+
+    def _lose(self, records: list[tuple[OutboxEntry, str]]) -> list[GapRange]:
+        """Records gone with a dropped segment: readings declared, gap events kept."""
         new_gaps = []
-        for entry, boot in held:
-            if entry.sequence is None:  # a gap event: carried forward, never dropped
+        for entry, boot in records:
+            if entry.sequence is None:
+                # a gap or agent event: gaps are carried forward, agent figures superseded
                 if entry.subject.startswith(f"{self.subject_prefix}.gap."):
                     self._append(entry, boot)
                 continue

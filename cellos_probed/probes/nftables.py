@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import orjson
@@ -46,6 +46,7 @@ from cellos_probed.probes.nftables_parse import (
     view_deltas,
     view_output,
 )
+from cellos_probed.probes.shared_read import read_from_shared
 
 log = structlog.get_logger("cellos_probed.probes.nftables")
 
@@ -274,31 +275,20 @@ class NftablesProbe:
         jobs: Sequence[tuple[ProbeContext, NftablesProbe]],
         results: list[ProbeReading | ProbeError | None],
     ) -> None:
-        """A table's cells (one batch key): its shared listing awaited once, then each
-        cell's view taken in turn, with no trip through the scheduler per cell."""
+        """A table's cells (one batch key): its listing awaited once, then each
+        cell's view in turn (``shared_read``)."""
         if not jobs:
             return
         first = jobs[0][1]
         config = first._config
-        try:
-            snapshot = await first._queries.snapshot(
-                first._netns_path,
-                config.family,
-                config.table,
-                with_rules=any(probe._config.chain is not None for _, probe in jobs),
+        with_rules = any(probe._config.chain is not None for _, probe in jobs)
+
+        def listing() -> Awaitable[TableSnapshot]:
+            return first._queries.snapshot(
+                first._netns_path, config.family, config.table, with_rules=with_rules
             )
-        except ProbeError as error:
-            for i in range(len(jobs)):
-                results[i] = type(error)(error.message)  # each cell its own exception
-            return
-        for i, (_, probe) in enumerate(jobs):
-            try:
-                results[i] = probe.reading_from(snapshot)
-            except ProbeError as error:
-                results[i] = error
-            except Exception as exc:  # a bug, not the table's fault: this cell only
-                log.exception("nftables view raised", table=config.table)
-                results[i] = ProbeIoError(f"unexpected {type(exc).__name__}")
+
+        await read_from_shared(jobs, results, listing, NftablesProbe.reading_from)
 
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         config = self._config

@@ -54,6 +54,7 @@ from cellos_probed.probes.rtnl import (
     parse_link,
     parse_link_index,
 )
+from cellos_probed.probes.shared_read import read_from_shared
 
 log = structlog.get_logger("cellos_probed.tap_link")
 
@@ -496,25 +497,9 @@ class TapLinkProbe:
         results: list[ProbeReading | ProbeError | None],
     ) -> None:
         """A namespace's cells (one batch key): its watcher looked up once, then each
-        cell read in turn, with no trip through the scheduler per cell."""
-        if not jobs:
-            return
-        try:
-            watcher = await jobs[0][1]._watcher()
-        except ProbeError as error:
-            for i in range(len(jobs)):
-                results[i] = type(error)(error.message)  # each cell its own exception
-            return
-        for i, (_, probe) in enumerate(jobs):
-            try:
-                if probe._cursor is None:  # changes are reported from the moment it looked
-                    probe._cursor = probe._watchers.last_serial
-                results[i] = probe.reading_from(watcher)
-            except ProbeError as error:
-                results[i] = error
-            except Exception as exc:  # a bug, not the namespace's fault: this cell only
-                log.exception("tap_link read raised", interface=probe._config.interface)
-                results[i] = ProbeIoError(f"unexpected {type(exc).__name__}")
+        cell in turn (``shared_read``)."""
+        if jobs:
+            await read_from_shared(jobs, results, jobs[0][1]._watcher, TapLinkProbe.reading_from)
 
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         return self.reading_from(await self._watcher())
@@ -525,7 +510,8 @@ class TapLinkProbe:
         link = watcher.link(name)
         if link is None:
             raise ProbeIoError(f"interface {name} does not exist in {watcher.where}")
-        assert self._cursor is not None
+        if self._cursor is None:  # changes are reported from the moment this cell looked
+            self._cursor = self._watchers.last_serial
         transitions = watcher.transitions_since(name, self._cursor)
         self._cursor = self._watchers.last_serial
         fields, head = link.output_json()
