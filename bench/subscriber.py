@@ -29,6 +29,8 @@ async def main(url: str, prefix: str, out: Path) -> None:
     agent: list[dict[str, Any]] = []
     #: "probe/kind" -> count: which probe failed, and how
     errors: dict[str, int] = {}
+    #: "probe/kind" -> {tick (the cell's sequence): count}: a burst, or all along?
+    error_ticks: dict[str, dict[int, int]] = {}
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -52,6 +54,10 @@ async def main(url: str, prefix: str, out: Path) -> None:
                     if event["type"].endswith(".probe_error"):
                         key = f"{event['data']['probeSource']}/{event['data']['error']['kind']}"
                         errors[key] = errors.get(key, 0) + 1
+                        # which ticks: a cell's sequence counts its ticks from 1
+                        sequence = int(event["sequence"])
+                        seen = error_ticks.setdefault(key, {})
+                        seen[sequence] = seen.get(sequence, 0) + 1
     rows = completeness.rows()
     await trio.Path(out).write_text(
         json.dumps(
@@ -61,6 +67,10 @@ async def main(url: str, prefix: str, out: Path) -> None:
                 "last_at": last_at,
                 "agent": agent,
                 "probe_errors": errors,
+                "probe_error_ticks": {
+                    key: {str(tick): count for tick, count in sorted(ticks.items())}
+                    for key, ticks in error_ticks.items()
+                },
                 "duplicates": sum(len(row.duplicates) for row in rows),
                 "holes": sum(len(row.holes) for row in rows),
                 "undeclared": sum(len(row.undeclared) for row in rows),

@@ -7,7 +7,10 @@ table instead of guessing.
 
 from __future__ import annotations
 
+import ctypes
+import os
 from pathlib import Path
+from typing import Final
 
 
 def parse_mountinfo_cgroup2(text: str) -> Path | None:
@@ -44,3 +47,21 @@ def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
             return parse_mountinfo_cgroup2(handle.read())
     except OSError:
         return None
+
+
+#: ``CGROUP2_SUPER_MAGIC`` from ``linux/magic.h``: what ``fstatfs`` says of a cgroup2 file
+CGROUP2_SUPER_MAGIC: Final = 0x63677270
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def is_cgroup2(fd: int) -> bool:
+    """Whether ``fd`` is on a cgroup2 filesystem (kernfs), from ``fstatfs``.
+
+    Python has no ``os.fstatfs``; ``f_type`` is the first field of
+    ``struct statfs`` (a ``long`` on 64-bit Linux).
+    """
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
+    if _libc.fstatfs(fd, buffer) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+    return ctypes.c_long.from_buffer(buffer).value == CGROUP2_SUPER_MAGIC

@@ -178,6 +178,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             needed=limit.needed,
             cells=len(config.cells),
         )
+    elif not limit.keeps_every_cgroup:
+        structlog.get_logger("cellos_probed.cli").info(
+            "open-file limit leaves no room to keep every cgroup's files open: some are "
+            "opened at every read (more CPU); raise LimitNOFILE",
+            limit=limit.soft,
+            wanted=limit.wanted,
+            cells=len(config.cells),
+        )
 
     async def main() -> None:
         await run_daemon(

@@ -31,6 +31,7 @@ from cellos_probed import allocator
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import CellConfig, Config, ConfigError, load_config
+from cellos_probed.fd_limit import DescriptorBudget, spare_descriptors
 from cellos_probed.log import RepeatedErrorFilter, probe_context
 from cellos_probed.netns import NamespaceThreads
 from cellos_probed.probes import (
@@ -83,6 +84,8 @@ class SharedResources:
         self.file_batcher = ThreadBatcher(self.file_reads, chunk_size=256)
         #: Firecracker API rounds (one epoll loop per thread, up to ROUND_SIZE VMs each)
         self.fc_rounds = trio.CapacityLimiter(2)
+        #: room under the open-file limit for descriptors kept only to make reads cheaper
+        self.kept_descriptors = DescriptorBudget()
         self.nursery: trio.Nursery | None = None
         #: the index of the tick being run; shared queries key their results on it
         #: so that every cell reading one table in one tick shares one query
@@ -102,7 +105,7 @@ def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
     """A cell runs exactly the probes whose table it has."""
     probes: list[HostProbe] = []
     if cell.cgroup is not None:
-        probes.append(CgroupProbe(cell.cgroup, shared.file_batcher))
+        probes.append(CgroupProbe(cell.cgroup, shared.file_batcher, shared.kept_descriptors))
     if cell.tap_link is not None:
         netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
         probes.append(TapLinkProbe(cell.tap_link, cell.netns, netns, shared.link_watchers))
@@ -170,6 +173,7 @@ class Prober:
         self.sink = sink
         self.stamper = stamper
         self.shared = shared or SharedResources()
+        self.shared.kept_descriptors.limit = spare_descriptors(len(config.cells))
         self.runners: dict[str, CellRunner] = {
             cell.id: make_runner(cell, self.shared) for cell in config.cells
         }
@@ -354,6 +358,7 @@ class Prober:
                 self._services.start_soon(self._run_cell_background, new_runners[cell_id])
         self.runners = new_runners
         self.config = config
+        self.shared.kept_descriptors.limit = spare_descriptors(len(config.cells))
         self.reloaded_since_settle = True
         return changes
 

@@ -16,6 +16,7 @@ from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CgroupProbeConfig, load_config
 from cellos_probed.confine import open_beneath
 from cellos_probed.daemon import Prober
+from cellos_probed.fd_limit import KEPT_PER_CELL, DescriptorBudget
 from cellos_probed.probes import (
     CapturingSink,
     EventStamper,
@@ -32,6 +33,7 @@ from tests.conftest import needs_root
 from tests.test_daemon import write_config
 
 CTX = ProbeContext("cell-1", "run-7", "sha256:abcd")
+BATCHER = ThreadBatcher(trio.CapacityLimiter(2))
 
 
 def probe_for(path: Path, written: str = "cell-1") -> CgroupProbe:
@@ -282,3 +284,142 @@ async def test_a_reading_s_json_is_made_with_it_and_is_what_its_event_carries(
         cgroup.write()
     assert reading.output["deltas"]["cpu_stat"]["usage_usec"] == 250
     assert b'"usage_usec":250' in sink.events[-1].to_json()
+
+
+def count_file_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    opened: list[str] = []
+    real = cgroup_module._open_file
+
+    def spy(dir_fd: int, name: str) -> int | None:
+        opened.append(name)
+        return real(dir_fd, name)
+
+    monkeypatch.setattr(cgroup_module, "_open_file", spy)
+    return opened
+
+
+@needs_root
+async def test_a_real_cgroup_s_files_are_kept_open_and_read_anew_each_time(
+    real_cgroup: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On cgroup2 one pread a file a tick: no open after the first read, yet fresh values."""
+    opened = count_file_opens(monkeypatch)
+    probe = probe_for(real_cgroup, real_cgroup.name)
+    first = await probe.read(CTX)
+    present = first.inputs["files"]
+    assert "cpu.stat" in present
+    # every name looked for once, and cgroup.controllers (what says when missing ones appear)
+    assert sorted(opened) == sorted([name for name, _ in CGROUP_FILES] + ["cgroup.controllers"])
+    held = held_paths()
+    assert {str(real_cgroup / name) for name in present} <= held
+    assert probe._directory.held_descriptors() == 1 + len(present) + 1
+    opened.clear()
+    burner = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import sys\nsys.stdin.readline()\nwhile True: pass"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        (real_cgroup / "cgroup.procs").write_text(str(burner.pid))
+        assert burner.stdin is not None
+        await burner.stdin.send_all(b"go\n")
+        with trio.fail_after(10):
+            while True:  # the kept descriptor's reads follow the kernel's counting
+                later = await probe.read(CTX)
+                if later.output["deltas"]["cpu_stat"]["usage_usec"] > 10_000:
+                    break
+                await trio.sleep(0.05)
+    finally:
+        burner.kill()
+        with trio.fail_after(5):
+            await burner.wait()
+    assert opened == []  # nothing missing appeared (cgroup.controllers did not change)
+    assert later.inputs["files"] == present
+    probe.close()
+    assert not {path for path in held_paths() if path.startswith(str(real_cgroup))}
+
+
+async def test_files_of_a_tree_on_a_regular_filesystem_are_opened_anew_each_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixture tree replaces files by rename: a kept descriptor would read the old one."""
+    opened = count_file_opens(monkeypatch)
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    probe = probe_for(cgroup.path)
+    for usage in (5, 6):
+        cgroup.cpu_stat["usage_usec"] = usage
+        cgroup.write()
+        assert (await probe.read(CTX)).output["cpu_stat"]["usage_usec"] == usage
+    assert len(opened) == 2 * len(CGROUP_FILES)
+    assert probe._directory.held_descriptors() == 1
+
+
+def write_in_place(path: Path, text: str) -> None:
+    """As the kernel's files change: the same inode, new contents."""
+    with open(path, "r+" if path.exists() else "w") as handle:
+        handle.truncate(0)
+        handle.write(text)
+
+
+async def test_kept_files_look_for_missing_ones_again_when_the_controllers_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A controller enabled later (memory, say): its files are read from the next tick on.
+
+    This machine's cgroup2 has no controller to enable, so the kept-files path
+    runs here on a tree written in place as kernfs would change it.
+    """
+    monkeypatch.setattr(cgroup_module, "is_cgroup2", lambda fd: True)
+    path = tmp_path / "cell-1"
+    path.mkdir()
+    write_in_place(path / "cgroup.controllers", "cpu io\n")
+    write_in_place(path / "cpu.stat", "usage_usec 10\nuser_usec 6\nsystem_usec 4\n")
+    probe = probe_for(path)
+    first = await probe.read(CTX)
+    assert first.inputs["files"] == ["cpu.stat"]
+    assert "memory.events" in first.output["missing"]
+    assert probe._directory.held_descriptors() == 3  # the directory, cpu.stat, cgroup.controllers
+    write_in_place(path / "cpu.stat", "usage_usec 25\nuser_usec 15\nsystem_usec 10\n")
+    write_in_place(path / "memory.current", "4096\n")
+    second = await probe.read(CTX)  # the kept descriptor: the new text, same file
+    assert second.output["deltas"]["cpu_stat"]["usage_usec"] == 15
+    assert second.inputs["files"] == ["cpu.stat"]  # controllers unchanged: not looked for
+    write_in_place(path / "cgroup.controllers", "cpu io memory\n")
+    third = await probe.read(CTX)
+    assert third.inputs["files"] == ["cpu.stat", "memory.current"]
+    assert third.output["memory_current"] == 4096
+    assert "memory.current" not in third.output["missing"]
+    assert third.output["deltas"]["reset"] is False  # the same cgroup: baselines kept
+    probe.close()
+    assert probe._directory.held_descriptors() == 0
+
+
+@needs_root
+async def test_kept_files_stay_within_the_room_the_open_file_limit_leaves(
+    real_cgroup: Path,
+) -> None:
+    """Kept descriptors are an optimisation: without room a cgroup is read by opening."""
+    budget = DescriptorBudget(limit=KEPT_PER_CELL)  # room for one cell's files
+    first = CgroupProbe(CgroupProbeConfig("a", real_cgroup), BATCHER, budget)
+    second = CgroupProbe(CgroupProbeConfig("b", real_cgroup), BATCHER, budget)
+    reading_a = await first.read(CTX)
+    reading_b = await second.read(CTX)
+    assert reading_a.output["cpu_stat"].keys() == reading_b.output["cpu_stat"].keys()
+    assert reading_a.inputs["files"] == reading_b.inputs["files"]
+    kept = 1 + len(reading_a.inputs["files"]) + 1
+    assert first._directory.held_descriptors() == kept
+    assert second._directory.held_descriptors() == 1  # no room: opened at each read
+    assert budget.used == KEPT_PER_CELL
+    first.close()
+    assert budget.used == 0
+    await second.read(CTX)
+    assert second._directory.held_descriptors() == kept  # the room given back is taken
+    budget.limit = 0  # a reload added cells: their sockets need the room
+    await second.read(CTX)
+    assert second._directory.held_descriptors() == 1
+    assert budget.used == 0
+    second.close()
+
+
+def test_the_kept_room_per_cell_is_what_a_cgroup_keeps() -> None:
+    assert len(CGROUP_FILES) + 1 == KEPT_PER_CELL  # its files and cgroup.controllers

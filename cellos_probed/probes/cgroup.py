@@ -21,8 +21,10 @@ import outcome
 import structlog
 
 from cellos_probed.batching import ThreadBatcher
+from cellos_probed.cgroupfs import is_cgroup2
 from cellos_probed.config import CgroupProbeConfig
 from cellos_probed.confine import EscapeError, open_beneath
+from cellos_probed.fd_limit import KEPT_PER_CELL, DescriptorBudget
 from cellos_probed.probes import (
     ProbeContext,
     ProbeError,
@@ -73,11 +75,35 @@ class CgroupFiles:
     directory_id: tuple[int, int]
 
 
-def _read_bounded(fd: int, name: str) -> str:
-    # One read: cgroupfs (kernfs seq_file) and regular files hand over all
-    # they have up to the size asked; asking one byte more than the bound
-    # tells an oversized file from a full one.
-    data = os.read(fd, MAX_FILE_BYTES + 1)
+def _open_file(dir_fd: int, name: str) -> int | None:
+    """``name`` in the directory, opened without following a symlink; None if absent."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ProbeIoError(f"{name} is a symlink; refusing to follow it") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise ProbeIoError(f"permission denied reading {name}") from None
+        raise ProbeIoError(f"cannot open {name}: {exc.strerror}") from None
+
+
+class _DirectoryGone(Exception):
+    """The directory a descriptor holds was removed (a file read said ENODEV)."""
+
+
+def _read_open_file(fd: int, name: str) -> str:
+    # One read from offset 0: cgroupfs (kernfs seq_file) generates the text
+    # afresh for a read at 0 and hands over all it has up to the size asked,
+    # as do regular files; asking one byte more than the bound tells an
+    # oversized file from a full one.
+    try:
+        data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:  # the cgroup (or the file's controller) was removed
+            raise _DirectoryGone from None
+        raise ProbeIoError(f"cannot read {name}: {exc.strerror}") from None
     if len(data) > MAX_FILE_BYTES:
         raise ProbeParseError(f"{name}: larger than {MAX_FILE_BYTES} bytes, not read")
     try:
@@ -86,8 +112,80 @@ def _read_bounded(fd: int, name: str) -> str:
         raise ProbeParseError(f"{name}: not ASCII text") from None
 
 
-class _DirectoryGone(Exception):
-    """The directory a descriptor holds was removed (a file read said ENODEV)."""
+def _read_files(dir_fd: int) -> tuple[dict[str, str], list[str]]:
+    """Every file opened, read and closed."""
+    contents: dict[str, str] = {}
+    missing: list[str] = []
+    for name, _ in CGROUP_FILES:
+        fd = _open_file(dir_fd, name)
+        if fd is None:
+            missing.append(name)
+            continue
+        try:
+            contents[name] = _read_open_file(fd, name)
+        finally:
+            os.close(fd)
+    return contents, missing
+
+
+#: what lists the controllers whose files a cgroup has: it changes when one is enabled
+CONTROLLERS_FILE: Final = "cgroup.controllers"
+
+
+class _KeptFiles:
+    """A cgroup2 directory's files, held open between reads.
+
+    kernfs makes a file's text anew for every read at offset 0 and says
+    ENODEV once the cgroup, or the controller the file belongs to, is gone:
+    a kept descriptor is one ``pread`` a file a tick instead of open, read
+    and close (1.8 against 5.6 us a file on this machine). A file that is
+    missing (its controller not enabled here) appears when the controller
+    is enabled, which ``cgroup.controllers`` shows: it is looked for again
+    only when that file changes.
+    """
+
+    __slots__ = ("controllers", "controllers_fd", "files", "missing")
+
+    def __init__(self, dir_fd: int) -> None:
+        self.files: dict[str, int] = {}
+        self.missing: list[str] = []
+        self.controllers_fd: int | None = None
+        self.controllers = ""
+        try:
+            self.controllers_fd = _open_file(dir_fd, CONTROLLERS_FILE)
+            if self.controllers_fd is not None:
+                self.controllers = _read_open_file(self.controllers_fd, CONTROLLERS_FILE)
+            for name, _ in CGROUP_FILES:
+                fd = _open_file(dir_fd, name)
+                if fd is None:
+                    self.missing.append(name)
+                else:
+                    self.files[name] = fd
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+        if self.controllers_fd is not None:
+            os.close(self.controllers_fd)
+            self.controllers_fd = None
+
+    def stale(self) -> bool:
+        """Whether a missing file may have appeared since these were opened."""
+        if not self.missing:
+            return False
+        if self.controllers_fd is None:
+            return True  # nothing tells us: look for them every time
+        return _read_open_file(self.controllers_fd, CONTROLLERS_FILE) != self.controllers
+
+    def read(self) -> tuple[dict[str, str], list[str]]:
+        return (
+            {name: _read_open_file(fd, name) for name, fd in self.files.items()},
+            self.missing,
+        )
 
 
 class CgroupDirectory:
@@ -101,17 +199,26 @@ class CgroupDirectory:
     its new identity resets the baselines. (A cgroup renamed away is followed;
     cgroup managers remove a cell's cgroup, they do not rename it.)
 
+    On cgroup2 the files are kept open too (:class:`_KeptFiles`). Elsewhere
+    (a tree in the kernel's format on a regular filesystem, as the tests
+    build) a file replaced by a rename would leave a kept descriptor reading
+    the old one, so there each file is opened anew for every read.
+
     Read from a worker thread while the trio thread may :meth:`close` it
     (its cell removed by a reload): the lock keeps a descriptor from being
     closed, and its number reused, under a read.
     """
 
-    __slots__ = ("_closed", "_fd", "_identity", "_lock")
+    __slots__ = ("_budget", "_closed", "_fd", "_identity", "_kept", "_kernfs", "_lock")
 
-    def __init__(self) -> None:
+    def __init__(self, budget: DescriptorBudget | None = None) -> None:
+        #: room for kept files under the open-file limit (None: no bound)
+        self._budget = budget
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._identity = (0, 0)
+        self._kernfs = False
+        self._kept: _KeptFiles | None = None
         self._closed = False
 
     def close(self) -> None:
@@ -121,13 +228,22 @@ class CgroupDirectory:
 
     def __del__(self) -> None:
         # a probe dropped without close() (a test's, a one-off read's): no descriptor leaks
-        if self._fd is not None:
-            os.close(self._fd)
+        self._drop()
 
     def _drop(self) -> None:
+        self._let_kept_go()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def held_descriptors(self) -> int:
+        """How many descriptors this directory holds now (the directory's and its files')."""
+        kept = self._kept
+        if self._fd is None:
+            return 0
+        if kept is None:
+            return 1
+        return 1 + len(kept.files) + (kept.controllers_fd is not None)
 
     def read(self, directory: Path, label: str, root: Path | None) -> CgroupFiles:
         with self._lock:
@@ -135,17 +251,52 @@ class CgroupDirectory:
                 raise ProbeIoError(f"cgroup probe for {label} was closed")
             if self._fd is not None:
                 try:
-                    contents, missing = _read_files(self._fd, label)
+                    contents, missing = self._read()
                 except _DirectoryGone:
                     contents = {}
                 if contents:
                     return CgroupFiles(contents, missing, self._identity)
                 self._drop()  # gone (or emptied): look at what the path holds now
-            self._fd, self._identity = _open_directory(directory, label, root)
-            return _files_of(self._fd, self._identity, directory, label)
+            self._fd, self._identity, self._kernfs = _open_directory(directory, label, root)
+            try:
+                contents, missing = self._read()
+            except _DirectoryGone:
+                raise ProbeIoError(f"cgroup directory was removed: {label}") from None
+            if not contents and not os.path.isdir(directory):
+                raise ProbeIoError(f"cgroup directory was removed: {label}")
+            return CgroupFiles(contents, missing, self._identity)
+
+    def _let_kept_go(self) -> None:
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
+            if self._budget is not None:
+                self._budget.give_back(KEPT_PER_CELL)
+
+    def _read(self) -> tuple[dict[str, str], list[str]]:
+        assert self._fd is not None
+        if not self._kernfs:
+            return _read_files(self._fd)
+        if self._kept is not None and (
+            self._kept.stale() or (self._budget is not None and self._budget.over())
+        ):
+            self._let_kept_go()  # (over: a reload added cells that need the room)
+        if self._kept is None:
+            if self._budget is not None and not self._budget.take(KEPT_PER_CELL):
+                return _read_files(self._fd)  # no room under the open-file limit
+            try:
+                self._kept = _KeptFiles(self._fd)
+            except BaseException:
+                if self._budget is not None:
+                    self._budget.give_back(KEPT_PER_CELL)
+                raise
+        return self._kept.read()
 
 
-def _open_directory(directory: Path, label: str, root: Path | None) -> tuple[int, tuple[int, int]]:
+def _open_directory(
+    directory: Path, label: str, root: Path | None
+) -> tuple[int, tuple[int, int], bool]:
+    """The directory's descriptor, its identity, and whether it is on cgroup2."""
     try:
         dir_fd = open_beneath(root or directory.parent, directory, os.O_RDONLY, directory=True)
     except EscapeError:
@@ -160,46 +311,11 @@ def _open_directory(directory: Path, label: str, root: Path | None) -> tuple[int
         raise ProbeIoError(f"cannot open cgroup directory {label}: {exc.strerror}") from None
     try:
         stat = os.fstat(dir_fd)
+        kernfs = is_cgroup2(dir_fd)
     except BaseException:
         os.close(dir_fd)
         raise
-    return dir_fd, (stat.st_dev, stat.st_ino)
-
-
-def _read_files(dir_fd: int, label: str) -> tuple[dict[str, str], list[str]]:
-    contents: dict[str, str] = {}
-    missing: list[str] = []
-    for name, _ in CGROUP_FILES:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except FileNotFoundError:
-            missing.append(name)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ProbeIoError(f"{name} is a symlink; refusing to follow it") from None
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise ProbeIoError(f"permission denied reading {name}") from None
-            raise ProbeIoError(f"cannot open {name}: {exc.strerror}") from None
-        try:
-            contents[name] = _read_bounded(fd, name)
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:  # the cgroup was removed while we read it
-                raise _DirectoryGone from None
-            raise ProbeIoError(f"cannot read {name}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-    return contents, missing
-
-
-def _files_of(dir_fd: int, identity: tuple[int, int], directory: Path, label: str) -> CgroupFiles:
-    try:
-        contents, missing = _read_files(dir_fd, label)
-    except _DirectoryGone:
-        raise ProbeIoError(f"cgroup directory was removed: {label}") from None
-    if not contents and not os.path.isdir(directory):
-        raise ProbeIoError(f"cgroup directory was removed: {label}")
-    return CgroupFiles(contents, missing, identity)
+    return dir_fd, (stat.st_dev, stat.st_ino), kernfs
 
 
 def read_cgroup_files(
@@ -211,13 +327,12 @@ def read_cgroup_files(
     symlinks, and each file is opened relative to it with ``O_NOFOLLOW``.
     With ``held``, the directory's descriptor is kept from one call to the next.
     """
-    if held is not None:
-        return held.read(directory, label, root)
-    dir_fd, identity = _open_directory(directory, label, root)
+    directory_held = held if held is not None else CgroupDirectory()
     try:
-        return _files_of(dir_fd, identity, directory, label)
+        return directory_held.read(directory, label, root)
     finally:
-        os.close(dir_fd)
+        if held is None:
+            directory_held.close()
 
 
 def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
@@ -241,12 +356,17 @@ def fetch_and_parse(
 class CgroupProbe:
     """Reads one cell's cgroup and reports counter increases between readings."""
 
-    def __init__(self, config: CgroupProbeConfig, batcher: ThreadBatcher) -> None:
+    def __init__(
+        self,
+        config: CgroupProbeConfig,
+        batcher: ThreadBatcher,
+        budget: DescriptorBudget | None = None,
+    ) -> None:
         self._config = config
         self._batcher = batcher
         self._baseline: dict[str, dict[str, int]] | None = None
         self._directory_id: tuple[int, int] | None = None
-        self._directory = CgroupDirectory()
+        self._directory = CgroupDirectory(budget)
 
     def probe_name(self) -> str:
         return "cgroup"
