@@ -101,13 +101,20 @@ def _read_open_file(fd: int, name: str) -> str:
     try:
         data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
     except OSError as exc:
-        if exc.errno == errno.ENODEV:  # the cgroup (or the file's controller) was removed
-            raise _DirectoryGone from None
-        raise ProbeIoError(f"cannot read {name}: {exc.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
+        return _text(exc.errno or errno.EIO, name)
+    return _text(data, name)
+
+
+def _text(read: bytes | int, name: str) -> str:
+    """A file's text from what its read gave: its bytes, or the errno it failed with."""
+    if isinstance(read, int):
+        if read == errno.ENODEV:  # the cgroup (or the file's controller) was removed
+            raise _DirectoryGone
+        raise ProbeIoError(f"cannot read {name}: {os.strerror(read)}")
+    if len(read) > MAX_FILE_BYTES:
         raise ProbeParseError(f"{name}: larger than {MAX_FILE_BYTES} bytes, not read")
     try:
-        return data.decode("ascii")
+        return read.decode("ascii")
     except UnicodeDecodeError:
         raise ProbeParseError(f"{name}: not ASCII text") from None
 
@@ -138,54 +145,59 @@ class _KeptFiles:
     kernfs makes a file's text anew for every read at offset 0 and says
     ENODEV once the cgroup, or the controller the file belongs to, is gone:
     a kept descriptor is one ``pread`` a file a tick instead of open, read
-    and close (1.8 against 5.6 us a file on this machine). A file that is
-    missing (its controller not enabled here) appears when the controller
-    is enabled, which ``cgroup.controllers`` shows: it is looked for again
-    only when that file changes.
+    and close (1.8 against 5.6 us a file on this machine). (One C call
+    reading all of a cell's files, letting the interpreter lock go once
+    rather than once a file, saved 1 us a cell in isolation and nothing
+    measurable in the daemon: not kept.) A file that is missing (its
+    controller not enabled here) appears when the controller is enabled,
+    which ``cgroup.controllers`` shows: while something is missing, that
+    file is read with the others, and a change means looking again.
     """
 
-    __slots__ = ("controllers", "controllers_fd", "files", "missing")
+    __slots__ = ("controllers", "fds", "missing", "names", "watching")
 
     def __init__(self, dir_fd: int) -> None:
-        self.files: dict[str, int] = {}
+        self.names: list[str] = []
         self.missing: list[str] = []
-        self.controllers_fd: int | None = None
+        #: what one read takes: cgroup.controllers first while ``watching``, then the files
+        self.fds: list[int] = []
+        self.watching = False
         self.controllers = ""
         try:
-            self.controllers_fd = _open_file(dir_fd, CONTROLLERS_FILE)
-            if self.controllers_fd is not None:
-                self.controllers = _read_open_file(self.controllers_fd, CONTROLLERS_FILE)
+            controllers_fd = _open_file(dir_fd, CONTROLLERS_FILE)
+            if controllers_fd is not None:
+                self.fds.append(controllers_fd)
+                self.controllers = _read_open_file(controllers_fd, CONTROLLERS_FILE)
             for name, _ in CGROUP_FILES:
                 fd = _open_file(dir_fd, name)
                 if fd is None:
                     self.missing.append(name)
                 else:
-                    self.files[name] = fd
+                    self.names.append(name)
+                    self.fds.append(fd)
         except BaseException:
             self.close()
             raise
+        if controllers_fd is not None and not self.missing:
+            os.close(self.fds.pop(0))  # nothing to look for: no need to watch
+        self.watching = controllers_fd is not None and bool(self.missing)
 
     def close(self) -> None:
-        for fd in self.files.values():
+        for fd in self.fds:
             os.close(fd)
-        self.files.clear()
-        if self.controllers_fd is not None:
-            os.close(self.controllers_fd)
-            self.controllers_fd = None
+        self.fds.clear()
 
-    def stale(self) -> bool:
-        """Whether a missing file may have appeared since these were opened."""
-        if not self.missing:
-            return False
-        if self.controllers_fd is None:
-            return True  # nothing tells us: look for them every time
-        return _read_open_file(self.controllers_fd, CONTROLLERS_FILE) != self.controllers
-
-    def read(self) -> tuple[dict[str, str], list[str]]:
-        return (
-            {name: _read_open_file(fd, name) for name, fd in self.files.items()},
-            self.missing,
-        )
+    def read(self) -> tuple[dict[str, str], list[str]] | None:
+        """Every kept file's text; None when a missing file may have appeared since."""
+        if self.missing and not self.watching:
+            return None  # nothing tells us: look for them every time
+        fds = self.fds
+        if self.watching:
+            if _read_open_file(fds[0], CONTROLLERS_FILE) != self.controllers:
+                return None
+            fds = fds[1:]
+        texts = {name: _read_open_file(fd, name) for name, fd in zip(self.names, fds, strict=True)}
+        return texts, self.missing
 
 
 class CgroupDirectory:
@@ -241,9 +253,7 @@ class CgroupDirectory:
         kept = self._kept
         if self._fd is None:
             return 0
-        if kept is None:
-            return 1
-        return 1 + len(kept.files) + (kept.controllers_fd is not None)
+        return 1 + (0 if kept is None else len(kept.fds))
 
     def read(self, directory: Path, label: str, root: Path | None) -> CgroupFiles:
         with self._lock:
@@ -277,20 +287,24 @@ class CgroupDirectory:
         assert self._fd is not None
         if not self._kernfs:
             return _read_files(self._fd)
-        if self._kept is not None and (
-            self._kept.stale() or (self._budget is not None and self._budget.over())
-        ):
-            self._let_kept_go()  # (over: a reload added cells that need the room)
-        if self._kept is None:
-            if self._budget is not None and not self._budget.take(KEPT_PER_CELL):
-                return _read_files(self._fd)  # no room under the open-file limit
-            try:
-                self._kept = _KeptFiles(self._fd)
-            except BaseException:
-                if self._budget is not None:
-                    self._budget.give_back(KEPT_PER_CELL)
-                raise
-        return self._kept.read()
+        if self._kept is not None and self._budget is not None and self._budget.over():
+            self._let_kept_go()  # a reload added cells: their sockets need the room
+        if self._kept is not None:
+            read = self._kept.read()
+            if read is not None:
+                return read
+            self._let_kept_go()  # a missing file may be there now: open them again
+        if self._budget is not None and not self._budget.take(KEPT_PER_CELL):
+            return _read_files(self._fd)  # no room under the open-file limit
+        try:
+            self._kept = _KeptFiles(self._fd)
+        except BaseException:
+            if self._budget is not None:
+                self._budget.give_back(KEPT_PER_CELL)
+            raise
+        read = self._kept.read()
+        # None: cgroup.controllers changed between its first read and now; next time
+        return read if read is not None else _read_files(self._fd)
 
 
 def _open_directory(
