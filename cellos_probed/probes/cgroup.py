@@ -102,6 +102,8 @@ def _read_open_file(fd: int, name: str) -> str:
         data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
     except OSError as exc:
         return _text(exc.errno or errno.EIO, name)
+    if len(data) <= MAX_FILE_BYTES and data.isascii():  # every tick: no further call
+        return data.decode("ascii")
     return _text(data, name)
 
 
@@ -349,12 +351,20 @@ def read_cgroup_files(
             directory_held.close()
 
 
+#: (file, its output key, its parser) in output order, worked out once
+_FILE_PLAN: Final = tuple((name, output_key(name), _PARSERS[kind]) for name, kind in CGROUP_FILES)
+#: (output key) of the counter files whose increase is reported
+_DELTA_KEYS: Final = tuple(output_key(name) for name in DELTA_FILES)
+
+
 def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
     """The ``output`` object (without ``deltas``) for one fetch. Pure."""
     output: dict[str, Any] = {}
-    for name, kind in CGROUP_FILES:
-        if name in files.contents:
-            output[output_key(name)] = _PARSERS[kind](files.contents[name], name)
+    contents = files.contents
+    for name, key, parse in _FILE_PLAN:
+        text = contents.get(name)
+        if text is not None:
+            output[key] = parse(text, name)
     output["missing"] = list(files.missing)
     return output
 
@@ -442,11 +452,7 @@ class CgroupProbe:
         return self._finish(files, output)
 
     def _finish(self, files: CgroupFiles, output: dict[str, Any]) -> ProbeReading:
-        counters = {
-            output_key(name): output[output_key(name)]
-            for name in DELTA_FILES
-            if output_key(name) in output
-        }
+        counters = {key: output[key] for key in _DELTA_KEYS if key in output}
         recreated = self._directory_id is not None and self._directory_id != files.directory_id
         output["deltas"] = counter_deltas(self._baseline, counters, recreated=recreated)
         self._baseline = counters
