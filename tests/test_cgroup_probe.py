@@ -15,7 +15,7 @@ import trio.testing
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CgroupProbeConfig, load_config
 from cellos_probed.confine import open_beneath
-from cellos_probed.daemon import Prober
+from cellos_probed.daemon import CellRunner, Prober
 from cellos_probed.fd_limit import KEPT_PER_CELL, DescriptorBudget
 from cellos_probed.probes import (
     CapturingSink,
@@ -425,3 +425,58 @@ async def test_kept_files_stay_within_the_room_the_open_file_limit_leaves(
 
 def test_the_kept_room_per_cell_is_what_a_cgroup_keeps() -> None:
     assert len(CGROUP_FILES) + 1 == KEPT_PER_CELL  # its files and cgroup.controllers
+
+
+async def test_cgroups_are_opened_before_the_first_tick_and_not_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prober.prepare walks to every cell's directory; the first tick reads, walks none,
+    and its readings are first readings (no baseline moved); a missing one is the tick's
+    to report."""
+    walked = count_path_walks(monkeypatch)
+    for cell in ("a", "b"):
+        FakeCgroup(tmp_path / cell).write()
+    config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["a", "b", "gone"]))
+    sink = CapturingSink()
+    prober = Prober(config, sink, EventStamper())
+    with trio.fail_after(10):
+        await prober.prepare()
+        assert sorted(walked) == sorted(tmp_path / cell for cell in ("a", "b", "gone"))
+        assert {str(tmp_path / "a"), str(tmp_path / "b")} <= held_paths()
+        assert sink.events == []
+        await prober.tick()
+    assert len(walked) == 4  # only the missing one is looked for again
+    by_cell = {event.data["cellId"]: event for event in sink.events}
+    assert by_cell["a"].data["output"]["deltas"] is None
+    assert by_cell["a"].sequence == "1"
+    assert by_cell["gone"].kind == "probe_error"
+    assert "does not exist" in by_cell["gone"].data["error"]["message"]
+    for runner in prober.runners.values():
+        for probe in runner.probes:
+            probe.close()  # type: ignore[attr-defined]
+
+
+async def test_a_cell_added_by_a_reload_has_its_cgroup_opened_before_its_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walked = count_path_walks(monkeypatch)
+    for cell in ("a", "b"):
+        FakeCgroup(tmp_path / cell).write()
+    config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["a"]))
+    prober = Prober(config, CapturingSink(), EventStamper())
+    prepared = trio.Event()
+    real_prepare = prober.prepare
+
+    async def prepare_then_tell(runners: list[CellRunner] | None = None) -> None:
+        await real_prepare(runners)
+        prepared.set()
+
+    monkeypatch.setattr(prober, "prepare", prepare_then_tell)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(prober.run_services)
+            prober.apply(load_config(write_config(tmp_path / "c.toml", tmp_path, ["a", "b"])))
+            await prepared.wait()  # in the background, with no tick run
+            assert walked == [tmp_path / "b"]  # the new cell only
+            assert str(tmp_path / "b") in held_paths()
+            nursery.cancel_scope.cancel()

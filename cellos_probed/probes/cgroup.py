@@ -434,6 +434,24 @@ class CgroupProbe:
                         )
                         results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
 
+    @classmethod
+    async def prepare_batch(cls, probes: Sequence[CgroupProbe]) -> None:
+        """Open every cell's directory and files before its first tick (``Prober.prepare``)."""
+        if not probes:
+            return
+        into: list[outcome.Outcome[None] | None] = [None] * len(probes)
+        await probes[0]._batcher.run_many(
+            CgroupProbe.prepare_blocking, [(probe,) for probe in probes], into
+        )
+
+    def prepare_blocking(self) -> None:
+        """A read whose result is dropped: it opens what later reads keep. No baseline
+        moves (that is ``_finish``'s); a failure is left for the tick to report."""
+        try:
+            self._directory.read(self._config.resolved, self._config.path, self._config.root)
+        except ProbeError:
+            pass
+
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         # one worker-thread hop for every cell's files in this tick, not one per cell
         return await self._batcher.run(self.read_blocking)
