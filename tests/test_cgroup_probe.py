@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -480,3 +481,47 @@ async def test_a_cell_added_by_a_reload_has_its_cgroup_opened_before_its_tick(
             assert walked == [tmp_path / "b"]  # the new cell only
             assert str(tmp_path / "b") in held_paths()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_kept_file_whose_controller_went_is_missing_from_the_next_reading_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kernfs says ENODEV when a kept file's controller is disabled (memory, say): the
+    directory is looked at again, the file reported missing, the baselines kept.
+
+    No controller can be disabled on this machine's cgroup2: the tree is changed in
+    place and the read of the removed file says ENODEV as kernfs would.
+    """
+    monkeypatch.setattr(cgroup_module, "is_cgroup2", lambda fd: True)
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    write_in_place(cgroup.path / "cgroup.controllers", "cpu memory pids\n")
+    probe = probe_for(cgroup.path)
+    first = await probe.read(CTX)
+    assert first.output["missing"] == []
+    # nothing missing: cgroup.controllers is not kept (nothing to watch for)
+    assert probe._directory.held_descriptors() == 1 + len(CGROUP_FILES)
+    removed = os.stat(cgroup.path / "memory.current")
+    (cgroup.path / "memory.current").unlink()
+    write_in_place(cgroup.path / "cgroup.controllers", "cpu pids\n")
+    cgroup.cpu_stat["usage_usec"] += 20
+    write_in_place(
+        cgroup.path / "cpu.stat", "".join(f"{k} {v}\n" for k, v in cgroup.cpu_stat.items())
+    )
+    real_pread = os.pread
+
+    def pread_as_kernfs(fd: int, size: int, offset: int) -> bytes:
+        stat = os.fstat(fd)
+        if (stat.st_dev, stat.st_ino) == (removed.st_dev, removed.st_ino):
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(cgroup_module.os, "pread", pread_as_kernfs)
+    second = await probe.read(CTX)
+    assert "memory.current" not in second.inputs["files"]
+    assert second.output["missing"] == ["memory.current"]
+    assert second.output["deltas"]["reset"] is False  # the same cgroup
+    assert second.output["deltas"]["cpu_stat"]["usage_usec"] == 20
+    # the others kept again, and cgroup.controllers now, to see memory come back
+    assert probe._directory.held_descriptors() == 1 + len(CGROUP_FILES) - 1 + 1
+    probe.close()
