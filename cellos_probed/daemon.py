@@ -103,6 +103,14 @@ class SharedResources:
         )
 
 
+def _room_for_kept_files(config: Config) -> int:
+    """Descriptors the cgroup probe may keep: none if the operator said so, else what
+    the open-file limit leaves beyond what the cells need (``fd_limit``)."""
+    if not config.daemon.keep_cgroup_files:
+        return 0
+    return spare_descriptors(len(config.cells))
+
+
 def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
     """A cell runs exactly the probes whose table it has."""
     probes: list[HostProbe] = []
@@ -175,7 +183,7 @@ class Prober:
         self.sink = sink
         self.stamper = stamper
         self.shared = shared or SharedResources()
-        self.shared.kept_descriptors.limit = spare_descriptors(len(config.cells))
+        self.shared.kept_descriptors.limit = _room_for_kept_files(config)
         self.runners: dict[str, CellRunner] = {
             cell.id: make_runner(cell, self.shared) for cell in config.cells
         }
@@ -385,7 +393,7 @@ class Prober:
                 self._services.start_soon(self.prepare, fresh)
         self.runners = new_runners
         self.config = config
-        self.shared.kept_descriptors.limit = spare_descriptors(len(config.cells))
+        self.shared.kept_descriptors.limit = _room_for_kept_files(config)
         self.reloaded_since_settle = True
         return changes
 

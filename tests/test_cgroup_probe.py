@@ -516,7 +516,7 @@ async def test_a_kept_file_whose_controller_went_is_missing_from_the_next_readin
             raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
         return real_pread(fd, size, offset)
 
-    monkeypatch.setattr(cgroup_module.os, "pread", pread_as_kernfs)
+    monkeypatch.setattr(os, "pread", pread_as_kernfs)  # as the probe calls it
     second = await probe.read(CTX)
     assert "memory.current" not in second.inputs["files"]
     assert second.output["missing"] == ["memory.current"]
@@ -525,3 +525,36 @@ async def test_a_kept_file_whose_controller_went_is_missing_from_the_next_readin
     # the others kept again, and cgroup.controllers now, to see memory come back
     assert probe._directory.held_descriptors() == 1 + len(CGROUP_FILES) - 1 + 1
     probe.close()
+
+
+@needs_root
+async def test_an_operator_may_have_cgroup_files_opened_at_each_read_instead(
+    real_cgroup: Path, tmp_path: Path
+) -> None:
+    """``keep_cgroup_files = false``: no file kept (kernel memory over CPU); a reload
+    to it lets kept ones go at the next read, and back again keeps them."""
+    cell = real_cgroup / "a"
+    cell.mkdir()
+    try:
+        path = write_config(tmp_path / "c.toml", real_cgroup, ["a"])
+        keeping = load_config(path)
+        text = path.read_text().replace("[daemon]\n", "[daemon]\nkeep_cgroup_files = false\n")
+        path.write_text(text)
+        not_keeping = load_config(path)
+        assert not_keeping.daemon.keep_cgroup_files is False
+        prober = Prober(not_keeping, CapturingSink(), EventStamper())
+        (probe,) = prober.runners["a"].probes
+        assert isinstance(probe, CgroupProbe)
+        with trio.fail_after(10):
+            await prober.tick()
+            assert probe._directory.held_descriptors() == 1  # the directory only
+            prober.apply(keeping)  # the same cell: its probe (and directory) stay
+            await prober.tick()
+            assert probe._directory.held_descriptors() > 1 + 1
+            prober.apply(not_keeping)
+            await prober.tick()
+            assert probe._directory.held_descriptors() == 1
+            assert prober.shared.kept_descriptors.used == 0
+        probe.close()
+    finally:
+        cell.rmdir()

@@ -76,6 +76,7 @@ BROKEN = [
     ("relative credentials", "[nats]\ncredentials = 'x.creds'\n", "{file}: key 'nats.credentials': must be an absolute path"),
     ("cert without key", "[nats]\ntls_cert = '/etc/c.pem'\n", "{file}: key 'nats.tls_key': tls_cert and tls_key go together"),
     ("agent every negative", "[daemon]\nagent_event_every_ticks = -1\n", "{file}: key 'daemon.agent_event_every_ticks': must be between 0 and 1000000, got -1"),
+    ("keep files a string", "[daemon]\nkeep_cgroup_files = 'no'\n", "{file}: key 'daemon.keep_cgroup_files': must be true or false, not a string"),
 ]  # fmt: skip
 
 
@@ -122,6 +123,8 @@ def test_delivery_options_parse() -> None:
     assert config.spool.path == Path("/var/lib/cellos-probed/spool")
     assert config.spool.max_bytes == 1 << 30
     assert config.daemon.agent_event_every_ticks == 10
+    assert config.daemon.keep_cgroup_files is True
+    assert parse_config("[daemon]\nkeep_cgroup_files = false\n").daemon.keep_cgroup_files is False
 
 
 def test_a_missing_or_unreadable_file_is_a_config_error(
