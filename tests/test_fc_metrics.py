@@ -422,3 +422,40 @@ def test_a_fifo_is_drained_by_reads_until_one_comes_back_short(tmp_path: Path) -
         follower.close()
     finally:
         os.close(writer)
+
+
+async def test_instances_are_asked_before_the_first_tick_which_then_only_flushes(
+    fc_root: Path,
+) -> None:
+    """Prober.prepare asks every VMM's GET /; the first tick's readings name the
+    instance without asking it; a VMM not answering then is its tick's to report."""
+    cells = [f"cell-{i}" for i in range(20)]
+    with trio.fail_after(30):
+        async with open_emulator(fc_root) as emulator:
+            for cell in cells[:-1]:
+                await emulator.add(emulator.spec(cell))
+            async with running(fc_config(fc_root, cells)) as prober:
+                await prober.prepare()
+                assert all(events_of(prober, cell) == [] for cell in cells)  # nothing read
+                for cell in cells[:-1]:
+                    assert fc_probe(prober, cell)._instance_cache == {
+                        "id": cell, "state": "Running", "vmm_version": "1.16.1",
+                    }  # fmt: skip
+                assert fc_probe(prober, cells[-1])._instance_cache is None  # no VMM there
+                await prober.tick(0)
+                assert not any(fc_probe(prober, cell)._asked_instance for cell in cells)
+                for cell in cells[:-1]:
+                    output = last_output(prober, cell)
+                    assert output["instance"]["id"] == cell
+                    # the line of the first flush counts the GET / asked before it
+                    assert output["delta"]["get_api_requests"]["instance_info_count"] == 1
+                (missing,) = events_of(prober, cells[-1])
+                assert missing["type"] == "probe_error"
+                assert missing["error"]["kind"] == "io"
+                asked: list[int] = []
+                for tick in range(1, 1 + fc_metrics.INSTANCE_REFRESH_READS):
+                    await prober.tick(tick)
+                    asked.append(sum(fc_probe(prober, cell)._asked_instance for cell in cells))
+    # each VM asks again once in the next INSTANCE_REFRESH_READS readings, spread out
+    assert sum(asked) == len(cells) - 1
+    assert max(asked) <= len(cells) // 3

@@ -26,7 +26,7 @@ import os
 import stat
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -45,7 +45,7 @@ from cellos_probed.probes import (
     ProbeTimeoutError,
 )
 from cellos_probed.probes.fc_api import ApiConnection
-from cellos_probed.probes.fc_exchange import run_round
+from cellos_probed.probes.fc_exchange import Exchange, run_round
 from cellos_probed.probes.fc_http import (
     FLUSH_REQUEST,
     INSTANCE_REQUEST,
@@ -82,6 +82,8 @@ API_TIMEOUT_SECONDS: Final = 5.0
 ROUND_SIZE: Final = 2048
 #: A round hands back this long before the daemon's timeout would fire.
 ROUND_MARGIN_SECONDS: Final = 0.01
+#: How long the VMMs have to answer ``GET /`` before the first tick (``prepare_batch``).
+PREPARE_ROUND_SECONDS: Final = 2.0
 
 
 class MetricsFollower:
@@ -323,16 +325,21 @@ class FcMetricsProbe:
                     self._asked_instance = True
                     return INSTANCE_REQUEST
         else:
-            first = self._instance_cache is None
-            self._instance_cache = parse_instance(response)
-            self._instance_connections = self.connection.connections
-            self._reads_since_instance = self._refresh_phase if first else 0
+            self.learn_instance(response)
         self._reads_since_instance += 1
         self.result = self._reading()
         return None
 
     def failed(self, error: ProbeError) -> None:
         self.result = error
+
+    def learn_instance(self, response: ApiResponse) -> None:
+        """``GET /``'s answer: the instance named in readings from now on."""
+        first = self._instance_cache is None
+        self._instance_cache = parse_instance(response)
+        self._instance_connections = self.connection.connections
+        # the first answer starts this VM's refresh cycle at its own phase
+        self._reads_since_instance = self._refresh_phase if first else 0
 
     def _instance_due(self) -> bool:
         """``GET /`` every INSTANCE_REFRESH_READS readings, and at once after a reconnect.
@@ -394,6 +401,22 @@ class FcMetricsProbe:
         # the VMMs have until the timeout; the round may then take LAST_CALL_SECONDS more
         # for answers already there (fc_exchange)
         deadline = time.monotonic() + max(0.0, remaining - ROUND_MARGIN_SECONDS)
+        try:
+            await cls._run_rounds(probes, deadline, lambda probe: probe)
+        finally:
+            for i, (_, probe) in enumerate(jobs):
+                results[i] = probe.result
+                probe.result = None
+
+    @staticmethod
+    async def _run_rounds(
+        probes: list[FcMetricsProbe],
+        deadline: float,
+        exchange_of: Callable[[FcMetricsProbe], Exchange],
+    ) -> None:
+        """``probes``' exchanges in rounds of ROUND_SIZE, a few at once on worker threads."""
+        if not probes:
+            return
         limiter = probes[0]._rounds
         for probe in probes:
             probe._in_round = True
@@ -404,7 +427,7 @@ class FcMetricsProbe:
                         partial(
                             trio.to_thread.run_sync,
                             run_round,
-                            probes[start : start + ROUND_SIZE],
+                            [exchange_of(probe) for probe in probes[start : start + ROUND_SIZE]],
                             deadline,
                             limiter=limiter,
                         )
@@ -416,9 +439,22 @@ class FcMetricsProbe:
                 probe._last_drain = now
                 if probe._closed:  # its cell went away during the round
                     probe.aclose_sync()
-            for i, (_, probe) in enumerate(jobs):
-                results[i] = probe.result
-                probe.result = None
+
+    @classmethod
+    async def prepare_batch(cls, probes: Sequence[FcMetricsProbe]) -> None:
+        """Every VMM's API connection opened and its instance asked (``GET /``) before
+        the first tick (``Prober.prepare``), so that tick only flushes.
+
+        A first tick asking both of 2,000 VMMs timed every one of them out, and
+        the answers owed after it timed out most of the next four ticks
+        (measured). A VMM that does not answer here is asked again, and
+        reported, by its tick.
+        """
+        await cls._run_rounds(
+            [probe for probe in probes if not probe._closed],
+            time.monotonic() + PREPARE_ROUND_SECONDS,
+            _AskInstance,
+        )
 
     async def read(self, ctx: ProbeContext) -> ProbeReading:
         """One cell alone (``once``, tests): a round of one."""
@@ -431,3 +467,21 @@ class FcMetricsProbe:
         if isinstance(result, ProbeError):
             raise result
         return result
+
+
+class _AskInstance:
+    """A VMM's part of the round before the first tick: ``GET /`` only (no reading)."""
+
+    def __init__(self, probe: FcMetricsProbe) -> None:
+        self.probe = probe
+        self.connection = probe.connection
+
+    def begin(self) -> bytes | None:
+        return INSTANCE_REQUEST
+
+    def answered(self, response: ApiResponse, *, last_call: bool) -> bytes | None:
+        self.probe.learn_instance(response)
+        return None
+
+    def failed(self, error: ProbeError) -> None:
+        pass  # its tick asks again, and reports what fails then
