@@ -178,7 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             needed=limit.needed,
             cells=len(config.cells),
         )
-    elif not limit.keeps_every_cgroup:
+    elif config.daemon.keep_cgroup_files and not limit.keeps_every_cgroup:
         structlog.get_logger("cellos_probed.cli").info(
             "open-file limit leaves no room to keep every cgroup's files open: some are "
             "opened at every read (more CPU); raise LimitNOFILE",

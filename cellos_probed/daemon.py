@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -238,7 +238,9 @@ class Prober:
         if not started:  # cancelled by a reload before it was up: nothing to wait for
             task_status.started()
 
-    async def prepare(self, runners: Iterable[CellRunner] | None = None) -> None:
+    async def prepare(
+        self, runners: Iterable[CellRunner] | None = None, *, while_ticking: bool = False
+    ) -> None:
         """What probes open once and keep, opened now rather than in their first tick.
 
         A cell's first cgroup read walks to its directory and opens its files
@@ -250,17 +252,24 @@ class Prober:
         directories and files; Firecracker API connections and instances)
         open theirs here, in batches, before the first tick; what is not open
         by PREPARE_SECONDS, or failed, is opened (and reported) by its tick.
+
+        ``while_ticking`` (cells a reload added): only probes whose preparing
+        may overlap a tick (``PREPARE_WHILE_TICKING``: the cgroup directory
+        has a lock); a Firecracker connection must never be in two rounds.
         """
         chosen = list(self.runners.values() if runners is None else runners)
-        groups: dict[type, list[HostProbe]] = {}
+        groups: dict[Callable[[list[HostProbe]], Awaitable[None]], list[HostProbe]] = {}
         for runner in chosen:
             for probe in runner.probes:
-                if hasattr(type(probe), "prepare_batch"):
-                    groups.setdefault(type(probe), []).append(probe)
+                prepare_batch = getattr(type(probe), "prepare_batch", None)
+                if while_ticking and not getattr(probe, "PREPARE_WHILE_TICKING", False):
+                    continue
+                if prepare_batch is not None:
+                    groups.setdefault(prepare_batch, []).append(probe)
         with trio.move_on_after(PREPARE_SECONDS):
             async with trio.open_nursery() as nursery:
-                for probe_type, probes in groups.items():
-                    nursery.start_soon(probe_type.prepare_batch, probes)  # type: ignore[attr-defined]
+                for prepare_batch, probes in groups.items():
+                    nursery.start_soon(prepare_batch, probes)
 
     async def tick(self, index: int = 0) -> None:
         """Every cell's probes, once: one task per group of probes that share a resource.
@@ -392,7 +401,7 @@ class Prober:
                 self._services.start_soon(self._run_cell_background, new_runners[cell_id])
             fresh = [new_runners[cell_id] for cell_id in changes["added"] + changes["changed"]]
             if fresh:
-                self._services.start_soon(self.prepare, fresh)
+                self._services.start_soon(partial(self.prepare, fresh, while_ticking=True))
         self.runners = new_runners
         self.config = config
         self.shared.kept_descriptors.limit = _room_for_kept_files(config)

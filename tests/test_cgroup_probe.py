@@ -468,8 +468,11 @@ async def test_a_cell_added_by_a_reload_has_its_cgroup_opened_before_its_tick(
     prepared = trio.Event()
     real_prepare = prober.prepare
 
-    async def prepare_then_tell(runners: list[CellRunner] | None = None) -> None:
-        await real_prepare(runners)
+    async def prepare_then_tell(
+        runners: list[CellRunner] | None = None, *, while_ticking: bool = False
+    ) -> None:
+        assert while_ticking  # probes that must not overlap a tick are left to it
+        await real_prepare(runners, while_ticking=while_ticking)
         prepared.set()
 
     monkeypatch.setattr(prober, "prepare", prepare_then_tell)

@@ -459,3 +459,18 @@ async def test_instances_are_asked_before_the_first_tick_which_then_only_flushes
     # each VM asks again once in the next INSTANCE_REFRESH_READS readings, spread out
     assert sum(asked) == len(cells) - 1
     assert max(asked) <= len(cells) // 3
+
+
+async def test_vmms_are_not_asked_by_a_prepare_that_may_overlap_a_tick(fc_root: Path) -> None:
+    """Cells a reload adds are prepared while ticks run: a VMM's connection must never be
+    in two rounds at once, so its first tick asks GET / as it would without preparing."""
+    with trio.fail_after(30):
+        async with open_emulator(fc_root) as emulator:
+            await emulator.add(emulator.spec("cell-1"))
+            async with running(fc_config(fc_root, ["cell-1"])) as prober:
+                await prober.prepare(while_ticking=True)
+                assert fc_probe(prober, "cell-1")._instance_cache is None
+                assert fc_probe(prober, "cell-1").connection.sock is None  # not even opened
+                await prober.tick(0)
+                assert fc_probe(prober, "cell-1")._asked_instance
+                assert last_output(prober, "cell-1")["instance"]["id"] == "cell-1"

@@ -434,6 +434,9 @@ class CgroupProbe:
                         )
                         results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
 
+    #: its preparing may overlap a tick: the directory's lock keeps them apart
+    PREPARE_WHILE_TICKING: Final = True
+
     @classmethod
     async def prepare_batch(cls, probes: Sequence[CgroupProbe]) -> None:
         """Open every cell's directory and files before its first tick (``Prober.prepare``)."""
