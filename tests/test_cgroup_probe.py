@@ -24,6 +24,7 @@ from cellos_probed.probes import (
     ProbeContext,
     ProbeIoError,
     ProbeParseError,
+    ProbeReading,
     emit_reading,
 )
 from cellos_probed.probes import cgroup as cgroup_module
@@ -39,6 +40,32 @@ BATCHER = ThreadBatcher(trio.CapacityLimiter(2))
 
 def probe_for(path: Path, written: str = "cell-1") -> CgroupProbe:
     return CgroupProbe(CgroupProbeConfig(written, path), ThreadBatcher(trio.CapacityLimiter(2)))
+
+
+async def read_while_burning_cpu(probe: CgroupProbe, cgroup: Path) -> ProbeReading:
+    """Read ``probe`` until a process burning CPU inside ``cgroup`` shows in its deltas.
+
+    A poll, not a sleep standing in for an event: the kernel accounts CPU time to
+    a cgroup as it runs, and nothing announces it.
+    """
+    burner = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import sys\nsys.stdin.readline()\nwhile True: pass"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        (cgroup / "cgroup.procs").write_text(str(burner.pid))
+        assert burner.stdin is not None
+        await burner.stdin.send_all(b"go\n")  # start burning only once inside the cgroup
+        with trio.fail_after(10):
+            while True:
+                reading = await probe.read(CTX)
+                if reading.output["deltas"]["cpu_stat"]["usage_usec"] > 10_000:
+                    return reading
+                await trio.sleep(0.05)
+    finally:
+        burner.kill()
+        with trio.fail_after(5):
+            await burner.wait()
 
 
 async def test_full_tree_every_file_and_key(tmp_path: Path) -> None:
@@ -149,24 +176,7 @@ async def test_a_real_cgroup_reads_what_the_kernel_counts(real_cgroup: Path) -> 
     # controllers this kernel lacks are reported missing, not failed
     for name in first.output["missing"]:
         assert not (real_cgroup / name).exists()
-    burner = await trio.lowlevel.open_process(
-        [sys.executable, "-c", "import sys\nsys.stdin.readline()\nwhile True: pass"],
-        stdin=subprocess.PIPE,
-    )
-    try:
-        (real_cgroup / "cgroup.procs").write_text(str(burner.pid))
-        assert burner.stdin is not None
-        await burner.stdin.send_all(b"go\n")  # start burning only once inside the cgroup
-        with trio.fail_after(10):
-            while True:  # wait for the kernel to account some CPU time to the cgroup
-                second = await probe.read(CTX)
-                if second.output["deltas"]["cpu_stat"]["usage_usec"] > 10_000:
-                    break
-                await trio.sleep(0.05)
-    finally:
-        burner.kill()
-        with trio.fail_after(5):
-            await burner.wait()
+    second = await read_while_burning_cpu(probe, real_cgroup)
     assert second.output["deltas"]["reset"] is False
     after = parse_flat_keyed((real_cgroup / "cpu.stat").read_text(), "cpu.stat")
     assert after["usage_usec"] >= second.output["cpu_stat"]["usage_usec"] > 10_000
@@ -317,24 +327,7 @@ async def test_a_real_cgroup_s_files_are_kept_open_and_read_anew_each_time(
     watching = 1 if first.output["missing"] else 0
     assert probe._directory.held_descriptors() == 1 + len(present) + watching
     opened.clear()
-    burner = await trio.lowlevel.open_process(
-        [sys.executable, "-c", "import sys\nsys.stdin.readline()\nwhile True: pass"],
-        stdin=subprocess.PIPE,
-    )
-    try:
-        (real_cgroup / "cgroup.procs").write_text(str(burner.pid))
-        assert burner.stdin is not None
-        await burner.stdin.send_all(b"go\n")
-        with trio.fail_after(10):
-            while True:  # the kept descriptor's reads follow the kernel's counting
-                later = await probe.read(CTX)
-                if later.output["deltas"]["cpu_stat"]["usage_usec"] > 10_000:
-                    break
-                await trio.sleep(0.05)
-    finally:
-        burner.kill()
-        with trio.fail_after(5):
-            await burner.wait()
+    later = await read_while_burning_cpu(probe, real_cgroup)  # kept descriptors follow it
     assert opened == []  # nothing missing appeared (cgroup.controllers did not change)
     assert later.inputs["files"] == present
     probe.close()
@@ -561,3 +554,26 @@ async def test_an_operator_may_have_cgroup_files_opened_at_each_read_instead(
         probe.close()
     finally:
         cell.rmdir()
+
+
+async def test_without_cgroup_controllers_only_the_missing_files_are_looked_for_each_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing says when a controller comes: each read looks for the missing names only
+    (the kept ones are not opened again), and reads one the moment it appears."""
+    monkeypatch.setattr(cgroup_module, "is_cgroup2", lambda fd: True)
+    path = tmp_path / "cell-1"
+    path.mkdir()
+    write_in_place(path / "cpu.stat", "usage_usec 10\nuser_usec 6\nsystem_usec 4\n")
+    probe = probe_for(path)
+    first = await probe.read(CTX)
+    missing = first.output["missing"]
+    assert first.inputs["files"] == ["cpu.stat"]
+    opened = count_file_opens(monkeypatch)
+    await probe.read(CTX)
+    assert opened == missing  # cpu.stat stays open: only the absent ones are tried
+    write_in_place(path / "pids.current", "3\n")
+    third = await probe.read(CTX)
+    assert third.inputs["files"] == ["cpu.stat", "pids.current"]
+    assert third.output["pids_current"] == 3
+    probe.close()

@@ -102,8 +102,6 @@ def _read_open_file(fd: int, name: str) -> str:
         data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
     except OSError as exc:
         return _text(exc.errno or errno.EIO, name)
-    if len(data) <= MAX_FILE_BYTES and data.isascii():  # every tick: no further call
-        return data.decode("ascii")
     return _text(data, name)
 
 
@@ -189,10 +187,14 @@ class _KeptFiles:
             os.close(fd)
         self.fds.clear()
 
-    def read(self) -> tuple[dict[str, str], list[str]] | None:
-        """Every kept file's text; None when a missing file may have appeared since."""
-        if self.missing and not self.watching:
-            return None  # nothing tells us: look for them every time
+    def read(self, dir_fd: int) -> tuple[dict[str, str], list[str]] | None:
+        """Every kept file's text; None when a missing file has (or may have) appeared."""
+        if self.missing and not self.watching:  # nothing tells us: look for each of them
+            for name in self.missing:
+                fd = _open_file(dir_fd, name)
+                if fd is not None:
+                    os.close(fd)
+                    return None
         fds = self.fds
         if self.watching:
             if _read_open_file(fds[0], CONTROLLERS_FILE) != self.controllers:
@@ -292,7 +294,7 @@ class CgroupDirectory:
         if self._kept is not None and self._budget is not None and self._budget.over():
             self._let_kept_go()  # a reload added cells: their sockets need the room
         if self._kept is not None:
-            read = self._kept.read()
+            read = self._kept.read(self._fd)
             if read is not None:
                 return read
             self._let_kept_go()  # a missing file may be there now: open them again
@@ -304,7 +306,7 @@ class CgroupDirectory:
             if self._budget is not None:
                 self._budget.give_back(KEPT_PER_CELL)
             raise
-        read = self._kept.read()
+        read = self._kept.read(self._fd)
         # None: cgroup.controllers changed between its first read and now; next time
         return read if read is not None else _read_files(self._fd)
 
