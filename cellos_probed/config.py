@@ -4,7 +4,8 @@ Every mistake is one :class:`ConfigError` naming the file, the cell and the
 key (and line and column for TOML syntax). The loader knows every key of
 the contract from the start: a key whose feature is not built yet is
 refused as such, never mistaken for a typo and never silently ignored.
-Paths need not exist (cells come and go) but must lie under their root.
+Paths need not exist (cells come and go) but must lie under their root, also
+once the symlinks among their existing components are followed.
 """
 
 from __future__ import annotations
@@ -306,6 +307,13 @@ def _toml_type(value: Any) -> str:
 class _Loader:
     def __init__(self, file: str) -> None:
         self.file = file
+        self._real_roots: dict[Path, str] = {}
+
+    def real_root(self, root: Path) -> str:
+        """``root`` with its symlinks resolved, once per load (thousands of cells share it)."""
+        if root not in self._real_roots:
+            self._real_roots[root] = os.path.realpath(root)
+        return self._real_roots[root]
 
     def error(self, message: str, **where: Any) -> ConfigError:
         return ConfigError(message, file=self.file, **where)
@@ -536,11 +544,29 @@ class _Loader:
 
 
 def _under_root(table: _Table, name: str, value: str, root: Path, root_key: str) -> Path:
-    """``value`` (absolute, or relative to ``root``) normalised, or an error if it escapes."""
-    candidate = Path(os.path.normpath(os.path.join(root, value)))
-    if candidate != root and root not in candidate.parents:
+    """``value`` (absolute, or relative to ``root``) normalised, or an error if it escapes
+    its root as written or through a symlink already on the disk.
+
+    Only the part that exists is resolved: a cell's directories may come later.
+    Opens still refuse symlinks (``confine``), as the tree can change after load.
+    """
+    candidate = os.path.normpath(os.path.join(root, value))
+    if not _within(candidate, str(root)):
         raise table.error(name, f"{value!r} is not under [paths] {root_key} ({root})")
-    return candidate
+    # realpath resolves each existing component (a dangling link's target too)
+    # and keeps the missing tail as written; the root resolves the same way
+    resolved = os.path.realpath(candidate)
+    if not _within(resolved, table.loader.real_root(root)):
+        raise table.error(
+            name,
+            f"{value!r} leads through a symlink to {resolved}, outside [paths] {root_key} ({root})",
+        )
+    return Path(candidate)
+
+
+def _within(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it (both normalised, absolute)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def parse_config(text: str, file: str = "<config>") -> Config:

@@ -25,12 +25,16 @@ import structlog
 import trio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from cellos_probed.cloudevent import NATS_HEADERS, STRUCTURED_CONTENT_TYPE
 from cellos_probed.config import JetStreamSettings, NatsSettings
 
 T = TypeVar("T")
 STREAM_READ_ATTEMPTS = 5
+#: a stopped subscription's drain: one round trip to the server, then the
+#: messages already received; bounded for a server that went away
+DRAIN_SECONDS: Final = 2.0
 #: Every event's NATS header block, made once: status line, Content-Type, blank line.
 EVENT_HEADER_BLOCK: Final = f"NATS/1.0\r\nContent-Type: {STRUCTURED_CONTENT_TYPE}\r\n\r\n".encode()
 _HEADER_LEN: Final = len(EVENT_HEADER_BLOCK)
@@ -391,6 +395,7 @@ async def open_subscription(
     connect_timeout: float = 5.0,
     settings: NatsSettings | None = None,
     stream: str | None = None,
+    stop: trio.Event | None = None,
 ) -> AsyncIterator[trio.MemoryReceiveChannel[ReceivedMessage]]:
     """Subscribe to ``subject``; messages arrive on the yielded trio channel.
 
@@ -398,13 +403,16 @@ async def open_subscription(
     yields, so a publish that starts afterwards is seen. With ``stream``,
     read that JetStream stream from its first message instead (an ordered
     consumer); the channel closes after the message that was last when
-    reading began.
+    reading began. Once ``stop`` is set, interest ends but what the server
+    had sent until then still arrives, then the channel closes: a reader
+    stopped by its operator counts everything published before the stop.
     """
     thread = AsyncioThread("cellos-nats-sub")
     thread.start()
     token = trio.lowlevel.current_trio_token()
     send, receive = trio.open_memory_channel[ReceivedMessage](math.inf)
     holder: dict[str, NatsClient] = {}
+    subscriptions: list[Subscription] = []
 
     last_sequence = [0]
 
@@ -444,7 +452,9 @@ async def open_subscription(
         nc = await nats.connect(**options)
         holder["nc"] = nc
         if stream is None:
-            await nc.subscribe(subject, cb=deliver, pending_msgs_limit=1_000_000)
+            subscriptions.append(
+                await nc.subscribe(subject, cb=deliver, pending_msgs_limit=1_000_000)
+            )
             await nc.flush()
             return
         js = nc.jetstream()
@@ -458,18 +468,37 @@ async def open_subscription(
                     hand_over(None)
                     return
                 subjects = info.config.subjects or [subject]
-                await js.subscribe(
-                    subjects[0] if len(subjects) == 1 else subject,
-                    stream=stream,
-                    ordered_consumer=True,
-                    cb=deliver,
-                    pending_msgs_limit=1_000_000,
+                subscriptions.append(
+                    await js.subscribe(
+                        subjects[0] if len(subjects) == 1 else subject,
+                        stream=stream,
+                        ordered_consumer=True,
+                        cb=deliver,
+                        pending_msgs_limit=1_000_000,
+                    )
                 )
                 return
             except nats.errors.TimeoutError:
                 if attempt == STREAM_READ_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(1.0)
+
+    async def drain() -> None:
+        # nats-py's drain: UNSUB, a round trip (the server sends all it had
+        # before its PONG), then every message received goes through deliver
+        try:
+            for subscription in subscriptions:
+                draining = subscription.drain()  # type: ignore[no-untyped-call]  # nats-py
+                await asyncio.wait_for(draining, timeout=DRAIN_SECONDS)
+        finally:
+            hand_over(None)
+
+    async def drain_once_stopped(stop: trio.Event) -> None:
+        await stop.wait()
+        try:
+            await wait_future(thread.submit(drain()))
+        except Exception as exc:  # the channel is closed all the same
+            log.debug("nats subscription drain failed", error=repr(exc))
 
     async def teardown() -> None:
         nc = holder.get("nc")
@@ -480,7 +509,13 @@ async def open_subscription(
         with trio.fail_after(connect_timeout + 1 + (STREAM_READ_ATTEMPTS * 6 if stream else 0)):
             await wait_future(thread.submit(setup()))
         async with receive:
-            yield receive
+            if stop is None:
+                yield receive
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(drain_once_stopped, stop)
+                    yield receive
+                    nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(3):
             try:

@@ -14,7 +14,7 @@ import orjson
 import trio
 
 from cellos_probed.config import NatsSettings
-from cellos_probed.nats_bridge import open_subscription
+from cellos_probed.nats_bridge import ReceivedMessage, open_subscription
 from cellos_probed.verify import Completeness
 
 
@@ -165,14 +165,30 @@ async def run_verify(
     stream: str | None = None,
     duration: float = 10.0,
     settings: NatsSettings | None = None,
+    stop: trio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> Completeness:
-    """Listen ``duration`` seconds (or read ``stream`` whole) and account for every sequence."""
+    """Listen ``duration`` seconds or until ``stop`` is set (or read ``stream`` whole)
+    and account for every sequence the server sent before the end."""
     completeness = Completeness(from_start=stream is not None)
-    async with open_subscription(servers, subject, stream=stream, settings=settings) as messages:
+    stop = stop if stop is not None else trio.Event()
+
+    def account(message: ReceivedMessage) -> None:
+        try:
+            completeness.add(orjson.loads(message.data))
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+            completeness.other += 1
+
+    async with open_subscription(
+        servers, subject, stream=stream, settings=settings, stop=stop
+    ) as messages:
+        if on_ready is not None:
+            on_ready()
         with trio.move_on_after(duration):
             async for message in messages:
-                try:
-                    completeness.add(orjson.loads(message.data))
-                except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
-                    completeness.other += 1
+                account(message)
+        # the channel ends once what the server sent before the stop is in
+        stop.set()
+        async for message in messages:
+            account(message)
     return completeness

@@ -189,3 +189,86 @@ def test_check_config_as_a_process_prints_a_summary(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "OK: 1 cell(s) (cgroup x1, tap_link x1)" in result.stdout
+
+
+def _roots(tmp_path: Path) -> str:
+    for name in ("cgroup", "jail", "netns", "outside"):
+        (tmp_path / name).mkdir()
+    return (
+        f'[paths]\ncgroup_root = "{tmp_path / "cgroup"}"\njail_root = "{tmp_path / "jail"}"\n'
+        f'netns_root = "{tmp_path / "netns"}"\n'
+    )
+
+
+FC = '[cell.fc_metrics]\napi_socket = "{api}"\nmetrics_path = "{metrics}"\n'
+# (root, link planted under it, configured path, key, cell table with {path} in it)
+ESCAPES = [
+    ("cgroup", "fc", "fc/cell-1", "cell.cgroup.path", "[cell.cgroup]\npath = '{path}'\n"),
+    ("cgroup", "cell-1", "cell-1", "cell.cgroup.path", "[cell.cgroup]\npath = '{path}'\n"),
+    ("jail", "vm", "vm/root/api.sock", "cell.fc_metrics.api_socket",
+     FC.format(api="{path}", metrics="vm-ok/metrics.fifo")),
+    ("jail", "vm", "vm/root/metrics.fifo", "cell.fc_metrics.metrics_path",
+     FC.format(api="vm-ok/api.sock", metrics="{path}")),
+    ("netns", "net-1", "net-1", "cell.netns", "netns = '{path}'\n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("root", "link", "value", "key", "table"),
+    ESCAPES,
+    ids=[case[3] + ":" + case[2] for case in ESCAPES],
+)
+def test_check_config_refuses_a_path_a_symlink_takes_out_of_its_root(
+    root: str, link: str, value: str, key: str, table: str,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Refused at load, not only at open: the operator hears of it from check-config."""
+    roots = _roots(tmp_path)
+    os.symlink(tmp_path / "outside", tmp_path / root / link)
+    path = tmp_path / "c.toml"
+    path.write_text(f"{roots}[[cell]]\n{CELL}{table.format(path=value)}")
+    assert main(["check-config", "--config", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"cellos-probed: configuration error: {path}: cell 'cell-1': key '{key}': {value!r} "
+    ), err
+    assert f"outside [paths] {root}_root ({tmp_path / root})" in err
+    assert "Traceback" not in err
+
+
+def test_a_relative_or_dangling_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
+    roots = _roots(tmp_path)
+    os.symlink("../outside", tmp_path / "cgroup" / "up")
+    os.symlink(tmp_path / "gone" / "x", tmp_path / "cgroup" / "dangling")
+    for value in ("up/cell-1", "dangling/cell-1", "dangling"):
+        with pytest.raises(ConfigError, match="outside \\[paths\\] cgroup_root"):
+            parse_config(f"{roots}[[cell]]\n{CELL}[cell.cgroup]\npath = '{value}'\n")
+
+
+def test_a_symlink_within_its_root_and_paths_not_there_yet_are_accepted(tmp_path: Path) -> None:
+    roots = _roots(tmp_path)
+    (tmp_path / "cgroup" / "real").mkdir()
+    os.symlink(tmp_path / "cgroup" / "real", tmp_path / "cgroup" / "alias")
+    os.symlink("../real", tmp_path / "cgroup" / "real" / "again")
+    (tmp_path / "jail" / "vm").mkdir()
+    os.symlink("vm", tmp_path / "jail" / "vm-alias")
+    text = (
+        f"{roots}[[cell]]\n{CELL}netns = 'not-yet'\n[cell.cgroup]\npath = 'alias/again/cell-1'\n"
+        + FC.format(api="vm-alias/root/api.sock", metrics="later/vm/metrics.fifo")
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    assert main(["check-config", "--config", str(config)]) == 0
+    (cell,) = load_config(config).cells
+    assert cell.cgroup is not None
+    assert cell.cgroup.resolved == tmp_path / "cgroup" / "alias" / "again" / "cell-1"  # as written
+
+
+def test_a_root_that_is_itself_a_symlink_is_taken_as_it_resolves(tmp_path: Path) -> None:
+    """/var/run/netns is /run/netns on most hosts: the root is the operator's word."""
+    roots = _roots(tmp_path)
+    os.symlink(tmp_path / "netns", tmp_path / "ns-link")
+    text = roots.replace(f'"{tmp_path / "netns"}"', f'"{tmp_path / "ns-link"}"')
+    (tmp_path / "netns" / "net-1").touch()
+    config = parse_config(f"{text}[[cell]]\n{CELL}netns = 'net-1'\n")
+    assert config.cells[0].netns_resolved == tmp_path / "ns-link" / "net-1"
