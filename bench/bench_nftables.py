@@ -35,8 +35,15 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cellos_probed.config import parse_config
-from cellos_probed.daemon import Prober, SharedResources, build_probes
-from cellos_probed.probes import CapturingSink, EventStamper, HostProbe, ProbeContext
+from cellos_probed.daemon import Prober, ProbeServices, TickCount, build_probes
+from cellos_probed.probes import (
+    CapturingSink,
+    ProbeContext,
+    ProbeReading,
+    ProbeResult,
+    SequenceRegistry,
+)
+from cellos_probed.probes.nftables import NftablesProbe
 from testbed.nft import TableSpec, namespace_with_loopback, nft_table
 from testbed.taps import unique_name
 
@@ -73,12 +80,13 @@ def config_for(netns_path: str, cells: int) -> str:
     return text
 
 
-async def probe_tick(shared: SharedResources, probes: list[HostProbe], index: int) -> None:
-    shared.tick_index = index
+async def probe_tick(shared: ProbeServices, probes: list[NftablesProbe], index: int) -> None:
+    """The probe's own batch read of every cell (one table: one batch), no events."""
+    shared.ticks.index = index
     context = ProbeContext("bench", "r", "h")
-    async with trio.open_nursery() as nursery:
-        for probe in probes:
-            nursery.start_soon(probe.read, context)
+    results: list[ProbeResult | None] = [None] * len(probes)
+    await NftablesProbe.read_batch([(context, probe) for probe in probes], results)
+    assert all(isinstance(result, ProbeReading) for result in results), results[0]
 
 
 async def floor_tick(cells: int) -> None:
@@ -91,10 +99,15 @@ async def floor_tick(cells: int) -> None:
 async def measure(netns_path: str, cells: int, rounds: int) -> None:
     config = parse_config(config_for(netns_path, cells))
     probe_cpu, probe_wall, tick_cpu, nft_cpu, nft_wall, floor_cpu = [], [], [], [], [], []
-    shared = SharedResources()
-    probes = [probe for cell in config.cells for probe in build_probes(cell, shared)]
+    shared = ProbeServices(TickCount())
+    probes = [
+        probe
+        for cell in config.cells
+        for probe in build_probes(cell, shared)
+        if isinstance(probe, NftablesProbe)
+    ]
     sink = CapturingSink()
-    prober = Prober(config, sink, EventStamper())
+    prober = Prober(config, sink, SequenceRegistry())
     async with trio.open_nursery() as nursery:
         shared.nursery = nursery
         await nursery.start(prober.run_services)
@@ -123,7 +136,7 @@ async def measure(netns_path: str, cells: int, rounds: int) -> None:
             nft_wall.append(child_wall)
         queries = shared.nft_tables.queries - queries_before
         shared.nft_tables.stop()
-        prober.shared.nft_tables.stop()
+        prober.services.nft_tables.stop()
         nursery.cancel_scope.cancel()
 
     def ms(values: list[float]) -> str:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cellos_probed.config import parse_config
 from cellos_probed.daemon import Prober
-from cellos_probed.probes import CapturingSink, EventStamper, ProbeContext
+from cellos_probed.probes import CapturingSink, ProbeContext, SequenceRegistry
 from cellos_probed.probes.tap_link import (
     LinkWatcher,
     LinkWatchers,
@@ -84,7 +84,7 @@ async def measure(path: Path, ns: str, names: list[str], rounds: int) -> None:
                 for probe in probes:
                     tick.start_soon(probe.read, context)
 
-        prober = Prober(config, CapturingSink(), EventStamper())
+        prober = Prober(config, CapturingSink(), SequenceRegistry())
         await nursery.start(prober.run_services)
         await prober.tick()  # its watcher's first dump, outside the measurement
         await read_all()

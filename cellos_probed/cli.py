@@ -7,8 +7,10 @@ else. An operator never sees a traceback for an expected failure.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import structlog
 import trio
@@ -26,6 +28,8 @@ from cellos_probed.shard import Shard
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+
+T = TypeVar("T")
 
 DESCRIPTION = """\
 cellos-probed watches the Firecracker microVM cells of this host from the
@@ -92,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         "tail",
         help="subscribe to the event stream and print one readable line per event",
         description="Subscribe and print events as they arrive. Servers and subject prefix "
-        "come from --config when given, else the defaults. Ctrl-C ends it (exit 0).",
+        "come from --config when given, else the defaults. Ctrl-C ends it (exit 0); with "
+        "--verify, Ctrl-C or SIGTERM ends the listening early and the report follows (a "
+        "second signal ends it at once, without the report).",
     )
     tail.add_argument("--config", help="take servers and subject prefix from this config")
     tail.add_argument("--server", action="append", help="NATS server URL (repeatable)")
@@ -149,7 +155,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_once(args: argparse.Namespace) -> int:
     from cellos_probed.daemon import run_once
-    from cellos_probed.stdout_sink import StdoutSink
+    from cellos_probed.sinks import StdoutSink
 
     config = load_config(args.config)
     trio.run(run_once, config, StdoutSink())
@@ -158,16 +164,16 @@ def _cmd_once(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cellos_probed.daemon import run_daemon
+    from cellos_probed.events import SequenceRegistry
     from cellos_probed.nats_sink import NatsSink
-    from cellos_probed.probes import EventStamper
 
     config = load_config(args.config)
-    allocator.configure()  # before any thread starts: see allocator.py
+    allocator.tune_collector()  # malloc settings: the unit's GLIBC_TUNABLES (allocator.py)
     shard: Shard | None = args.shard
     if shard is not None:
         config = shard.select(config)
-    stamper = EventStamper()
-    sink = NatsSink(config.nats, stamper.boot_id, buffer=config.buffer, spool=config.spool)
+    sequences = SequenceRegistry()
+    sink = NatsSink(config.nats, sequences.boot_id, buffer=config.buffer, spool=config.spool)
 
     limit = fd_limit.raise_to_hard_limit(len(config.cells))
     if not limit.enough:
@@ -189,7 +195,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         await run_daemon(
-            config, sink, config_path=args.config, stamper=stamper, shard=shard, settle_heap=True
+            config,
+            sink,
+            config_path=args.config,
+            sequences=sequences,
+            shard=shard,
+            settle_heap=True,
         )
 
     trio.run(main)
@@ -209,29 +220,39 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     servers = args.server or servers
     prefix = args.prefix or prefix
     subject = tail_subject(prefix, args.cell, args.probe)
-    if args.verify:
-        try:
-            completeness = trio.run(
-                lambda: run_verify(
-                    servers, subject, stream=args.stream, duration=args.duration,
-                    settings=settings,
-                )
-            )  # fmt: skip
-        except trio.TooSlowError:
-            print(f"cellos-probed: cannot reach NATS at {', '.join(servers)}", file=sys.stderr)
-            return EXIT_FAILURE
-        print(completeness.render())
-        return EXIT_OK if completeness.ok else EXIT_FAILURE
 
-    def subscribed() -> None:
-        # printed once the server has the subscription: from here nothing is missed
-        print(f"# tail {subject} on {', '.join(servers)} (Ctrl-C to stop)", file=sys.stderr)
-        sys.stderr.flush()
+    def ready(banner: str) -> Callable[[], None]:
+        def subscribed() -> None:
+            # printed once the server has the subscription: from here nothing is missed
+            print(f"# {banner} {subject} on {', '.join(servers)} (Ctrl-C to stop)", file=sys.stderr)
+            sys.stderr.flush()
+
+        return subscribed
+
+    if args.verify:
+
+        async def verify(stop: trio.Event) -> int:
+            try:
+                completeness = await run_verify(
+                    servers, subject, stream=args.stream, duration=args.duration,
+                    settings=settings, stop=stop, on_ready=ready("verify"),
+                )  # fmt: skip
+            except trio.TooSlowError:
+                print(f"cellos-probed: cannot reach NATS at {', '.join(servers)}", file=sys.stderr)
+                return EXIT_FAILURE
+            print(completeness.render())
+            return EXIT_OK if completeness.ok else EXIT_FAILURE
+
+        code = trio.run(_until_signalled, verify)
+        if code is None:
+            print("cellos-probed: stopped by a second signal, before the report", file=sys.stderr)
+            return EXIT_FAILURE
+        return code
 
     try:
         trio.run(
             lambda: run_tail(
-                servers, subject, as_json=args.json, limit=args.count, on_ready=subscribed
+                servers, subject, as_json=args.json, limit=args.count, on_ready=ready("tail")
             )
         )
     except KeyboardInterrupt:
@@ -240,6 +261,27 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         print(f"cellos-probed: cannot reach NATS at {', '.join(servers)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+async def _until_signalled(run: Callable[[trio.Event], Awaitable[T]]) -> T | None:
+    """``run`` with SIGINT and SIGTERM setting its stop: an operator's Ctrl-C asks for
+    the result now, as the end of ``--duration`` would. A second signal ends it at once
+    (None)."""
+    result: list[T] = []
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                async for _ in signals:
+                    if stop.is_set():
+                        nursery.cancel_scope.cancel()
+                    stop.set()
+
+            nursery.start_soon(on_signals)
+            result.append(await run(stop))
+            nursery.cancel_scope.cancel()
+    return result[0] if result else None
 
 
 _COMMANDS = {"run": _cmd_run, "check-config": _cmd_check, "once": _cmd_once, "tail": _cmd_tail}

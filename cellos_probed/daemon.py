@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -31,31 +31,32 @@ from cellos_probed import allocator
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import CellConfig, Config, ConfigError, load_config
+from cellos_probed.events import (
+    SequenceRegistry,
+    agent_event,
+    build_probe_error_envelope,
+    reading_event,
+)
 from cellos_probed.fd_limit import DescriptorBudget, spare_descriptors
-from cellos_probed.log import RepeatedErrorFilter, probe_context
+from cellos_probed.log import RepeatedErrorFilter, log_subject
 from cellos_probed.netns import NamespaceThreads
-from cellos_probed.probes import (
-    EMIT_NOWAIT,
-    EventSink,
-    EventStamper,
-    HostProbe,
+from cellos_probed.probes.base import HostProbe
+from cellos_probed.probes.cgroup import CgroupProbe
+from cellos_probed.probes.fc_metrics import FcMetricsProbe
+from cellos_probed.probes.nftables import NftablesProbe, NftTableQueries
+from cellos_probed.probes.tap_link import LinkWatchers, TapLinkProbe
+from cellos_probed.readings import (
     ProbeContext,
     ProbeError,
     ProbeIoError,
     ProbeParseError,
     ProbeReading,
+    ProbeResult,
     ProbeTimeoutError,
-    build_agent_envelope,
-    probe_error_event,
-    reading_event,
 )
-from cellos_probed.probes.cgroup import CgroupProbe
-from cellos_probed.probes.fc_metrics import FcMetricsProbe
-from cellos_probed.probes.nftables import NftablesProbe, NftTableQueries
-from cellos_probed.probes.tap_link import LinkWatchers, TapLinkProbe
 from cellos_probed.scheduler import TickStats, run_fixed_tick
 from cellos_probed.shard import Shard
-from cellos_probed.spool import spool_stats
+from cellos_probed.sinks import EventSink
 from cellos_probed.systemd import Notifier
 
 log = structlog.get_logger("cellos_probed.daemon")
@@ -66,40 +67,45 @@ PREPARE_SECONDS = 10.0
 TRIM_EVERY_TICKS = 60
 
 
-class SharedResources:
-    """What probes of many cells share: worker-thread limits, per-namespace services.
+@dataclass(slots=True)
+class TickCount:
+    """Where the tick loop is, for services that key their results on the tick."""
+
+    #: the index of the tick being run: every cell reading one nftables table in
+    #: one tick shares one query keyed on it
+    index: int = 0
+    #: ticks begun, whatever index the caller gives (``once``, tests)
+    begun: int = 0
+
+
+class ProbeServices:
+    """What probes of many cells share: worker-thread limits and per-namespace services.
 
     ``nursery`` is the services nursery of the running :class:`Prober`; a
     shared service (one netlink watcher per namespace, say) starts there
-    lazily, the first time a probe asks for it.
+    lazily, the first time a probe asks for it. ``ticks`` is the tick loop's
+    count (the :class:`Prober` advances it), which services key results on.
     """
 
-    def __init__(self) -> None:
-        # One thread: cgroupfs reads never block (kernfs answers from memory),
-        # so more threads only fight over the interpreter lock. With four,
-        # the handing over of that lock (futex waits, context switches) was a
-        # fifth of the daemon's CPU at a thousand cells (perf); with one, the
-        # tick was shorter too.
+    def __init__(self, ticks: TickCount) -> None:
+        self.ticks = ticks
+        # one thread: kernfs answers from memory, so more threads only fight
+        # over the interpreter lock (docs/performance.md, "cgroup reads")
         self.file_reads = trio.CapacityLimiter(1)
-        #: gathers every cell's cgroup reads of a tick into a few thread hops
-        # chunks of 256: a timeout still keeps the chunks read by then
+        #: every cell's cgroup reads of a tick in a few thread hops of 256 cells;
+        #: a timeout still keeps the chunks read by then
         self.file_batcher = ThreadBatcher(self.file_reads, chunk_size=256)
         #: Firecracker API rounds (one epoll loop per thread, up to ROUND_SIZE VMs each)
         self.fc_rounds = trio.CapacityLimiter(2)
         #: room under the open-file limit for descriptors kept only to make reads cheaper
         self.kept_descriptors = DescriptorBudget()
         self.nursery: trio.Nursery | None = None
-        #: the index of the tick being run; shared queries key their results on it
-        #: so that every cell reading one table in one tick shares one query
-        self.tick_index = 0
-        #: ticks begun, counted here whatever index the caller gives (run once, tests)
-        self.ticks_begun = 0
         #: one rtnetlink link watcher per network namespace, shared by its cells
-        self.link_watchers = LinkWatchers(lambda: self.nursery, tick=lambda: self.ticks_begun)
+        self.link_watchers = LinkWatchers(lambda: self.nursery, tick=lambda: ticks.begun)
         #: one libnftables query per (namespace, family, table) per tick, on a
         #: thread (and context) of its own per namespace
         self.nft_tables = NftTableQueries(
-            NamespaceThreads(), lambda: self.nursery, lambda: self.tick_index
+            NamespaceThreads(), lambda: self.nursery, lambda: ticks.index
         )
 
 
@@ -111,7 +117,7 @@ def _room_for_kept_files(config: Config) -> int:
     return spare_descriptors(len(config.cells))
 
 
-def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
+def build_probes(cell: CellConfig, shared: ProbeServices) -> list[HostProbe]:
     """A cell runs exactly the probes whose table it has."""
     probes: list[HostProbe] = []
     if cell.cgroup is not None:
@@ -128,13 +134,10 @@ def build_probes(cell: CellConfig, shared: SharedResources) -> list[HostProbe]:
 
 
 @dataclass
-class CellRunner:
-    """One cell: its attribution context and its probe instances (with their baselines).
-
-    A probe that needs to run between ticks (draining a FIFO, say) defines
-    ``async def background(self, *, task_status)``; it runs under the cell's
-    ``scope``, which a reload that removes or changes the cell cancels.
-    """
+class Cell:
+    """One configured cell: its attribution, its probes (with their baselines), and
+    the scope its probes' background work runs under (a reload that removes or
+    changes the cell cancels it)."""
 
     config: CellConfig
     context: ProbeContext
@@ -142,9 +145,9 @@ class CellRunner:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-def make_runner(cell: CellConfig, shared: SharedResources) -> CellRunner:
+def make_cell(cell: CellConfig, shared: ProbeServices) -> Cell:
     context = ProbeContext(cell.id, cell.run_id, cell.spec_signature_hash)
-    return CellRunner(cell, context, build_probes(cell, shared))
+    return Cell(cell, context, build_probes(cell, shared))
 
 
 @dataclass(slots=True)
@@ -158,6 +161,12 @@ class ProbeStats:
         if self.errors_by_kind is None:
             self.errors_by_kind = {}
         self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+
+
+#: a group of a tick: the probe type and its batch key
+_GroupKey = tuple[type[HostProbe], Hashable]
+#: one cell's probe in a group
+_Job = tuple[Cell, HostProbe]
 
 
 def _as_probe_error(exc: Exception) -> ProbeError:
@@ -176,26 +185,22 @@ class Prober:
         self,
         config: Config,
         sink: EventSink,
-        stamper: EventStamper,
-        shared: SharedResources | None = None,
+        sequences: SequenceRegistry,
+        services: ProbeServices | None = None,
     ) -> None:
         self.config = config
         self.sink = sink
-        self.stamper = stamper
-        self.shared = shared or SharedResources()
-        self.shared.kept_descriptors.limit = _room_for_kept_files(config)
-        self.runners: dict[str, CellRunner] = {
-            cell.id: make_runner(cell, self.shared) for cell in config.cells
-        }
+        self.sequences = sequences
+        self.services = services or ProbeServices(TickCount())
+        self.ticks = self.services.ticks
+        self.services.kept_descriptors.limit = _room_for_kept_files(config)
+        self.cells = {cell.id: make_cell(cell, self.services) for cell in config.cells}
         self.tick_stats = TickStats()
         self.probe_stats = ProbeStats()
         self._errors = RepeatedErrorFilter()
         self._services: trio.Nursery | None = None
         #: the probe lists the groups were made from, and the groups (see _probe_groups)
-        self._groups: (
-            tuple[list[list[HostProbe]], dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]]]
-            | None
-        ) = None
+        self._groups: tuple[list[list[HostProbe]], dict[_GroupKey, list[_Job]]] | None = None
         #: cells were replaced since the heap was last settled (allocator.settle_long_lived)
         self.reloaded_since_settle = False
         #: the share of the host's cells this process runs (None: all of them)
@@ -206,83 +211,62 @@ class Prober:
     ) -> None:
         """Shared services and every cell's background tasks; runs until cancelled."""
         async with trio.open_nursery() as nursery:
-            self.shared.nursery = nursery
+            self.services.nursery = nursery
             self._services = nursery
-            for runner in self.runners.values():
-                await nursery.start(self._run_cell_background, runner)
+            for cell in self.cells.values():
+                await nursery.start(self._run_cell_background, cell)
             task_status.started()
             await trio.sleep_forever()
 
     async def _run_cell_background(
-        self, runner: CellRunner, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, cell: Cell, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        probe_context.set((runner.context.cell_id, None))
+        log_subject.set((cell.context.cell_id, None))
         started = False
         try:
-            with runner.scope:
+            with cell.scope:
                 async with trio.open_nursery() as nursery:
-                    for probe in runner.probes:
-                        background = getattr(probe, "background", None)
-                        if background is not None:
-                            await nursery.start(background)
+                    for probe in cell.probes:
+                        await nursery.start(probe.background)
                     task_status.started()
                     started = True
                     await trio.sleep_forever()
         finally:
             # the cell was removed or changed, or the daemon is stopping:
             # what its probes keep open between ticks goes now
-            for probe in runner.probes:
-                close = getattr(probe, "close", None)
-                if close is not None:
-                    close()
+            for probe in cell.probes:
+                probe.close()
         if not started:  # cancelled by a reload before it was up: nothing to wait for
             task_status.started()
 
     async def prepare(
-        self, runners: Iterable[CellRunner] | None = None, *, while_ticking: bool = False
+        self, cells: Iterable[Cell] | None = None, *, while_ticking: bool = False
     ) -> None:
-        """What probes open once and keep, opened now rather than in their first tick.
-
-        A cell's first cgroup read walks to its directory and opens its files
-        (a dozen system calls; later reads are one a file): a thousand cells'
-        at once in the first tick, among every other first (connections,
-        ``GET /``), took longer than the probe timeout for a quarter of them
-        (232 timeouts at N=1000, measured); so did 2,000 VMMs' first
-        connections and ``GET /``. Probes that can (``prepare_batch``: cgroup
-        directories and files; Firecracker API connections and instances)
-        open theirs here, in batches, before the first tick; what is not open
+        """What probes open once and keep (``HostProbe.prepare_batch``), opened in
+        batches before the first tick rather than all inside it; what is not open
         by PREPARE_SECONDS, or failed, is opened (and reported) by its tick.
 
         ``while_ticking`` (cells a reload added): only probes whose preparing
-        may overlap a tick (``PREPARE_WHILE_TICKING``: the cgroup directory
-        has a lock); a Firecracker connection must never be in two rounds.
+        may overlap a tick (``prepare_while_ticking``).
         """
-        chosen = list(self.runners.values() if runners is None else runners)
-        groups: dict[Callable[[list[HostProbe]], Awaitable[None]], list[HostProbe]] = {}
-        for runner in chosen:
-            for probe in runner.probes:
-                prepare_batch = getattr(type(probe), "prepare_batch", None)
-                if while_ticking and not getattr(probe, "PREPARE_WHILE_TICKING", False):
-                    continue
-                if prepare_batch is not None:
-                    groups.setdefault(prepare_batch, []).append(probe)
+        chosen = list(self.cells.values() if cells is None else cells)
+        groups: dict[type[HostProbe], list[HostProbe]] = {}
+        for cell in chosen:
+            for probe in cell.probes:
+                if not while_ticking or probe.prepare_while_ticking:
+                    groups.setdefault(type(probe), []).append(probe)
         with trio.move_on_after(PREPARE_SECONDS):
             async with trio.open_nursery() as nursery:
-                for prepare_batch, probes in groups.items():
-                    nursery.start_soon(prepare_batch, probes)
+                for probe_type, probes in groups.items():
+                    nursery.start_soon(probe_type.prepare_batch, probes)
 
     async def tick(self, index: int = 0) -> None:
-        """Every cell's probes, once: one task per group of probes that share a resource.
-
-        A task per (cell, probe) cost ~40 us of spawning and cancel scopes
-        each, a sixth of a core at a thousand cells; a group (one probe type
-        and one batch key: a namespace, an nftables table, "every cgroup")
-        is one task under one timeout, so a resource that hangs only times
-        out the cells that use it.
-        """
+        """Every cell's probes, once: one task per group of probes that share a
+        resource (a probe type and a batch key), each under the probe timeout, so
+        a resource that hangs only times out the cells that use it."""
         timeout = self.config.daemon.probe_timeout_seconds
-        self.shared.tick_index = index
-        self.shared.ticks_begun += 1
+        self.ticks.index = index
+        self.ticks.begun += 1
         groups = self._probe_groups()
         self._errors.start_tick()
         async with trio.open_nursery() as nursery:
@@ -290,14 +274,14 @@ class Prober:
                 nursery.start_soon(self._run_group, probe_type, members, timeout)
         held = self._errors.end_tick()
         if held is not None:
-            probe_context.set(None)
+            log_subject.set(None)
             log.warning(
                 "more probes failed or recovered this tick than are logged one by one", **held
             )
 
-    def _probe_groups(self) -> dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]]:
+    def _probe_groups(self) -> dict[_GroupKey, list[_Job]]:
         """The tick's groups, worked out again only when the cells or their probes change."""
-        probe_lists = [runner.probes for runner in self.runners.values()]
+        probe_lists = [cell.probes for cell in self.cells.values()]
         cached = self._groups
         if (
             cached is not None
@@ -305,113 +289,92 @@ class Prober:
             and all(map(operator.is_, cached[0], probe_lists))
         ):
             return cached[1]
-        groups: dict[tuple[Any, ...], list[tuple[CellRunner, HostProbe]]] = {}
-        for runner in self.runners.values():
-            for probe in runner.probes:
-                key_of = getattr(probe, "batch_key", None)
-                key = (type(probe), key_of() if key_of is not None else id(probe))
-                groups.setdefault(key, []).append((runner, probe))
+        groups: dict[_GroupKey, list[_Job]] = {}
+        for cell in self.cells.values():
+            for probe in cell.probes:
+                groups.setdefault((type(probe), probe.batch_key()), []).append((cell, probe))
         self._groups = (probe_lists, groups)
         return groups
 
     async def _run_group(
-        self, probe_type: type, members: list[tuple[CellRunner, HostProbe]], timeout: float
+        self, probe_type: type[HostProbe], members: list[_Job], timeout: float
     ) -> None:
-        results: list[ProbeReading | ProbeError | None] = [None] * len(members)
-        read_batch = getattr(probe_type, "read_batch", None)
+        """One group's read, timed and accounted here and only here: a slot the
+        probe left empty by the timeout is a timeout, an exception that escaped
+        fails the slots not yet filled."""
+        results: list[ProbeResult | None] = [None] * len(members)
         with trio.move_on_after(timeout):
-            if read_batch is not None:
-                try:
-                    await read_batch(
-                        [(runner.context, probe) for runner, probe in members], results
-                    )
-                except Exception as exc:
-                    probe_context.set((None, members[0][1].probe_name()))
-                    log.exception("batch read raised an unexpected exception")
-                    failure = _as_probe_error(exc)
-                    results = [failure if r is None else r for r in results]
-            else:
-                for i, (runner, probe) in enumerate(members):
-                    probe_context.set((runner.context.cell_id, probe.probe_name()))
-                    results[i] = await self._read_one(runner, probe)
-        put = getattr(self.sink, EMIT_NOWAIT, None)
-        for (runner, probe), result in zip(members, results, strict=True):
-            event = self._event_for(runner, probe, result, timeout)
-            if put is not None:
-                put(event)
-            else:
-                await self.sink.emit(event)
-
-    @staticmethod
-    async def _read_one(runner: CellRunner, probe: HostProbe) -> ProbeReading | ProbeError:
-        try:
-            return await probe.read(runner.context)
-        except ProbeError as exc:
-            return exc
-        except Exception as exc:
-            log.exception("probe raised an unexpected exception")
-            return _as_probe_error(exc)
+            try:
+                await probe_type.read_batch(
+                    [(cell.context, probe) for cell, probe in members], results
+                )
+            except Exception as exc:
+                log_subject.set((None, members[0][1].probe_name()))
+                log.exception("batch read raised an unexpected exception")
+                failure = _as_probe_error(exc)
+                results = [failure if r is None else r for r in results]
+        emit = self.sink.emit_nowait
+        for (cell, probe), result in zip(members, results, strict=True):
+            emit(self._event_for(cell, probe, result, timeout))
 
     def _event_for(
-        self,
-        runner: CellRunner,
-        probe: HostProbe,
-        result: ProbeReading | ProbeError | None,
-        timeout: float,
+        self, cell: Cell, probe: HostProbe, result: ProbeResult | None, timeout: float
     ) -> CloudEvent:
         """The event a probe's result becomes, counted and (when it changes) logged."""
         name = probe.probe_name()
-        cell = runner.context.cell_id
+        cell_id = cell.context.cell_id
         if result is None:
             result = ProbeTimeoutError(f"{name} probe did not finish within {timeout:g}s")
         if isinstance(result, ProbeReading):
             self.probe_stats.readings += 1
-            if self._errors.recovered(cell, name):
-                probe_context.set((cell, name))
+            if self._errors.recovered(cell_id, name):
+                log_subject.set((cell_id, name))
                 log.info("probe recovered")
-            return reading_event(runner.context, result, self.stamper)
+            return reading_event(cell.context, result, self.sequences)
         self.probe_stats.count_error(result.kind)
-        if self._errors.failed(cell, name, str(result)):
-            probe_context.set((cell, name))
+        if self._errors.failed(cell_id, name, str(result)):
+            log_subject.set((cell_id, name))
             log.warning("probe failed", kind=result.kind, error=result.message)
-        return probe_error_event(
-            runner.context, f"host.{name}", probe.inputs(), result, self.stamper
+        return build_probe_error_envelope(
+            cell.context, f"host.{name}", probe.inputs(), result, self.sequences
         )
 
     def apply(self, config: Config) -> dict[str, list[str]]:
         """Swap in a new config between ticks; unchanged cells keep their state."""
-        new_runners: dict[str, CellRunner] = {}
+        new_cells: dict[str, Cell] = {}
         changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "kept": []}
         for cell_config in config.cells:
-            old = self.runners.get(cell_config.id)
+            old = self.cells.get(cell_config.id)
             if old is not None and old.config == cell_config:
-                new_runners[cell_config.id] = old
+                new_cells[cell_config.id] = old
                 changes["kept"].append(cell_config.id)
             else:
-                new_runners[cell_config.id] = make_runner(cell_config, self.shared)
+                new_cells[cell_config.id] = make_cell(cell_config, self.services)
                 changes["changed" if old is not None else "added"].append(cell_config.id)
-        changes["removed"] = [cell for cell in self.runners if cell not in new_runners]
-        for cell in changes["removed"]:
-            self._errors.forget_cell(cell)
-        for cell_id, old in self.runners.items():
-            if new_runners.get(cell_id) is not old:
+        changes["removed"] = [cell for cell in self.cells if cell not in new_cells]
+        for cell_id in changes["removed"]:
+            self._errors.forget_cell(cell_id)
+        for cell_id, old in self.cells.items():
+            if new_cells.get(cell_id) is not old:
                 old.scope.cancel()
         if self._services is not None:
             for cell_id in changes["added"] + changes["changed"]:
-                self._services.start_soon(self._run_cell_background, new_runners[cell_id])
-            fresh = [new_runners[cell_id] for cell_id in changes["added"] + changes["changed"]]
+                self._services.start_soon(self._run_cell_background, new_cells[cell_id])
+            fresh = [new_cells[cell_id] for cell_id in changes["added"] + changes["changed"]]
             if fresh:
                 self._services.start_soon(partial(self.prepare, fresh, while_ticking=True))
-        self.runners = new_runners
+        self.cells = new_cells
         self.config = config
-        self.shared.kept_descriptors.limit = _room_for_kept_files(config)
+        self.services.kept_descriptors.limit = _room_for_kept_files(config)
         self.reloaded_since_settle = True
         return changes
 
 
-async def run_once(config: Config, sink: EventSink, stamper: EventStamper | None = None) -> Prober:
+async def run_once(
+    config: Config, sink: EventSink, sequences: SequenceRegistry | None = None
+) -> Prober:
     """One tick, every event to ``sink``: the ``once`` command."""
-    prober = Prober(config, sink, stamper or EventStamper())
+    prober = Prober(config, sink, sequences or SequenceRegistry())
     async with trio.open_nursery() as nursery:
         await nursery.start(prober.run_services)
         await prober.tick()
@@ -424,24 +387,24 @@ class DaemonHandle:
     """What a running daemon exposes to its caller (tests, the CLI)."""
 
     prober: Prober
-    sink: Any
+    sink: EventSink
     stop: Callable[[], None]
     reload: Callable[[], None]
 
 
 async def run_daemon(
     config: Config,
-    sink: Any,
+    sink: EventSink,
     *,
     config_path: str | None = None,
-    stamper: EventStamper | None = None,
+    sequences: SequenceRegistry | None = None,
     handle_signals: bool = True,
     notifier: Notifier | None = None,
     shard: Shard | None = None,
     settle_heap: bool = False,
     task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until stopped; ``sink`` must offer ``run``, ``emit`` and ``drain``.
+    """Run until stopped: the sink delivers, the cells are probed on the tick.
 
     ``settle_heap``: the daemon owns its process, so it may freeze its
     long-lived objects out of the collector's sight (``allocator.py``).
@@ -449,9 +412,9 @@ async def run_daemon(
     With ``shard``, ``config`` holds the shard's cells already; reloads are
     narrowed to them the same way.
     """
-    stamper = stamper or EventStamper()
+    sequences = sequences or SequenceRegistry()
     notifier = notifier or Notifier()
-    prober = Prober(config, sink, stamper)
+    prober = Prober(config, sink, sequences)
     prober.shard = shard
     status = StatusReport(prober, sink)
     stop_requested = trio.Event()
@@ -462,7 +425,7 @@ async def run_daemon(
         shard=None if shard is None else shard.label,
         cells=len(config.cells),
         tick_seconds=config.daemon.tick_seconds,
-        boot=stamper.boot_id,
+        boot=sequences.boot_id,
     )
     watchdog = notifier.watchdog_seconds
     if watchdog is not None and config.daemon.tick_seconds > watchdog / 2:
@@ -484,9 +447,9 @@ async def run_daemon(
             allocator.trim_if_holding()  # what a burst left goes back (allocator.py)
         every = prober.config.daemon.agent_event_every_ticks
         if every and prober.tick_stats.ticks % every == 0:
-            await sink.emit(
-                build_agent_envelope(
-                    prober.config.daemon.host_id, stamper.boot_id, collect_figures(prober, sink)
+            sink.emit_nowait(
+                agent_event(
+                    prober.config.daemon.host_id, sequences.boot_id, collect_figures(prober, sink)
                 )
             )
         # the watchdog is fed only here: a wedged tick loop stops feeding it
@@ -498,7 +461,7 @@ async def run_daemon(
 
         def stop() -> None:
             if stop_requested.is_set():
-                held = getattr(getattr(sink, "outbox", None), "__len__", lambda: 0)()
+                held = sink.statistics().buffered
                 log.warning("second stop request: stopping now", unpublished=held)
                 root.cancel_scope.cancel()
             stop_requested.set()
@@ -541,12 +504,12 @@ async def run_daemon(
     notifier.close()
 
 
-def collect_figures(prober: Prober, sink: Any) -> dict[str, Any]:
+def collect_figures(prober: Prober, sink: EventSink) -> dict[str, Any]:
     """The daemon's own figures: the ``agent`` event's data and the ``STATUS=`` line."""
     stats = prober.probe_stats
     ticks = prober.tick_stats
     figures: dict[str, Any] = {
-        "cells": len(prober.runners),
+        "cells": len(prober.cells),
         **({} if prober.shard is None else {"shard": prober.shard.label}),
         "readingsProduced": stats.readings,
         "probeErrors": stats.errors,
@@ -562,19 +525,18 @@ def collect_figures(prober: Prober, sink: Any) -> dict[str, Any]:
         # the tick just run: with an agent event every tick, a consumer sees each one
         "lastTickDurationMs": round(ticks.last_duration * 1000, 3),
     }
-    sink_stats = getattr(sink, "stats", None)
-    outbox = getattr(sink, "outbox", None)
-    if sink_stats is not None and outbox is not None:
-        jetstream = getattr(getattr(sink, "settings", None), "jetstream", None)
+    delivery = sink.statistics()
+    if delivery.connected is not None:  # a sink that delivers over a connection
         figures.update(
-            published=sink_stats.published,
-            acknowledged=sink_stats.published if jetstream is not None else 0,
-            buffered=len(outbox),
-            dropped=outbox.dropped,
-            gapsDeclared=sink_stats.gaps,
-            reconnects=getattr(sink, "reconnects", 0),
-            connected=bool(getattr(sink, "connected", False)),
-            **spool_stats(outbox),
+            published=delivery.published,
+            acknowledged=delivery.acknowledged,
+            buffered=delivery.buffered,
+            dropped=delivery.dropped,
+            gapsDeclared=delivery.gaps_declared,
+            reconnects=delivery.reconnects,
+            connected=delivery.connected,
+            spooled=delivery.spooled,
+            spoolBytes=delivery.spool_bytes,
         )
     return figures
 
@@ -584,7 +546,7 @@ class StatusReport:
 
     EVERY_SECONDS = 5.0
 
-    def __init__(self, prober: Prober, sink: Any) -> None:
+    def __init__(self, prober: Prober, sink: EventSink) -> None:
         self.prober = prober
         self.sink = sink
         self.problem: str | None = None
@@ -667,10 +629,8 @@ async def _reloader(
             continue
         status.problem = None
         if new.nats != prober.config.nats:
-            apply_nats = getattr(prober.sink, "apply_settings", None)
-            if apply_nats is not None:
-                apply_nats(new.nats)
-                log.info("reload: reconnecting with the new [nats] settings")
+            prober.sink.apply_settings(new.nats)
+            log.info("reload: the sink takes the new [nats] settings")
         changes = prober.apply(new)
         log.info("reloaded", **{k: v for k, v in changes.items() if k != "kept"})
         notifier.ready(status.line())

@@ -19,14 +19,14 @@ import structlog
 #: the (cell, probe) a task is working for. One C-level ContextVar set per
 #: probe task per tick: structlog's bind_contextvars was a tenth of the
 #: daemon's CPU at a thousand cells.
-probe_context: ContextVar[tuple[str | None, str | None] | None] = ContextVar(
-    "probe_context", default=None
+log_subject: ContextVar[tuple[str | None, str | None] | None] = ContextVar(
+    "log_subject", default=None
 )
 
 
-def add_probe_context(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def add_log_subject(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """Every log line says which cell and probe it is about, where the task knows."""
-    current = probe_context.get()
+    current = log_subject.get()
     if current is not None:
         if current[0] is not None:
             event_dict.setdefault("cell", current[0])
@@ -37,7 +37,7 @@ def add_probe_context(_logger: Any, _method: str, event_dict: dict[str, Any]) ->
 
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
-    add_probe_context,
+    add_log_subject,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]

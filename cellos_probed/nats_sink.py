@@ -18,6 +18,7 @@ from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import BufferSettings, NatsSettings, SpoolSettings
 from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable
 from cellos_probed.outbox import GapRange, Outbox, OutboxEntry
+from cellos_probed.sinks import EventSink, SinkStatistics
 from cellos_probed.spool import SpoolOutbox
 
 log = structlog.get_logger("cellos_probed.nats_sink")
@@ -35,15 +36,14 @@ def _log_dropped(gaps: list[GapRange]) -> None:
 
 
 @dataclass(slots=True)
-class SinkStats:
+class _Counts:
     emitted: int = 0
     published: int = 0
-    dropped: int = 0
     gaps: int = 0
     publish_failures: int = 0
 
 
-class NatsSink:
+class NatsSink(EventSink):
     def __init__(
         self,
         settings: NatsSettings,
@@ -68,7 +68,7 @@ class NatsSink:
                 max_events=buffer.max_events,
                 max_bytes=buffer.max_bytes,
             )
-        self.stats = SinkStats()
+        self._counts = _Counts()
         self._batch_size = batch_size
         self._retry_seconds = retry_seconds
         self._publisher = NatsPublisher(settings)
@@ -83,18 +83,27 @@ class NatsSink:
     def connected(self) -> bool:
         return self._publisher.state.connected
 
-    @property
-    def reconnects(self) -> int:
-        return self._publisher.state.reconnects
-
-    async def emit(self, event: CloudEvent) -> None:
-        self.emit_nowait(event)
+    def statistics(self) -> SinkStatistics:
+        outbox = self.outbox
+        counts = self._counts
+        spooled = isinstance(outbox, SpoolOutbox)
+        return SinkStatistics(
+            emitted=counts.emitted,
+            published=counts.published,
+            acknowledged=counts.published if self.settings.jetstream is not None else 0,
+            buffered=len(outbox),
+            dropped=outbox.dropped,
+            gaps_declared=counts.gaps,
+            spooled=len(outbox) if spooled else 0,
+            spool_bytes=outbox.bytes if isinstance(outbox, SpoolOutbox) else 0,
+            reconnects=self._publisher.state.reconnects,
+            connected=self._publisher.state.connected,
+        )
 
     def emit_nowait(self, event: CloudEvent) -> None:
         """Queue ``event``; never waits (a full outbox drops the oldest, declared)."""
         _log_dropped(self.outbox.put(event))
-        self.stats.emitted += 1
-        self.stats.dropped = self.outbox.dropped
+        self._counts.emitted += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wakeup.set()
 
@@ -160,7 +169,7 @@ class NatsSink:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
             for gap in self.outbox.seal_gaps():
-                self.stats.gaps += 1
+                self._counts.gaps += 1
                 log.warning(
                     "declaring dropped readings",
                     cell=gap.attribution["cellId"],
@@ -177,9 +186,8 @@ class NatsSink:
                     [(e.subject, e.payload, e.msg_id) for e in batch]
                 )
             except NatsUnavailable as exc:
-                self.stats.publish_failures += 1
+                self._counts.publish_failures += 1
                 _log_dropped(self.outbox.batch_failed())
-                self.stats.dropped = self.outbox.dropped
                 if not failing:
                     log.warning("cannot publish yet; holding events", error=str(exc))
                     failing = True
@@ -191,7 +199,7 @@ class NatsSink:
             if refused:
                 self._refuse([batch[index] for index in refused])
             self.outbox.confirm(batch)
-            self.stats.published += len(batch) - len(refused)
+            self._counts.published += len(batch) - len(refused)
 
     def _refuse(self, entries: list[OutboxEntry]) -> None:
         """Events the server will never take (over its max_payload): declared, not retried.
@@ -207,7 +215,6 @@ class NatsSink:
                 bytes=len(entry.payload),
             )
         self.outbox.reject(entries, "too_large")
-        self.stats.dropped = self.outbox.dropped
 
     async def drain(self, timeout: float) -> bool:
         """Wait until everything queued is published, at most ``timeout`` seconds."""

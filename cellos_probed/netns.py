@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from cellos_probed.probes import ProbeIoError
+from cellos_probed.readings import ProbeIoError
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000

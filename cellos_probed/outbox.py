@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cellos_probed.cloudevent import CloudEvent
-from cellos_probed.probes import build_gap_envelope
+from cellos_probed.events import gap_event
 
 
 @dataclass(slots=True)
@@ -181,7 +181,7 @@ class Outbox:
         return self._gaps.seal_all()
 
     def _seal(self, gap: GapRange) -> None:
-        event = build_gap_envelope(
+        event = gap_event(
             gap.attribution,
             gap.probe_source,
             gap.first,

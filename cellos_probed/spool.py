@@ -31,14 +31,13 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 import structlog
 
 from cellos_probed.cloudevent import CloudEvent
+from cellos_probed.events import gap_event
 from cellos_probed.outbox import GapRange, GapTracker, OutboxEntry, entry_for
-from cellos_probed.probes import build_gap_envelope
 
 log = structlog.get_logger("cellos_probed.spool")
 _HEADER = struct.Struct(">II")
@@ -270,7 +269,7 @@ class SpoolOutbox:
         return self._gaps.seal_all()
 
     def _seal(self, gap: GapRange) -> None:
-        event = build_gap_envelope(
+        event = gap_event(
             gap.attribution, gap.probe_source, gap.first, gap.last, gap.reason, gap.boot_id
         )
         entry = entry_for(event, self.subject_prefix, 0)
@@ -328,10 +327,3 @@ class SpoolOutbox:
 
     def close(self) -> None:
         os.close(self._write_fd)
-
-
-def spool_stats(outbox: Any) -> dict[str, int]:
-    """The spool's figures for status lines and agent events (zeros for the memory outbox)."""
-    if isinstance(outbox, SpoolOutbox):
-        return {"spooled": len(outbox), "spoolBytes": outbox.bytes}
-    return {"spooled": 0, "spoolBytes": 0}

@@ -1,9 +1,10 @@
-"""ThreadBatcher: one worker-thread hop for many small calls, results per caller."""
+"""ThreadBatcher: one worker-thread hop for many small calls, an outcome per call."""
 
 from __future__ import annotations
 
 import threading
 
+import outcome
 import pytest
 import trio
 
@@ -16,55 +17,17 @@ def square(n: int) -> tuple[int, str]:
     return n * n, threading.current_thread().name
 
 
-async def test_calls_of_one_pass_share_a_few_hops_and_get_their_own_results() -> None:
+async def test_calls_share_a_few_hops_and_get_their_own_outcomes() -> None:
     batcher = ThreadBatcher(trio.CapacityLimiter(2), chunk_size=64)
-    results: dict[int, object] = {}
-
-    async def call(n: int) -> None:
-        try:
-            results[n] = (await batcher.run(square, n))[0]
-        except ValueError as error:
-            results[n] = str(error)
-
+    into: list[outcome.Outcome[tuple[int, str]] | None] = [None] * 200
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            for n in range(200):
-                nursery.start_soon(call, n)
+        await batcher.run_many(square, [(n,) for n in range(200)], into)
     assert batcher.hops == 4  # ceil(200 / 64), not 200
-    assert results[13] == "unlucky"
-    assert all(results[n] == n * n for n in range(200) if n != 13)
-    # a later pass is a new batch
-    assert (await batcher.run(square, 3))[0] == 9
-    assert batcher.hops == 5
-
-
-async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
-    batcher = ThreadBatcher(trio.CapacityLimiter(1), chunk_size=8)
-    release = threading.Event()
-
-    def slow(n: int) -> int:
-        release.wait(5)
-        return n
-
-    got: list[int] = []
-
-    async def patient(n: int) -> None:
-        got.append(await batcher.run(slow, n))
-
-    async def impatient() -> None:
-        with trio.move_on_after(0.05):
-            await batcher.run(slow, 99)
-        release.set()
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            for n in range(3):
-                nursery.start_soon(patient, n)
-            nursery.start_soon(impatient)
-    assert sorted(got) == [0, 1, 2]
-
-
-async def test_errors_reach_their_caller_only() -> None:
-    batcher = ThreadBatcher(trio.CapacityLimiter(1))
+    error = into[13]
+    assert isinstance(error, outcome.Error)
     with pytest.raises(ValueError, match="unlucky"):
-        await batcher.run(square, 13)
+        error.unwrap()
+    values = [r.unwrap() for n, r in enumerate(into) if n != 13 and r is not None]
+    assert [square for square, _ in values] == [n * n for n in range(200) if n != 13]
+    # a chunk's calls ran on one thread
+    assert len({thread for _, thread in values[64:127]}) == 1

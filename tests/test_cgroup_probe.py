@@ -16,15 +16,15 @@ import trio.testing
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.config import CgroupProbeConfig, load_config
 from cellos_probed.confine import open_beneath
-from cellos_probed.daemon import CellRunner, Prober
+from cellos_probed.daemon import Cell, Prober
 from cellos_probed.fd_limit import KEPT_PER_CELL, DescriptorBudget
 from cellos_probed.probes import (
     CapturingSink,
-    EventStamper,
     ProbeContext,
     ProbeIoError,
     ProbeParseError,
     ProbeReading,
+    SequenceRegistry,
     emit_reading,
 )
 from cellos_probed.probes import cgroup as cgroup_module
@@ -32,6 +32,7 @@ from cellos_probed.probes.cgroup import CGROUP_FILES, CgroupProbe
 from cellos_probed.probes.cgroup_parse import parse_flat_keyed
 from testbed.cgroup_tree import FakeCgroup
 from tests.conftest import needs_root
+from tests.probing import read_one
 from tests.test_daemon import write_config
 
 CTX = ProbeContext("cell-1", "run-7", "sha256:abcd")
@@ -58,7 +59,7 @@ async def read_while_burning_cpu(probe: CgroupProbe, cgroup: Path) -> ProbeReadi
         await burner.stdin.send_all(b"go\n")  # start burning only once inside the cgroup
         with trio.fail_after(10):
             while True:
-                reading = await probe.read(CTX)
+                reading = await read_one(probe, CTX)
                 if reading.output["deltas"]["cpu_stat"]["usage_usec"] > 10_000:
                     return reading
                 await trio.sleep(0.05)
@@ -74,7 +75,7 @@ async def test_full_tree_every_file_and_key(tmp_path: Path) -> None:
     cgroup.cpu_stat["usage_usec"] = 123456
     cgroup.pids_events["max"] = 2
     cgroup.write()
-    reading = await probe_for(cgroup.path).read(CTX)
+    reading = await read_one(probe_for(cgroup.path), CTX)
     out = reading.output
     assert reading.probe_source == "host.cgroup"
     assert reading.inputs == {
@@ -99,13 +100,13 @@ async def test_deltas_follow_the_files_and_reset_on_recreate(tmp_path: Path) -> 
     cgroup.cpu_stat["usage_usec"] = 1000
     cgroup.write()
     probe = probe_for(cgroup.path)
-    await probe.read(CTX)
+    await read_one(probe, CTX)
     cgroup.memory_events["oom"] += 1
     cgroup.memory_events["oom_kill"] += 1
     cgroup.cpu_stat["usage_usec"] += 2500
     cgroup.pids_events["max"] += 3
     cgroup.write()
-    deltas = (await probe.read(CTX)).output["deltas"]
+    deltas = (await read_one(probe, CTX)).output["deltas"]
     assert deltas["reset"] is False
     assert deltas["memory_events"]["oom"] == 1
     assert deltas["memory_events"]["oom_kill"] == 1
@@ -120,7 +121,7 @@ async def test_deltas_follow_the_files_and_reset_on_recreate(tmp_path: Path) -> 
     fresh = FakeCgroup(cgroup.path)
     fresh.cpu_stat["usage_usec"] = 7
     fresh.write()
-    deltas = (await probe.read(CTX)).output["deltas"]
+    deltas = (await read_one(probe, CTX)).output["deltas"]
     assert deltas["reset"] is True
     assert deltas["cpu_stat"]["usage_usec"] == 7
 
@@ -130,7 +131,7 @@ async def test_files_the_kernel_does_not_offer_are_listed_missing(tmp_path: Path
     cgroup.write()
     for name in ("memory.events", "memory.current", "memory.peak", "memory.pressure"):
         os.unlink(cgroup.path / name)
-    reading = await probe_for(cgroup.path).read(CTX)
+    reading = await read_one(probe_for(cgroup.path), CTX)
     assert reading.output["missing"] == [
         "memory.events", "memory.current", "memory.peak", "memory.pressure",
     ]  # fmt: skip
@@ -141,7 +142,7 @@ async def test_files_the_kernel_does_not_offer_are_listed_missing(tmp_path: Path
 
 async def test_a_missing_directory_is_an_io_error(tmp_path: Path) -> None:
     with pytest.raises(ProbeIoError, match="cgroup directory does not exist: cell-9"):
-        await probe_for(tmp_path / "nope", "cell-9").read(CTX)
+        await read_one(probe_for(tmp_path / "nope", "cell-9"), CTX)
 
 
 async def test_a_symlinked_file_is_refused_and_its_target_never_read(tmp_path: Path) -> None:
@@ -152,7 +153,7 @@ async def test_a_symlinked_file_is_refused_and_its_target_never_read(tmp_path: P
     os.unlink(cgroup.path / "cpu.stat")
     os.symlink(secret, cgroup.path / "cpu.stat")
     with pytest.raises(ProbeIoError, match=r"cpu\.stat is a symlink") as caught:
-        await probe_for(cgroup.path).read(CTX)
+        await read_one(probe_for(cgroup.path), CTX)
     assert "424242" not in str(caught.value)
 
 
@@ -161,14 +162,14 @@ async def test_an_oversized_file_is_a_parse_error(tmp_path: Path) -> None:
     cgroup.write()
     (cgroup.path / "cpu.stat").write_text("usage_usec 1\n" * 10_000)
     with pytest.raises(ProbeParseError, match=r"cpu\.stat: larger than 65536 bytes"):
-        await probe_for(cgroup.path).read(CTX)
+        await read_one(probe_for(cgroup.path), CTX)
 
 
 @needs_root
 async def test_a_real_cgroup_reads_what_the_kernel_counts(real_cgroup: Path) -> None:
     """cpu.stat and PSI of a real cgroup v2 directory, with a process burning CPU in it."""
     probe = probe_for(real_cgroup, real_cgroup.name)
-    first = await probe.read(CTX)
+    first = await read_one(probe, CTX)
     assert "cpu.stat" in first.inputs["files"]
     assert first.output["cpu_stat"] == parse_flat_keyed(
         (real_cgroup / "cpu.stat").read_text(), "cpu.stat"
@@ -215,15 +216,15 @@ async def test_the_directory_is_walked_to_once_and_again_only_when_it_was_remove
     for usage in (1, 2, 3):
         cgroup.cpu_stat["usage_usec"] = usage
         cgroup.write()
-        assert (await probe.read(CTX)).output["cpu_stat"]["usage_usec"] == usage
+        assert (await read_one(probe, CTX)).output["cpu_stat"]["usage_usec"] == usage
     assert walked == [cgroup.path]  # the kept descriptor read the new values
     for name in os.listdir(cgroup.path):
         os.unlink(cgroup.path / name)
     cgroup.path.rmdir()
     with pytest.raises(ProbeIoError, match="cgroup directory does not exist: cell-1"):
-        await probe.read(CTX)
+        await read_one(probe, CTX)
     FakeCgroup(cgroup.path).write()
-    assert (await probe.read(CTX)).output["deltas"]["reset"] is True
+    assert (await read_one(probe, CTX)).output["deltas"]["reset"] is True
     assert walked == [cgroup.path] * 3
 
 
@@ -232,19 +233,19 @@ async def test_a_closed_probe_lets_its_descriptor_go_and_reads_nothing(tmp_path:
     cgroup.write()
     probe = probe_for(cgroup.path)
     assert str(cgroup.path) not in held_paths()
-    await probe.read(CTX)
+    await read_one(probe, CTX)
     assert str(cgroup.path) in held_paths()
     probe.close()
     assert str(cgroup.path) not in held_paths()
     with pytest.raises(ProbeIoError, match="was closed"):
-        await probe.read(CTX)
+        await read_one(probe, CTX)
 
 
 async def test_a_reload_that_removes_a_cell_closes_its_cgroup_directory(tmp_path: Path) -> None:
     for cell in ("a", "b"):
         FakeCgroup(tmp_path / cell).write()
     config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["a", "b"]))
-    prober = Prober(config, CapturingSink(), EventStamper())
+    prober = Prober(config, CapturingSink(), SequenceRegistry())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(prober.run_services)
@@ -262,13 +263,13 @@ async def test_a_reload_that_removes_a_cell_closes_its_cgroup_directory(tmp_path
 @needs_root
 async def test_a_real_cgroup_removed_and_made_again_is_found_anew(real_cgroup: Path) -> None:
     probe = probe_for(real_cgroup, real_cgroup.name)
-    first = await probe.read(CTX)
+    first = await read_one(probe, CTX)
     assert first.output["deltas"] is None
     await trio.Path(real_cgroup).rmdir()  # the kept descriptor now names a removed kernfs directory
     with pytest.raises(ProbeIoError, match="cgroup directory does not exist"):
-        await probe.read(CTX)
+        await read_one(probe, CTX)
     await trio.Path(real_cgroup).mkdir()
-    again = await probe.read(CTX)
+    again = await read_one(probe, CTX)
     assert again.output["deltas"]["reset"] is True
     assert "cpu.stat" in again.inputs["files"]
     probe.close()
@@ -284,11 +285,11 @@ async def test_a_reading_s_json_is_made_with_it_and_is_what_its_event_carries(
     cgroup.write()
     probe = probe_for(cgroup.path)
     sink = CapturingSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     for _ in range(2):
-        reading = await probe.read(CTX)
+        reading = await read_one(probe, CTX)
         assert reading.output_json == orjson.dumps(reading.output)
-        event = await emit_reading(sink, CTX, reading, stamper)
+        event = await emit_reading(sink, CTX, reading, sequences)
         assert orjson.loads(event.to_json())["data"]["output"] == reading.output
         assert event.to_json() == orjson.dumps(event.to_dict())
         cgroup.cpu_stat["usage_usec"] += 250
@@ -316,7 +317,7 @@ async def test_a_real_cgroup_s_files_are_kept_open_and_read_anew_each_time(
     """On cgroup2 one pread a file a tick: no open after the first read, yet fresh values."""
     opened = count_file_opens(monkeypatch)
     probe = probe_for(real_cgroup, real_cgroup.name)
-    first = await probe.read(CTX)
+    first = await read_one(probe, CTX)
     present = first.inputs["files"]
     assert "cpu.stat" in present
     # every name looked for once, and cgroup.controllers (what says when missing ones appear)
@@ -345,7 +346,7 @@ async def test_files_of_a_tree_on_a_regular_filesystem_are_opened_anew_each_read
     for usage in (5, 6):
         cgroup.cpu_stat["usage_usec"] = usage
         cgroup.write()
-        assert (await probe.read(CTX)).output["cpu_stat"]["usage_usec"] == usage
+        assert (await read_one(probe, CTX)).output["cpu_stat"]["usage_usec"] == usage
     assert len(opened) == 2 * len(CGROUP_FILES)
     assert probe._directory.held_descriptors() == 1
 
@@ -371,17 +372,17 @@ async def test_kept_files_look_for_missing_ones_again_when_the_controllers_chang
     write_in_place(path / "cgroup.controllers", "cpu io\n")
     write_in_place(path / "cpu.stat", "usage_usec 10\nuser_usec 6\nsystem_usec 4\n")
     probe = probe_for(path)
-    first = await probe.read(CTX)
+    first = await read_one(probe, CTX)
     assert first.inputs["files"] == ["cpu.stat"]
     assert "memory.events" in first.output["missing"]
     assert probe._directory.held_descriptors() == 3  # the directory, cpu.stat, cgroup.controllers
     write_in_place(path / "cpu.stat", "usage_usec 25\nuser_usec 15\nsystem_usec 10\n")
     write_in_place(path / "memory.current", "4096\n")
-    second = await probe.read(CTX)  # the kept descriptor: the new text, same file
+    second = await read_one(probe, CTX)  # the kept descriptor: the new text, same file
     assert second.output["deltas"]["cpu_stat"]["usage_usec"] == 15
     assert second.inputs["files"] == ["cpu.stat"]  # controllers unchanged: not looked for
     write_in_place(path / "cgroup.controllers", "cpu io memory\n")
-    third = await probe.read(CTX)
+    third = await read_one(probe, CTX)
     assert third.inputs["files"] == ["cpu.stat", "memory.current"]
     assert third.output["memory_current"] == 4096
     assert "memory.current" not in third.output["missing"]
@@ -398,8 +399,8 @@ async def test_kept_files_stay_within_the_room_the_open_file_limit_leaves(
     budget = DescriptorBudget(limit=KEPT_PER_CELL)  # room for one cell's files
     first = CgroupProbe(CgroupProbeConfig("a", real_cgroup), BATCHER, budget)
     second = CgroupProbe(CgroupProbeConfig("b", real_cgroup), BATCHER, budget)
-    reading_a = await first.read(CTX)
-    reading_b = await second.read(CTX)
+    reading_a = await read_one(first, CTX)
+    reading_b = await read_one(second, CTX)
     assert reading_a.output["cpu_stat"].keys() == reading_b.output["cpu_stat"].keys()
     assert reading_a.inputs["files"] == reading_b.inputs["files"]
     kept = 1 + len(reading_a.inputs["files"]) + (1 if reading_a.output["missing"] else 0)
@@ -408,10 +409,10 @@ async def test_kept_files_stay_within_the_room_the_open_file_limit_leaves(
     assert budget.used == KEPT_PER_CELL
     first.close()
     assert budget.used == 0
-    await second.read(CTX)
+    await read_one(second, CTX)
     assert second._directory.held_descriptors() == kept  # the room given back is taken
     budget.limit = 0  # a reload added cells: their sockets need the room
-    await second.read(CTX)
+    await read_one(second, CTX)
     assert second._directory.held_descriptors() == 1
     assert budget.used == 0
     second.close()
@@ -432,7 +433,7 @@ async def test_cgroups_are_opened_before_the_first_tick_and_not_again(
         FakeCgroup(tmp_path / cell).write()
     config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["a", "b", "gone"]))
     sink = CapturingSink()
-    prober = Prober(config, sink, EventStamper())
+    prober = Prober(config, sink, SequenceRegistry())
     with trio.fail_after(10):
         await prober.prepare()
         assert sorted(walked) == sorted(tmp_path / cell for cell in ("a", "b", "gone"))
@@ -445,7 +446,7 @@ async def test_cgroups_are_opened_before_the_first_tick_and_not_again(
     assert by_cell["a"].sequence == "1"
     assert by_cell["gone"].kind == "probe_error"
     assert "does not exist" in by_cell["gone"].data["error"]["message"]
-    for runner in prober.runners.values():
+    for runner in prober.cells.values():
         for probe in runner.probes:
             probe.close()  # type: ignore[attr-defined]
 
@@ -457,12 +458,12 @@ async def test_a_cell_added_by_a_reload_has_its_cgroup_opened_before_its_tick(
     for cell in ("a", "b"):
         FakeCgroup(tmp_path / cell).write()
     config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["a"]))
-    prober = Prober(config, CapturingSink(), EventStamper())
+    prober = Prober(config, CapturingSink(), SequenceRegistry())
     prepared = trio.Event()
     real_prepare = prober.prepare
 
     async def prepare_then_tell(
-        runners: list[CellRunner] | None = None, *, while_ticking: bool = False
+        runners: list[Cell] | None = None, *, while_ticking: bool = False
     ) -> None:
         assert while_ticking  # probes that must not overlap a tick are left to it
         await real_prepare(runners, while_ticking=while_ticking)
@@ -493,7 +494,7 @@ async def test_a_kept_file_whose_controller_went_is_missing_from_the_next_readin
     cgroup.write()
     write_in_place(cgroup.path / "cgroup.controllers", "cpu memory pids\n")
     probe = probe_for(cgroup.path)
-    first = await probe.read(CTX)
+    first = await read_one(probe, CTX)
     assert first.output["missing"] == []
     # nothing missing: cgroup.controllers is not kept (nothing to watch for)
     assert probe._directory.held_descriptors() == 1 + len(CGROUP_FILES)
@@ -513,7 +514,7 @@ async def test_a_kept_file_whose_controller_went_is_missing_from_the_next_readin
         return real_pread(fd, size, offset)
 
     monkeypatch.setattr(os, "pread", pread_as_kernfs)  # as the probe calls it
-    second = await probe.read(CTX)
+    second = await read_one(probe, CTX)
     assert "memory.current" not in second.inputs["files"]
     assert second.output["missing"] == ["memory.current"]
     assert second.output["deltas"]["reset"] is False  # the same cgroup
@@ -538,8 +539,8 @@ async def test_an_operator_may_have_cgroup_files_opened_at_each_read_instead(
         path.write_text(text)
         not_keeping = load_config(path)
         assert not_keeping.daemon.keep_cgroup_files is False
-        prober = Prober(not_keeping, CapturingSink(), EventStamper())
-        (probe,) = prober.runners["a"].probes
+        prober = Prober(not_keeping, CapturingSink(), SequenceRegistry())
+        (probe,) = prober.cells["a"].probes
         assert isinstance(probe, CgroupProbe)
         with trio.fail_after(10):
             await prober.tick()
@@ -550,7 +551,7 @@ async def test_an_operator_may_have_cgroup_files_opened_at_each_read_instead(
             prober.apply(not_keeping)
             await prober.tick()
             assert probe._directory.held_descriptors() == 1
-            assert prober.shared.kept_descriptors.used == 0
+            assert prober.services.kept_descriptors.used == 0
         probe.close()
     finally:
         cell.rmdir()
@@ -566,14 +567,14 @@ async def test_without_cgroup_controllers_only_the_missing_files_are_looked_for_
     path.mkdir()
     write_in_place(path / "cpu.stat", "usage_usec 10\nuser_usec 6\nsystem_usec 4\n")
     probe = probe_for(path)
-    first = await probe.read(CTX)
+    first = await read_one(probe, CTX)
     missing = first.output["missing"]
     assert first.inputs["files"] == ["cpu.stat"]
     opened = count_file_opens(monkeypatch)
-    await probe.read(CTX)
+    await read_one(probe, CTX)
     assert opened == missing  # cpu.stat stays open: only the absent ones are tried
     write_in_place(path / "pids.current", "3\n")
-    third = await probe.read(CTX)
+    third = await read_one(probe, CTX)
     assert third.inputs["files"] == ["cpu.stat", "pids.current"]
     assert third.output["pids_current"] == 3
     probe.close()

@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import load_config
-from cellos_probed.daemon import DaemonHandle, Prober, SharedResources, run_daemon
-from cellos_probed.probes import CapturingSink, EventStamper
+from cellos_probed.daemon import DaemonHandle, Prober, ProbeServices, TickCount, run_daemon
+from cellos_probed.probes import CapturingSink, SequenceRegistry
 from cellos_probed.probes import cgroup as cgroup_probe
 from testbed.cgroup_tree import FakeCgroup
 
@@ -69,7 +69,7 @@ def write_config(path: Path, root: Path, cells: list[str], tick: float = 0.05) -
 
 async def test_a_failure_repeated_every_tick_is_logged_once(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path / "c.toml", tmp_path, ["late"]))
-    prober = Prober(config, CapturingSink(), EventStamper())
+    prober = Prober(config, CapturingSink(), SequenceRegistry())
     with capture_logs() as logs, trio.fail_after(10):
         for _ in range(3):
             await prober.tick()
@@ -91,7 +91,7 @@ async def test_a_thousand_cells_failing_at_once_log_a_bounded_number_of_lines(
     cells = [f"c{i}" for i in range(300)]
     # a tick long enough that a loaded test machine reads 300 cells inside the timeout
     config = load_config(write_config(tmp_path / "c.toml", tmp_path, cells, tick=10.0))
-    prober = Prober(config, CapturingSink(), EventStamper())
+    prober = Prober(config, CapturingSink(), SequenceRegistry())
     with capture_logs() as logs, trio.fail_after(20):
         await prober.tick()  # every cgroup missing: 300 failures
         for cell in cells:
@@ -129,9 +129,9 @@ async def test_cgroup_files_read_after_the_timeout_are_published_not_dropped(
         return real(*args)
 
     monkeypatch.setattr(cgroup_probe, "fetch_and_parse", slow)
-    shared = SharedResources()
+    shared = ProbeServices(TickCount())
     shared.file_batcher = ThreadBatcher(trio.CapacityLimiter(4), chunk_size=128)
-    prober = Prober(config, CapturingSink(), EventStamper(), shared)
+    prober = Prober(config, CapturingSink(), SequenceRegistry(), shared)
     with trio.fail_after(20):
         started = trio.current_time()
         await prober.tick()
@@ -152,29 +152,29 @@ async def test_reload_keeps_unchanged_cells_and_their_state(tmp_path: Path) -> N
         FakeCgroup(tmp_path / cell).write()
     path = write_config(tmp_path / "c.toml", tmp_path, ["a", "b"])
     sink = RunnableSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             handle: DaemonHandle = await nursery.start(
                 lambda task_status: run_daemon(
-                    load_config(path), sink, config_path=str(path), stamper=stamper,
+                    load_config(path), sink, config_path=str(path), sequences=sequences,
                     handle_signals=False, task_status=task_status,
                 )
             )  # fmt: skip
             await sink.wait_for(3, "a")
-            runner_a = handle.prober.runners["a"]
+            runner_a = handle.prober.cells["a"]
             # a: unchanged; b: removed; c: added
             write_config(path, tmp_path, ["a", "c"])
             handle.reload()
             await sink.wait_for(2, "c")
-            assert handle.prober.runners["a"] is runner_a
+            assert handle.prober.cells["a"] is runner_a
             count_b = sum(e.data.get("cellId") == "b" for e in sink.events)
             await sink.wait_for(sum(e.data.get("cellId") == "a" for e in sink.events) + 2, "a")
             # a broken config changes nothing
             path.write_text("[daemon]\ntick_seconds = 'soon'\n")
             handle.reload()
             await sink.wait_for(sum(e.data.get("cellId") == "a" for e in sink.events) + 3, "a")
-            assert set(handle.prober.runners) == {"a", "c"}
+            assert set(handle.prober.cells) == {"a", "c"}
             handle.stop()
     seq_a = [int(e.sequence or 0) for e in sink.events if e.data.get("cellId") == "a"]
     assert seq_a == list(range(1, len(seq_a) + 1))  # no restart, no hole
@@ -182,4 +182,4 @@ async def test_reload_keeps_unchanged_cells_and_their_state(tmp_path: Path) -> N
     deltas_a = [e.data["output"]["deltas"] for e in sink.events if e.data.get("cellId") == "a"]
     assert deltas_a[0] is None
     assert all(d is not None for d in deltas_a[1:])  # the baseline survived the reload
-    assert {e.cellosagentboot for e in sink.events} == {stamper.boot_id}
+    assert {e.cellosagentboot for e in sink.events} == {sequences.boot_id}

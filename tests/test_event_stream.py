@@ -16,12 +16,12 @@ from cellos_probed.outbox import Outbox
 from cellos_probed.probes import (
     PROBE_NAMES,
     CapturingSink,
-    EventStamper,
     ProbeContext,
     ProbeIoError,
     ProbeParseError,
     ProbeReading,
     ProbeTimeoutError,
+    SequenceRegistry,
     build_host_probe_envelope,
     build_probe_error_envelope,
     emit_probe_error,
@@ -48,11 +48,43 @@ def reference(event: CloudEvent) -> bytes:
     return orjson.dumps(event.to_dict())
 
 
-def same_envelope_but_id(event: CloudEvent, expected: CloudEvent) -> None:
-    mine, theirs = event.to_dict(), expected.to_dict()
-    assert mine.pop("id") != theirs.pop("id")  # each event has its own id
-    assert mine == theirs
-    assert (event.kind, event.subject_token) == (expected.kind, expected.subject_token)
+def expected_envelope(
+    ctx: ProbeContext,
+    kind: str,
+    source: str,
+    stamp: str,
+    sequence: int,
+    boot: str,
+    inputs: dict[str, Any],
+    result_key: str,
+    result: Any,
+) -> dict[str, Any]:
+    """The reference: the envelope DESIGN.md describes, built whole, id aside."""
+    return {
+        "specversion": "1.0",
+        "source": "cellos-host-telemetry/probes",
+        "type": f"dev.cellos.events.cell.observability.host.v1.{kind}",
+        "datacontenttype": "application/json",
+        "time": stamp,
+        "sequence": str(sequence),
+        "cellosagentboot": boot,
+        "data": {
+            "cellId": ctx.cell_id,
+            "runId": ctx.run_id,
+            "specSignatureHash": ctx.spec_signature_hash,
+            "hostReceivedAt": stamp,
+            "probeSource": source,
+            "inputs": inputs,
+            result_key: result,
+        },
+    }
+
+
+def same_envelope_but_id(event: CloudEvent, expected: dict[str, Any]) -> None:
+    mine = orjson.loads(event.to_json())
+    assert mine.pop("id").startswith("urn:cellos:event:")
+    assert mine == expected
+    assert event.subject_token == expected["data"]["cellId"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -78,15 +110,20 @@ def test_a_reading_joined_from_parts_is_the_envelope_serialised_whole(
 ) -> None:
     source = f"host.{probe}" if prefixed else probe
     ctx = ProbeContext(cell, run, spec)
-    stamper = EventStamper(boot)
-    reading = ProbeReading(source, inputs, output, datetime.now(UTC))
-    event = stamper.stream(ctx, source).event(
+    sequences = SequenceRegistry(boot)
+    reading = ProbeReading(source, inputs, output)
+    event = sequences.stream(ctx, source).event(
         "2026-11-30T06:00:00.123Z", inputs, "output", output, boot
     )
     assert event.to_json() == reference(event)
-    reading.host_received_at = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
-    expected = build_host_probe_envelope(ctx, reading, sequence=1, boot_id=boot)
+    expected = expected_envelope(
+        ctx, probe, source, "2026-11-30T06:00:00.123Z", 1, boot, inputs, "output", output
+    )
     same_envelope_but_id(event, expected)
+    # the seed's builder is the same path: the next in the count, stamped as given
+    reading.host_received_at = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
+    expected["sequence"] = "2"
+    same_envelope_but_id(build_host_probe_envelope(ctx, reading, sequences), expected)
     assert orjson.loads(event.to_json())["id"] == event.id
 
 
@@ -99,8 +136,8 @@ def test_an_output_given_as_pieces_of_its_json_is_joined_into_the_same_bytes(
     text = orjson.dumps(output)
     bounds = sorted({0, len(text), *(min(cut, len(text)) for cut in cuts)})
     pieces = tuple(text[a:b] for a, b in itertools.pairwise(bounds))
-    stamper = EventStamper("boot-1")
-    stream = stamper.stream(ProbeContext("cell-1", "run-1", "spec"), "host.fc_metrics")
+    sequences = SequenceRegistry("boot-1")
+    stream = sequences.stream(ProbeContext("cell-1", "run-1", "spec"), "host.fc_metrics")
     event = stream.event("2026-11-30T06:00:00.123Z", {"vm": 1}, "output", output, "boot-1", pieces)
     assert event.to_json() == reference(event)
     assert orjson.loads(event.to_json())["data"]["output"] == output
@@ -124,9 +161,9 @@ def test_a_probe_error_joined_from_parts_is_the_envelope_serialised_whole(
     kind: type[ProbeIoError],
 ) -> None:
     ctx = ProbeContext(cell, run, "sha256:x")
-    stamper = EventStamper("boot-1")
+    sequences = SequenceRegistry("boot-1")
     error = kind(message)
-    stream = stamper.stream(ctx, f"host.{probe}")
+    stream = sequences.stream(ctx, f"host.{probe}")
     stream.event("2026-11-30T06:00:00.000Z", inputs, "output", {}, "boot-1")  # sequence 1
     event = stream.event(
         "2026-11-30T06:00:00.000Z",
@@ -136,29 +173,36 @@ def test_a_probe_error_joined_from_parts_is_the_envelope_serialised_whole(
         "boot-1",
     )
     assert event.to_json() == reference(event)
-    expected = build_probe_error_envelope(
+    error_data = {"kind": error.kind, "message": error.message or error.prefix}
+    expected = expected_envelope(
         ctx,
+        "probe_error",
         f"host.{probe}",
+        "2026-11-30T06:00:00.000Z",
+        2,
+        "boot-1",
         inputs,
-        error,
-        sequence=2,
-        boot_id="boot-1",
-        received_at=datetime(2026, 11, 30, 6, 0, tzinfo=UTC),
+        "error",
+        error_data,
     )
     same_envelope_but_id(event, expected)
     assert event.kind == "probe_error"
+    # the seed's builder is the same path (stamped now)
+    built = build_probe_error_envelope(ctx, f"host.{probe}", inputs, error, sequences)
+    assert orjson.loads(built.to_json())["data"]["error"] == error_data
+    assert built.sequence == "3"
 
 
 @pytest.mark.trio
 async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> None:
     sink = CapturingSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     a, b = ProbeContext("a", "run-a", "h"), ProbeContext("b", "run-b", "h")
-    await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {"n": 1}), stamper)
-    await emit_probe_error(sink, a, "host.cgroup", {}, ProbeIoError("gone"), stamper)
-    await emit_reading(sink, a, ProbeReading("host.tap_link", {}, {}), stamper)
-    await emit_reading(sink, b, ProbeReading("cgroup", {}, {"n": 2}), stamper)
-    await emit_reading(sink, a, ProbeReading("cgroup", {}, {"n": 3}), stamper)
+    await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {"n": 1}), sequences)
+    await emit_probe_error(sink, a, "host.cgroup", {}, ProbeIoError("gone"), sequences)
+    await emit_reading(sink, a, ProbeReading("host.tap_link", {}, {}), sequences)
+    await emit_reading(sink, b, ProbeReading("cgroup", {}, {"n": 2}), sequences)
+    await emit_reading(sink, a, ProbeReading("cgroup", {}, {"n": 3}), sequences)
     seen = [(e.data["cellId"], e.kind, e.sequence) for e in sink.events]
     assert seen == [
         ("a", "cgroup", "1"),
@@ -167,7 +211,7 @@ async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> No
         ("b", "cgroup", "1"),
         ("a", "cgroup", "3"),
     ]
-    assert stamper.last_sequence("a", "cgroup") == 3
+    assert sequences.last_sequence("a", "cgroup") == 3
     # the short and the prefixed name are one probe, each named as given
     assert [e.data["probeSource"] for e in sink.events] == [
         "host.cgroup",
@@ -185,15 +229,15 @@ async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> No
 async def test_a_new_run_of_a_cell_is_attributed_at_once_and_its_sequence_goes_on() -> None:
     """A reload that gives the cell a new run: the parts made once are made again."""
     sink = CapturingSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     await emit_reading(
-        sink, ProbeContext("a", "run-1", "h1"), ProbeReading("cgroup", {}, {}), stamper
+        sink, ProbeContext("a", "run-1", "h1"), ProbeReading("cgroup", {}, {}), sequences
     )
     await emit_reading(
-        sink, ProbeContext("a", "run-1", "h1"), ProbeReading("cgroup", {}, {}), stamper
+        sink, ProbeContext("a", "run-1", "h1"), ProbeReading("cgroup", {}, {}), sequences
     )
     await emit_reading(
-        sink, ProbeContext("a", "run-2", "h2"), ProbeReading("cgroup", {}, {}), stamper
+        sink, ProbeContext("a", "run-2", "h2"), ProbeReading("cgroup", {}, {}), sequences
     )
     sent = [orjson.loads(e.to_json()) for e in sink.events]
     assert [(s["data"]["runId"], s["data"]["specSignatureHash"]) for s in sent] == [
@@ -208,32 +252,32 @@ async def test_a_new_run_of_a_cell_is_attributed_at_once_and_its_sequence_goes_o
 @pytest.mark.trio
 async def test_an_unknown_probe_is_refused_before_any_sequence_is_spent() -> None:
     sink = CapturingSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     with pytest.raises(ProbeParseError, match="unknown host probe short name: disk"):
         await emit_reading(
-            sink, ProbeContext("a", "r", "h"), ProbeReading("host.disk", {}, {}), stamper
+            sink, ProbeContext("a", "r", "h"), ProbeReading("host.disk", {}, {}), sequences
         )
     assert sink.events == []
 
 
 @pytest.mark.trio
 async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
-    stamper = EventStamper()
-    outbox = Outbox("p.v1", stamper.boot_id, max_events=1, max_bytes=1 << 20)
+    sequences = SequenceRegistry()
+    outbox = Outbox("p.v1", sequences.boot_id, max_events=1, max_bytes=1 << 20)
 
     class Into:
         async def emit(self, event: CloudEvent) -> None:
             outbox.put(event)
 
     ctx = ProbeContext("cell-7", "run-7", "sha256:x")
-    first = await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), stamper)
+    first = await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), sequences)
     (entry,) = outbox.batch(10)
     assert (entry.subject, entry.payload, entry.msg_id) == (
         "p.v1.nftables.cell-7",
         first.to_json(),
         first.id,
     )
-    await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), stamper)
+    await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), sequences)
     # the first reading was pushed out of its batch in flight, and the batch failed:
     # it is declared lost, with the cell's attribution
     (gap,) = outbox.batch_failed()
@@ -248,12 +292,12 @@ async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
 @pytest.mark.trio
 async def test_an_output_serialised_by_its_probe_is_embedded_as_it_is() -> None:
     sink = CapturingSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     ctx = ProbeContext("a", "r", "h")
     output = {"n": 1, "f": 0.5}
     made = orjson.dumps(output)
-    await emit_reading(sink, ctx, ProbeReading("cgroup", {}, output, None, made), stamper)
-    await emit_reading(sink, ctx, ProbeReading("cgroup", {}, output), stamper)
+    await emit_reading(sink, ctx, ProbeReading("cgroup", {}, output, None, made), sequences)
+    await emit_reading(sink, ctx, ProbeReading("cgroup", {}, output), sequences)
     first, second = sink.events
     assert made in first.to_json()
     assert first.to_json() == reference(first)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellos_probed.outbox import Outbox
-from cellos_probed.probes import EventStamper
+from cellos_probed.probes import SequenceRegistry
 from cellos_probed.spool import SpoolOutbox
 from tests.test_outbox import reading
 
@@ -25,14 +25,14 @@ actions = st.lists(
 )
 
 
-def drive(outbox: Any, stamper: EventStamper, steps: list[tuple[str, object]]) -> None:
+def drive(outbox: Any, sequences: SequenceRegistry, steps: list[tuple[str, object]]) -> None:
     """Play ``steps`` against ``outbox``, drain it, and check the promise."""
     delivered: list[dict[str, Any]] = []
     produced: dict[str, int] = {}
     for action, arg in steps:
         if action == "put":
             cell = str(arg)
-            outbox.put(reading(stamper, cell))
+            outbox.put(reading(sequences, cell))
             produced[cell] = produced.get(cell, 0) + 1
         else:
             outbox.seal_gaps()
@@ -65,20 +65,20 @@ def drive(outbox: Any, stamper: EventStamper, steps: list[tuple[str, object]]) -
 def test_every_sequence_is_delivered_or_declared(
     steps: list[tuple[str, object]], bound: int
 ) -> None:
-    stamper = EventStamper()
-    drive(Outbox("p", stamper.boot_id, max_events=bound, max_bytes=1 << 30), stamper, steps)
+    sequences = SequenceRegistry()
+    drive(Outbox("p", sequences.boot_id, max_events=bound, max_bytes=1 << 30), sequences, steps)
 
 
 @settings(max_examples=150, deadline=None)
 @given(actions, st.integers(10, 30))
 def test_the_spool_keeps_the_same_promise(steps: list[tuple[str, object]], bound: int) -> None:
-    stamper = EventStamper()
-    size = len(reading(EventStamper(), "a").to_json()) + 200
+    sequences = SequenceRegistry()
+    size = len(reading(SequenceRegistry(), "a").to_json()) + 200
     with tempfile.TemporaryDirectory() as directory:
         spool = SpoolOutbox(
-            Path(directory), "p", stamper.boot_id, max_bytes=size * bound, segment_bytes=size * 4
+            Path(directory), "p", sequences.boot_id, max_bytes=size * bound, segment_bytes=size * 4
         )
         try:
-            drive(spool, stamper, steps)
+            drive(spool, sequences, steps)
         finally:
             spool.close()

@@ -21,7 +21,7 @@ from cellos_probed.nats_bridge import (
     open_subscription,
 )
 from cellos_probed.nats_sink import NatsSink
-from cellos_probed.probes import EventStamper, ProbeContext, ProbeReading, emit_reading
+from cellos_probed.probes import ProbeContext, ProbeReading, SequenceRegistry, emit_reading
 from tests.conftest import NatsServer, needs_nats, start_nats_server
 
 PREFIX = "dev.cellos.events.cell.observability.host.v1"
@@ -39,9 +39,9 @@ def server_in_msgs(monitor_port: int) -> int:
         return int(json.load(reply)["in_msgs"])
 
 
-async def emit_n(sink: NatsSink, stamper: EventStamper, count: int) -> None:
+async def emit_n(sink: NatsSink, sequences: SequenceRegistry, count: int) -> None:
     for n in range(count):
-        await emit_reading(sink, CTX, ProbeReading("host.cgroup", {}, {"n": n}), stamper)
+        await emit_reading(sink, CTX, ProbeReading("host.cgroup", {}, {"n": n}), sequences)
 
 
 def test_an_event_frame_is_byte_for_byte_what_nc_publish_sends() -> None:
@@ -84,22 +84,22 @@ async def test_batches_arrive_in_order_with_the_structured_header(
         monkeypatch.setattr(nats_bridge, "_queue_frames", None)
     else:
         assert nats_bridge._queue_frames is not None, "nats-py no longer has _send_command"
-    stamper = EventStamper()
-    sink = NatsSink(NatsSettings(servers=(nats_server.url,)), stamper.boot_id, batch_size=50)
+    sequences = SequenceRegistry()
+    sink = NatsSink(NatsSettings(servers=(nats_server.url,)), sequences.boot_id, batch_size=50)
     with trio.fail_after(20):
         async with (
             open_subscription([nats_server.url], f"{PREFIX}.>") as messages,
             trio.open_nursery() as nursery,
         ):
             await nursery.start(sink.run)
-            await emit_n(sink, stamper, 1200)
+            await emit_n(sink, sequences, 1200)
             assert await sink.drain(10)
             received = [await messages.receive() for _ in range(1200)]
             nursery.cancel_scope.cancel()
     assert [int(orjson.loads(m.data)["sequence"]) for m in received] == list(range(1, 1201))
     assert {m.subject for m in received} == {f"{PREFIX}.cgroup.cell-1"}
     assert all(m.headers["Content-Type"] == "application/cloudevents+json" for m in received)
-    assert sink.stats.published == 1200
+    assert sink.statistics().published == 1200
     assert sink.outbox.dropped == 0
 
 
@@ -109,28 +109,28 @@ async def test_events_are_held_while_the_server_is_down_and_sent_on_reconnect(
 ) -> None:
     port, monitor = free_port(), free_port()
     server = start_nats_server(tmp_path / "a", port=port, extra=["-m", str(monitor)])
-    stamper = EventStamper()
-    sink = NatsSink(NatsSettings(servers=(server.url,)), stamper.boot_id, retry_seconds=0.05)
+    sequences = SequenceRegistry()
+    sink = NatsSink(NatsSettings(servers=(server.url,)), sequences.boot_id, retry_seconds=0.05)
     try:
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 await nursery.start(sink.run)
-                await emit_n(sink, stamper, 5)
+                await emit_n(sink, sequences, 5)
                 assert await sink.drain(5)
                 assert server_in_msgs(monitor) == 5
                 server.stop()
                 await sink.wait_connected(False)  # the client noticed the server went away
-                await emit_n(sink, stamper, 7)
+                await emit_n(sink, sequences, 7)
                 assert len(sink.outbox) == 7  # held by us, not by nats-py
                 server = start_nats_server(tmp_path / "b", port=port, extra=["-m", str(monitor)])
                 assert await sink.drain(15)
                 # the restarted server received exactly the held events
                 assert server_in_msgs(monitor) == 7
-                assert sink.reconnects >= 1
+                assert sink.statistics().reconnects >= 1
                 nursery.cancel_scope.cancel()
     finally:
         server.stop()
-    assert sink.stats.published == 12
+    assert sink.statistics().published == 12
     assert sink.outbox.dropped == 0
 
 
@@ -139,11 +139,11 @@ async def test_new_nats_settings_reconnect_without_dropping_what_is_held(
     tmp_path: Path,
 ) -> None:
     old_port, new_port, monitor = free_port(), free_port(), free_port()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     # the configured server is down: events are held
     sink = NatsSink(
         NatsSettings(servers=(f"nats://127.0.0.1:{old_port}",)),
-        stamper.boot_id,
+        sequences.boot_id,
         retry_seconds=0.05,
     )
     new = start_nats_server(tmp_path / "new", port=new_port, extra=["-m", str(monitor)])
@@ -151,10 +151,10 @@ async def test_new_nats_settings_reconnect_without_dropping_what_is_held(
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 await nursery.start(sink.run)
-                await emit_n(sink, stamper, 9)
+                await emit_n(sink, sequences, 9)
                 assert len(sink.outbox) == 9
                 sink.apply_settings(NatsSettings(servers=(new.url,), name="reloaded"))
-                await emit_n(sink, stamper, 3)
+                await emit_n(sink, sequences, 3)
                 assert await sink.drain(15)
                 assert server_in_msgs(monitor) == 12
                 nursery.cancel_scope.cancel()
@@ -196,9 +196,9 @@ async def test_an_event_over_the_servers_max_payload_is_not_sent_and_the_rest_ar
 async def test_a_reading_the_server_cannot_take_is_declared_as_a_gap_and_nothing_stalls(
     nats_server: NatsServer, outbox: str, tmp_path: Path
 ) -> None:
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     spool = SpoolSettings(tmp_path / "spool") if outbox == "spool" else None
-    sink = NatsSink(NatsSettings(servers=(nats_server.url,)), stamper.boot_id, spool=spool)
+    sink = NatsSink(NatsSettings(servers=(nats_server.url,)), sequences.boot_id, spool=spool)
     with trio.fail_after(20):
         async with (
             open_subscription([nats_server.url], f"{PREFIX}.>") as messages,
@@ -208,7 +208,7 @@ async def test_a_reading_the_server_cannot_take_is_declared_as_a_gap_and_nothing
             await sink.wait_connected()
             for n in range(5):
                 output = {"rules": ["x" * 1024] * 1100} if n == 2 else {"n": n}
-                await emit_reading(sink, CTX, ProbeReading("host.cgroup", {}, output), stamper)
+                await emit_reading(sink, CTX, ProbeReading("host.cgroup", {}, output), sequences)
             assert await sink.drain(10)
             received = [orjson.loads((await messages.receive()).data) for _ in range(5)]
             nursery.cancel_scope.cancel()
@@ -220,6 +220,6 @@ async def test_a_reading_the_server_cannot_take_is_declared_as_a_gap_and_nothing
     assert (gaps[0]["firstSequence"], gaps[0]["lastSequence"], gaps[0]["dropped"]) == (3, 3, 1)
     assert gaps[0]["cellId"] == "cell-1"
     assert gaps[0]["probeSource"] == "host.cgroup"
-    assert sink.stats.dropped == 1
-    assert sink.stats.published == 5  # four readings and the gap
+    assert sink.statistics().dropped == 1
+    assert sink.statistics().published == 5  # four readings and the gap
     assert len(sink.outbox) == 0

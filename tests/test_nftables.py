@@ -25,7 +25,7 @@ import trio
 
 from cellos_probed.config import parse_config
 from cellos_probed.daemon import Prober
-from cellos_probed.probes import CapturingSink, EventStamper
+from cellos_probed.probes import CapturingSink, SequenceRegistry
 from testbed.nft import (
     ECHO_PACKET_BYTES,
     CellRules,
@@ -95,20 +95,20 @@ class Ticker:
 
     @property
     def queries(self) -> int:
-        return self.prober.shared.nft_tables.queries
+        return self.prober.services.nft_tables.queries
 
 
 @asynccontextmanager
 async def ticking(cells: list[Cell]) -> AsyncIterator[Ticker]:
     config = parse_config("[daemon]\ntick_seconds = 1.0\n" + "".join(c.toml() for c in cells))
     sink = CapturingSink()
-    prober = Prober(config, sink, EventStamper())
+    prober = Prober(config, sink, SequenceRegistry())
     async with trio.open_nursery() as nursery:
         await nursery.start(prober.run_services)
         try:
             yield Ticker(prober, sink)
         finally:
-            prober.shared.nft_tables.stop()
+            prober.services.nft_tables.stop()
             nursery.cancel_scope.cancel()
 
 

@@ -7,29 +7,24 @@ import orjson
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.outbox import Outbox
 from cellos_probed.probes import (
-    EventStamper,
     ProbeContext,
     ProbeReading,
+    SequenceRegistry,
     build_host_probe_envelope,
 )
 
 PREFIX = "p.v1"
 
 
-def reading(stamper: EventStamper, cell: str, probe: str = "cgroup") -> CloudEvent:
+def reading(sequences: SequenceRegistry, cell: str, probe: str = "cgroup") -> CloudEvent:
     ctx = ProbeContext(cell, f"run-{cell}", "sha256:x")
-    return build_host_probe_envelope(
-        ctx,
-        ProbeReading(f"host.{probe}", {}, {"n": 1}),
-        sequence=stamper.next_sequence(cell, probe),
-        boot_id=stamper.boot_id,
-    )
+    return build_host_probe_envelope(ctx, ProbeReading(f"host.{probe}", {}, {"n": 1}), sequences)
 
 
 def test_in_order_and_confirmed_batches_leave() -> None:
-    stamper = EventStamper()
-    outbox = Outbox(PREFIX, stamper.boot_id, max_events=10, max_bytes=1 << 20)
-    events = [reading(stamper, "a") for _ in range(5)]
+    sequences = SequenceRegistry()
+    outbox = Outbox(PREFIX, sequences.boot_id, max_events=10, max_bytes=1 << 20)
+    events = [reading(sequences, "a") for _ in range(5)]
     for event in events:
         assert outbox.put(event) == []
     batch = outbox.batch(3)
@@ -42,11 +37,11 @@ def test_in_order_and_confirmed_batches_leave() -> None:
 
 
 def test_a_full_buffer_drops_the_oldest_and_declares_exactly_them() -> None:
-    stamper = EventStamper()
-    outbox = Outbox(PREFIX, stamper.boot_id, max_events=4, max_bytes=1 << 20)
+    sequences = SequenceRegistry()
+    outbox = Outbox(PREFIX, sequences.boot_id, max_events=4, max_bytes=1 << 20)
     for _ in range(3):
-        outbox.put(reading(stamper, "a"))
-        outbox.put(reading(stamper, "b", "tap_link"))
+        outbox.put(reading(sequences, "a"))
+        outbox.put(reading(sequences, "b", "tap_link"))
     # six events into four places: a#1 and b#1 went
     assert outbox.dropped == 2
     sealed = outbox.seal_gaps()
@@ -55,7 +50,7 @@ def test_a_full_buffer_drops_the_oldest_and_declares_exactly_them() -> None:
         ("b", "host.tap_link", 1, 1),
     ]
     for _ in range(3):
-        outbox.put(reading(stamper, "a"))  # pushes out a#2, b#2, a#3
+        outbox.put(reading(sequences, "a"))  # pushes out a#2, b#2, a#3
     sealed = outbox.seal_gaps()
     assert sorted((g.attribution["cellId"], g.first, g.last) for g in sealed) == [
         ("a", 2, 3),
@@ -71,7 +66,7 @@ def test_a_full_buffer_drops_the_oldest_and_declares_exactly_them() -> None:
     ] == [("a", 1, 1), ("b", 1, 1), ("a", 2, 3), ("b", 2, 2)]
     gap = gaps[2]
     assert gap["type"] == "dev.cellos.events.cell.observability.host.v1.gap"
-    assert gap["cellosagentboot"] == stamper.boot_id
+    assert gap["cellosagentboot"] == sequences.boot_id
     assert "sequence" not in gap
     assert gap["data"]["dropped"] == 2
     assert gap["data"]["reason"] == "buffer_full"
@@ -89,24 +84,24 @@ def test_a_full_buffer_drops_the_oldest_and_declares_exactly_them() -> None:
 
 
 def test_the_byte_bound_holds() -> None:
-    stamper = EventStamper()
-    size = len(reading(EventStamper(), "a").to_json())
-    outbox = Outbox(PREFIX, stamper.boot_id, max_events=1000, max_bytes=size * 3 + 2)
+    sequences = SequenceRegistry()
+    size = len(reading(SequenceRegistry(), "a").to_json())
+    outbox = Outbox(PREFIX, sequences.boot_id, max_events=1000, max_bytes=size * 3 + 2)
     for _ in range(10):
-        outbox.put(reading(stamper, "a"))
+        outbox.put(reading(sequences, "a"))
     assert outbox.bytes <= size * 3 + 2  # sequence "10" is a byte longer than "1"
     assert len(outbox) == 3
     assert outbox.dropped == 7
 
 
 def test_entries_dropped_while_a_batch_was_in_flight_are_not_confirmed_twice() -> None:
-    stamper = EventStamper()
-    outbox = Outbox(PREFIX, stamper.boot_id, max_events=3, max_bytes=1 << 20)
+    sequences = SequenceRegistry()
+    outbox = Outbox(PREFIX, sequences.boot_id, max_events=3, max_bytes=1 << 20)
     for _ in range(3):
-        outbox.put(reading(stamper, "a"))
+        outbox.put(reading(sequences, "a"))
     in_flight = outbox.batch(2)  # a#1, a#2 on their way
     for _ in range(2):
-        outbox.put(reading(stamper, "a"))  # a#1, a#2 pushed out meanwhile
+        outbox.put(reading(sequences, "a"))  # a#1, a#2 pushed out meanwhile
     outbox.confirm(in_flight)
     left = [orjson.loads(e.payload)["sequence"] for e in outbox.batch(10)]
     assert left == ["3", "4", "5"]
@@ -116,13 +111,13 @@ def test_an_entry_pushed_out_while_its_batch_is_in_flight_is_lost_only_if_the_ba
     """The batch being published may still arrive: declaring its pushed-out entries
     at once named readings that did arrive (a gap over delivered sequences)."""
     for outcome in ("confirmed", "failed"):
-        stamper = EventStamper()
-        outbox = Outbox(PREFIX, stamper.boot_id, max_events=3, max_bytes=1 << 20)
+        sequences = SequenceRegistry()
+        outbox = Outbox(PREFIX, sequences.boot_id, max_events=3, max_bytes=1 << 20)
         for _ in range(3):
-            outbox.put(reading(stamper, "a"))
+            outbox.put(reading(sequences, "a"))
         in_flight = outbox.batch(2)  # sequences 1 and 2 on their way
-        assert outbox.put(reading(stamper, "a")) == []  # pushes 1 out: held, not declared
-        assert outbox.put(reading(stamper, "a")) == []  # and 2
+        assert outbox.put(reading(sequences, "a")) == []  # pushes 1 out: held, not declared
+        assert outbox.put(reading(sequences, "a")) == []  # and 2
         assert outbox.dropped == 0
         assert not outbox.has_open_gaps()
         if outcome == "confirmed":
@@ -136,7 +131,7 @@ def test_an_entry_pushed_out_while_its_batch_is_in_flight_is_lost_only_if_the_ba
             assert [g.last for g in outbox.seal_gaps()] == [2]
         # an entry not in flight is declared at once, as before
         before = outbox.dropped
-        outbox.put(reading(stamper, "a"))  # pushes 3 out
+        outbox.put(reading(sequences, "a"))  # pushes 3 out
         assert outbox.dropped == before + 1
         assert outbox.has_open_gaps()
         held = [e.sequence for e in outbox.batch(10) if e.sequence is not None]

@@ -12,11 +12,11 @@ import pytest
 from cellos_probed.probes import (
     HOST_PROBE_EVENT_SOURCE,
     CapturingSink,
-    EventStamper,
     ProbeContext,
     ProbeIoError,
     ProbeParseError,
     ProbeReading,
+    SequenceRegistry,
     build_host_probe_envelope,
     build_probe_error_envelope,
     cell_observability_host_cgroup_v1_type,
@@ -95,9 +95,9 @@ def test_unknown_probe_is_a_parse_error_not_a_guessed_type() -> None:
 
 async def test_structured_json_matches_the_contract() -> None:
     sink = CapturingSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     ctx = ProbeContext("cell-1", "run-7", "sha256:abcd")
-    await emit_reading(sink, ctx, ProbeReading("cgroup", {"cgroup_path": "x"}, {"a": 1}), stamper)
+    await emit_reading(sink, ctx, ProbeReading("cgroup", {"cgroup_path": "x"}, {"a": 1}), sequences)
     event = orjson.loads(sink.events[0].to_json())
     assert list(event) == [
         "specversion", "id", "source", "type", "datacontenttype", "time",
@@ -112,7 +112,7 @@ async def test_structured_json_matches_the_contract() -> None:
     assert RFC3339_MS.fullmatch(event["time"])
     assert event["time"] == event["data"]["hostReceivedAt"]
     assert event["sequence"] == "1"
-    assert event["cellosagentboot"] == stamper.boot_id
+    assert event["cellosagentboot"] == sequences.boot_id
     assert "traceparent" not in event
     # the probe source is kept as given; only the type strips `host.`
     assert event["data"]["probeSource"] == "cgroup"
@@ -122,14 +122,14 @@ async def test_structured_json_matches_the_contract() -> None:
 
 async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> None:
     sink = CapturingSink()
-    stamper = EventStamper()
+    sequences = SequenceRegistry()
     a = ProbeContext("cell-a", "r", "h")
     b = ProbeContext("cell-b", "r", "h")
-    await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {}), stamper)
-    await emit_probe_error(sink, a, "host.cgroup", {}, ProbeIoError("gone"), stamper)
-    await emit_reading(sink, b, ProbeReading("host.cgroup", {}, {}), stamper)
-    await emit_reading(sink, a, ProbeReading("host.tap_link", {}, {}), stamper)
-    await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {}), stamper)
+    await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {}), sequences)
+    await emit_probe_error(sink, a, "host.cgroup", {}, ProbeIoError("gone"), sequences)
+    await emit_reading(sink, b, ProbeReading("host.cgroup", {}, {}), sequences)
+    await emit_reading(sink, a, ProbeReading("host.tap_link", {}, {}), sequences)
+    await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {}), sequences)
     seen = [(e.data["cellId"], e.data["probeSource"], e.kind, e.sequence) for e in sink.events]
     assert seen == [
         ("cell-a", "host.cgroup", "cgroup", "1"),
@@ -138,13 +138,16 @@ async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> No
         ("cell-a", "host.tap_link", "tap_link", "1"),
         ("cell-a", "host.cgroup", "cgroup", "3"),
     ]
-    assert {e.cellosagentboot for e in sink.events} == {stamper.boot_id}
+    assert {e.cellosagentboot for e in sink.events} == {sequences.boot_id}
 
 
 def test_probe_error_envelope_shape_and_subject() -> None:
     ctx = ProbeContext("cell-1", "run-7", "sha256:abcd")
     error = ProbeIoError("cgroup directory does not exist: x")
-    env = build_probe_error_envelope(ctx, "host.cgroup", {"cgroup_path": "x"}, error, sequence=4)
+    sequences = SequenceRegistry()
+    for _ in range(3):
+        build_host_probe_envelope(ctx, ProbeReading("host.cgroup", {}, {}), sequences)
+    env = build_probe_error_envelope(ctx, "host.cgroup", {"cgroup_path": "x"}, error, sequences)
     assert env.type == "dev.cellos.events.cell.observability.host.v1.probe_error"
     assert env.subject("p.v1") == "p.v1.probe_error.cell-1"
     assert env.data["error"] == {"kind": "io", "message": "cgroup directory does not exist: x"}

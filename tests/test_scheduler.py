@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -11,8 +12,11 @@ import trio.testing
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import CellConfig, Config, DaemonSettings, NatsSettings, PathRoots
 from cellos_probed.daemon import Prober
-from cellos_probed.probes import EventStamper, ProbeContext, ProbeParseError, ProbeReading
+from cellos_probed.probes import ProbeContext, ProbeParseError, ProbeReading, SequenceRegistry
+from cellos_probed.probes.base import HostProbe
+from cellos_probed.readings import ProbeError, ProbeResult
 from cellos_probed.scheduler import TickStats, run_fixed_tick
+from cellos_probed.sinks import EventSink
 
 
 @pytest.fixture
@@ -70,7 +74,9 @@ async def test_an_overrun_skips_the_missed_ticks_and_counts_them(
     assert stats.skipped_ticks == 2
 
 
-class FakeProbe:
+class FakeProbe(HostProbe):
+    """Each its own batch (the default key), read after ``delay`` (None: never)."""
+
     def __init__(self, name: str, delay: float | None, fail: bool = False) -> None:
         self.name = name
         self.delay = delay
@@ -83,7 +89,19 @@ class FakeProbe:
     def inputs(self) -> dict[str, Any]:
         return {"fake": self.name}
 
-    async def read(self, ctx: ProbeContext) -> ProbeReading:
+    @classmethod
+    async def read_batch(
+        cls,
+        jobs: Sequence[tuple[ProbeContext, FakeProbe]],
+        results: list[ProbeResult | None],
+    ) -> None:
+        for i, (_, probe) in enumerate(jobs):
+            try:
+                results[i] = await probe.read()
+            except ProbeError as error:
+                results[i] = error
+
+    async def read(self) -> ProbeReading:
         try:
             if self.delay is None:
                 await trio.sleep_forever()
@@ -96,11 +114,11 @@ class FakeProbe:
         return ProbeReading(f"host.{self.name}", self.inputs(), {"at": trio.current_time()})
 
 
-class TimedSink:
+class TimedSink(EventSink):
     def __init__(self) -> None:
         self.events: list[tuple[float, CloudEvent]] = []
 
-    async def emit(self, event: CloudEvent) -> None:
+    def emit_nowait(self, event: CloudEvent) -> None:
         self.events.append((trio.current_time(), event))
 
 
@@ -118,11 +136,11 @@ async def test_a_hung_probe_times_out_and_delays_nobody(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     sink = TimedSink()
-    prober = Prober(config_with(["hung", "fast", "slow"]), sink, EventStamper())
+    prober = Prober(config_with(["hung", "fast", "slow"]), sink, SequenceRegistry())
     hung = FakeProbe("cgroup", delay=None)
-    prober.runners["hung"].probes = [hung, FakeProbe("tap_link", delay=0.0)]
-    prober.runners["fast"].probes = [FakeProbe("cgroup", delay=0.0)]
-    prober.runners["slow"].probes = [FakeProbe("cgroup", delay=0.3, fail=True)]
+    prober.cells["hung"].probes = [hung, FakeProbe("tap_link", delay=0.0)]
+    prober.cells["fast"].probes = [FakeProbe("cgroup", delay=0.0)]
+    prober.cells["slow"].probes = [FakeProbe("cgroup", delay=0.3, fail=True)]
 
     two_ticks = trio.Event()
 
@@ -163,7 +181,7 @@ async def test_a_hung_probe_times_out_and_delays_nobody(
 
 
 async def test_a_sink_that_takes_events_without_waiting_gets_every_probe_event_so() -> None:
-    class NoWaitSink:
+    class NoWaitSink(EventSink):
         def __init__(self) -> None:
             self.taken: list[CloudEvent] = []
 
@@ -174,9 +192,9 @@ async def test_a_sink_that_takes_events_without_waiting_gets_every_probe_event_s
             self.taken.append(event)
 
     sink = NoWaitSink()
-    prober = Prober(config_with(["ok", "bad"]), sink, EventStamper())
-    prober.runners["ok"].probes = [FakeProbe("cgroup", delay=0.0)]
-    prober.runners["bad"].probes = [FakeProbe("cgroup", delay=0.0, fail=True)]
+    prober = Prober(config_with(["ok", "bad"]), sink, SequenceRegistry())
+    prober.cells["ok"].probes = [FakeProbe("cgroup", delay=0.0)]
+    prober.cells["bad"].probes = [FakeProbe("cgroup", delay=0.0, fail=True)]
     with trio.fail_after(5):
         await prober.tick(0)
     assert sorted((e.data["cellId"], e.kind) for e in sink.taken) == [

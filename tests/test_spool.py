@@ -7,14 +7,14 @@ from pathlib import Path
 
 import orjson
 
-from cellos_probed.probes import EventStamper
+from cellos_probed.probes import SequenceRegistry
 from cellos_probed.spool import SpoolOutbox
 from tests.test_outbox import reading
 
 PREFIX = "p.v1"
 
 
-def sequences(entries: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+def sequence_of(entries: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
     out = []
     for entry in entries:
         event = orjson.loads(entry.payload)
@@ -23,9 +23,9 @@ def sequences(entries: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
 
 
 def test_confirmed_records_go_and_the_rest_survive_a_restart(tmp_path: Path) -> None:
-    stamper = EventStamper()
-    spool = SpoolOutbox(tmp_path, PREFIX, stamper.boot_id, max_bytes=1 << 24)
-    events = [reading(stamper, "a") for _ in range(10)]
+    sequences = SequenceRegistry()
+    spool = SpoolOutbox(tmp_path, PREFIX, sequences.boot_id, max_bytes=1 << 24)
+    events = [reading(sequences, "a") for _ in range(10)]
     for event in events:
         assert spool.put(event) == []
     assert len(spool) == 10
@@ -33,10 +33,10 @@ def test_confirmed_records_go_and_the_rest_survive_a_restart(tmp_path: Path) -> 
     assert [e.payload for e in first] == [e.to_json() for e in events[:4]]
     spool.confirm(first)
     second = spool.batch(3)  # read but never confirmed: the daemon is killed here
-    assert sequences(second) == [("a", "5"), ("a", "6"), ("a", "7")]
+    assert sequence_of(second) == [("a", "5"), ("a", "6"), ("a", "7")]
     del spool  # no close(): as after kill -9
 
-    restarted = SpoolOutbox(tmp_path, PREFIX, EventStamper().boot_id, max_bytes=1 << 24)
+    restarted = SpoolOutbox(tmp_path, PREFIX, SequenceRegistry().boot_id, max_bytes=1 << 24)
     assert restarted.recovered == 6
     replay = restarted.batch(100)
     # the same bytes, hence the same event ids (Nats-Msg-Id) as before the crash
@@ -45,33 +45,33 @@ def test_confirmed_records_go_and_the_rest_survive_a_restart(tmp_path: Path) -> 
     restarted.confirm(replay)
     assert len(restarted) == 0
     restarted.close()
-    again = SpoolOutbox(tmp_path, PREFIX, EventStamper().boot_id, max_bytes=1 << 24)
+    again = SpoolOutbox(tmp_path, PREFIX, SequenceRegistry().boot_id, max_bytes=1 << 24)
     assert again.recovered == 0
     assert again.batch(10) == []
 
 
 def test_a_torn_record_from_a_crash_mid_write_is_cut(tmp_path: Path) -> None:
-    stamper = EventStamper()
-    spool = SpoolOutbox(tmp_path, PREFIX, stamper.boot_id, max_bytes=1 << 24)
+    sequences = SequenceRegistry()
+    spool = SpoolOutbox(tmp_path, PREFIX, sequences.boot_id, max_bytes=1 << 24)
     for _ in range(3):
-        spool.put(reading(stamper, "a"))
+        spool.put(reading(sequences, "a"))
     spool.close()
     segment = sorted(tmp_path.glob("seg-*.spool"))[-1]
     size = segment.stat().st_size
     with segment.open("ab") as handle:
         handle.write(b"\x00\x00\x00\x07\x00\x00\x10\x00half a rec")  # header says 4096 bytes
-    restarted = SpoolOutbox(tmp_path, PREFIX, stamper.boot_id, max_bytes=1 << 24)
+    restarted = SpoolOutbox(tmp_path, PREFIX, sequences.boot_id, max_bytes=1 << 24)
     assert restarted.recovered == 3
     assert segment.stat().st_size == size
-    assert sequences(restarted.batch(10)) == [("a", "1"), ("a", "2"), ("a", "3")]
+    assert sequence_of(restarted.batch(10)) == [("a", "1"), ("a", "2"), ("a", "3")]
 
 
 def test_confirmed_segments_are_deleted_so_the_spool_does_not_grow(tmp_path: Path) -> None:
-    stamper = EventStamper()
-    spool = SpoolOutbox(tmp_path, PREFIX, stamper.boot_id, max_bytes=1 << 24, segment_bytes=4096)
+    sequences = SequenceRegistry()
+    spool = SpoolOutbox(tmp_path, PREFIX, sequences.boot_id, max_bytes=1 << 24, segment_bytes=4096)
     for _ in range(20):
         for _ in range(25):
-            spool.put(reading(stamper, "a"))
+            spool.put(reading(sequences, "a"))
         while batch := spool.batch(10):
             spool.confirm(batch)
     files = list(tmp_path.glob("seg-*.spool"))
@@ -81,15 +81,15 @@ def test_confirmed_segments_are_deleted_so_the_spool_does_not_grow(tmp_path: Pat
 
 
 def test_overflow_drops_the_oldest_segment_and_declares_it(tmp_path: Path) -> None:
-    stamper = EventStamper()
-    size = len(reading(EventStamper(), "a").to_json())
+    sequences = SequenceRegistry()
+    size = len(reading(SequenceRegistry(), "a").to_json())
     spool = SpoolOutbox(
-        tmp_path, PREFIX, stamper.boot_id, max_bytes=size * 40, segment_bytes=size * 10
+        tmp_path, PREFIX, sequences.boot_id, max_bytes=size * 40, segment_bytes=size * 10
     )
     gaps = []
     for _ in range(60):
-        gaps += spool.put(reading(stamper, "a"))
-        gaps += spool.put(reading(stamper, "b", "tap_link"))
+        gaps += spool.put(reading(sequences, "a"))
+        gaps += spool.put(reading(sequences, "b", "tap_link"))
     assert spool.dropped > 0
     assert spool.bytes <= size * 40 + size * 12
     spool.seal_gaps()
@@ -98,7 +98,7 @@ def test_overflow_drops_the_oldest_segment_and_declares_it(tmp_path: Path) -> No
     declared: set[tuple[str, int]] = set()
     for gap in (e for e in events if e["type"].endswith(".gap")):
         assert gap["data"]["reason"] == "spool_full"
-        assert gap["cellosagentboot"] == stamper.boot_id
+        assert gap["cellosagentboot"] == sequences.boot_id
         first, last = gap["data"]["firstSequence"], gap["data"]["lastSequence"]
         assert gap["data"]["dropped"] == last - first + 1
         declared |= {(gap["data"]["cellId"], n) for n in range(first, last + 1)}
@@ -109,16 +109,16 @@ def test_overflow_drops_the_oldest_segment_and_declares_it(tmp_path: Path) -> No
 
 
 def test_gap_events_are_carried_forward_not_dropped(tmp_path: Path) -> None:
-    stamper = EventStamper()
-    size = len(reading(EventStamper(), "a").to_json())
+    sequences = SequenceRegistry()
+    size = len(reading(SequenceRegistry(), "a").to_json())
     spool = SpoolOutbox(
-        tmp_path, PREFIX, stamper.boot_id, max_bytes=size * 20, segment_bytes=size * 5
+        tmp_path, PREFIX, sequences.boot_id, max_bytes=size * 20, segment_bytes=size * 5
     )
     for _ in range(30):
-        spool.put(reading(stamper, "a"))
+        spool.put(reading(sequences, "a"))
     spool.seal_gaps()  # a gap event is now in the newest segment
     for _ in range(60):  # ... which in turn becomes the oldest and is dropped
-        spool.put(reading(stamper, "a"))
+        spool.put(reading(sequences, "a"))
     spool.seal_gaps()
     events = [orjson.loads(e.payload) for e in spool.batch(1000)]
     declared = set()
@@ -130,20 +130,20 @@ def test_gap_events_are_carried_forward_not_dropped(tmp_path: Path) -> None:
     assert os.listdir(tmp_path)
 
 
-def _overflow_while_in_flight(tmp_path: Path) -> tuple[SpoolOutbox, list, EventStamper]:  # type: ignore[type-arg]
+def _overflow_while_in_flight(tmp_path: Path) -> tuple[SpoolOutbox, list, SequenceRegistry]:  # type: ignore[type-arg]
     """A batch taken from the oldest segment, then enough put to drop that segment."""
-    stamper = EventStamper()
-    size = len(reading(EventStamper(), "a").to_json())
+    sequences = SequenceRegistry()
+    size = len(reading(SequenceRegistry(), "a").to_json())
     spool = SpoolOutbox(
-        tmp_path, PREFIX, stamper.boot_id, max_bytes=size * 20, segment_bytes=size * 5
+        tmp_path, PREFIX, sequences.boot_id, max_bytes=size * 20, segment_bytes=size * 5
     )
     for _ in range(5):
-        spool.put(reading(stamper, "a"))
+        spool.put(reading(sequences, "a"))
     in_flight = spool.batch(3)  # being published ...
     for _ in range(40):  # ... while the spool fills and drops its oldest segment
-        spool.put(reading(stamper, "a"))
+        spool.put(reading(sequences, "a"))
     assert spool.dropped > 0
-    return spool, in_flight, stamper
+    return spool, in_flight, sequences
 
 
 def _declared(entries: list) -> set[int]:  # type: ignore[type-arg]
@@ -158,12 +158,12 @@ def test_records_in_flight_when_their_segment_is_dropped_are_not_declared_if_the
     tmp_path: Path,
 ) -> None:
     spool, in_flight, _ = _overflow_while_in_flight(tmp_path)
-    assert sequences(in_flight) == [("a", "1"), ("a", "2"), ("a", "3")]
+    assert sequence_of(in_flight) == [("a", "1"), ("a", "2"), ("a", "3")]
     spool.confirm(in_flight)  # they arrived
     spool.seal_gaps()
     rest = spool.batch(1000)
     declared = _declared(rest)
-    kept = {int(s) for _, s in sequences(rest) if s != "gap"}
+    kept = {int(s) for _, s in sequence_of(rest) if s != "gap"}
     assert {1, 2, 3}.isdisjoint(declared)  # delivered, so never declared lost
     assert kept.isdisjoint(declared)
     assert kept | declared | {1, 2, 3} == set(range(1, 46))
@@ -179,7 +179,7 @@ def test_records_in_flight_when_their_segment_is_dropped_are_declared_if_the_bat
     spool.seal_gaps()
     rest = spool.batch(1000)
     declared = _declared(rest)
-    kept = {int(s) for _, s in sequences(rest) if s != "gap"}
+    kept = {int(s) for _, s in sequence_of(rest) if s != "gap"}
     assert {1, 2, 3} <= declared
     assert kept.isdisjoint(declared)
     assert kept | declared == set(range(1, 46))

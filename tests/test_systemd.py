@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import trio
 
 from cellos_probed.config import load_config
 from cellos_probed.daemon import DaemonHandle, run_daemon
-from cellos_probed.probes import ProbeContext, ProbeReading
+from cellos_probed.probes import ProbeContext, ProbeReading, ProbeResult
+from cellos_probed.probes.base import HostProbe
 from cellos_probed.systemd import Notifier
 from testbed.cgroup_tree import FakeCgroup
 from tests.test_daemon import RunnableSink, write_config
@@ -155,7 +157,7 @@ def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
     assert Notifier({"WATCHDOG_USEC": "1000000"}).watchdog_seconds == 1.0
 
 
-class WedgingProbe:
+class WedgingProbe(HostProbe):
     """Blocks the trio thread once (a bug a watchdog exists for), then reads fine."""
 
     def __init__(self, seconds: float) -> None:
@@ -168,11 +170,17 @@ class WedgingProbe:
     def inputs(self) -> dict[str, Any]:
         return {}
 
-    async def read(self, ctx: ProbeContext) -> ProbeReading:
-        if not self.wedged.is_set():
-            self.wedged.set()
-            time.sleep(self.seconds)  # noqa: ASYNC251 - deliberately blocking the event loop
-        return ProbeReading("host.cgroup", {}, {})
+    @classmethod
+    async def read_batch(
+        cls,
+        jobs: Sequence[tuple[ProbeContext, WedgingProbe]],
+        results: list[ProbeResult | None],
+    ) -> None:
+        for i, (_, probe) in enumerate(jobs):
+            if not probe.wedged.is_set():
+                probe.wedged.set()
+                time.sleep(probe.seconds)  # noqa: ASYNC251 - deliberately blocking the event loop
+            results[i] = ProbeReading("host.cgroup", {}, {})
 
 
 async def test_daemon_notifies_ready_watchdog_reload_and_stop(tmp_path: Path) -> None:
@@ -197,7 +205,7 @@ async def test_daemon_notifies_ready_watchdog_reload_and_stop(tmp_path: Path) ->
                 )  # fmt: skip
                 await sink.wait_for(25, "a")  # 2.5 s of ticks: several watchdog pings
                 wedge = WedgingProbe(3.0)
-                handle.prober.runners["a"].probes = [wedge]
+                handle.prober.cells["a"].probes = [wedge]
                 wedged_at = time.monotonic()
                 await wedge.wedged.wait()
                 count = len(sink.events)

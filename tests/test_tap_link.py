@@ -95,7 +95,7 @@ def carrier_flips(readings: list[dict[str, Any]], initial: bool) -> int:
 
 
 async def watcher_of(prober: Prober, netns: Path | None) -> LinkWatcher:
-    return await prober.shared.link_watchers.watcher(netns)
+    return await prober.services.link_watchers.watcher(netns)
 
 
 def link_is(

@@ -25,19 +25,20 @@ from cellos_probed.cgroupfs import is_cgroup2
 from cellos_probed.config import CgroupProbeConfig
 from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.fd_limit import KEPT_PER_CELL, DescriptorBudget
-from cellos_probed.probes import (
-    ProbeContext,
-    ProbeError,
-    ProbeIoError,
-    ProbeParseError,
-    ProbeReading,
-)
+from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.cgroup_parse import (
     counter_deltas,
     output_key,
     parse_flat_keyed,
     parse_pressure,
     parse_single_value,
+)
+from cellos_probed.readings import (
+    ProbeContext,
+    ProbeError,
+    ProbeIoError,
+    ProbeParseError,
+    ProbeReading,
 )
 
 log = structlog.get_logger("cellos_probed.cgroup")
@@ -379,7 +380,7 @@ def fetch_and_parse(
     return files, parse_cgroup_files(files)
 
 
-class CgroupProbe:
+class CgroupProbe(HostProbe):
     """Reads one cell's cgroup and reports counter increases between readings."""
 
     def __init__(
@@ -437,7 +438,7 @@ class CgroupProbe:
                         results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
 
     #: its preparing may overlap a tick: the directory's lock keeps them apart
-    PREPARE_WHILE_TICKING: Final = True
+    prepare_while_ticking = True
 
     @classmethod
     async def prepare_batch(cls, probes: Sequence[CgroupProbe]) -> None:
@@ -456,10 +457,6 @@ class CgroupProbe:
             self._directory.read(self._config.resolved, self._config.path, self._config.root)
         except ProbeError:
             pass
-
-    async def read(self, ctx: ProbeContext) -> ProbeReading:
-        # one worker-thread hop for every cell's files in this tick, not one per cell
-        return await self._batcher.run(self.read_blocking)
 
     def read_blocking(self) -> ProbeReading:
         """Fetch, parse, take the increases and serialise (blocking: a worker thread).

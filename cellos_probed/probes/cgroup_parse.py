@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from cellos_probed.probes import ProbeParseError
+from cellos_probed.readings import ProbeParseError
 
 _PSI_AVERAGES: Final = ("avg10", "avg60", "avg300")
 _PSI_LINES: Final = ("some", "full")

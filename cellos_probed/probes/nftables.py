@@ -30,14 +30,7 @@ import trio
 
 from cellos_probed.config import NftablesProbeConfig
 from cellos_probed.netns import NamespaceThreads
-from cellos_probed.probes import (
-    ProbeContext,
-    ProbeError,
-    ProbeIoError,
-    ProbePlatformUnsupported,
-    ProbeReading,
-    ProbeTimeoutError,
-)
+from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.nftables_parse import (
     CellView,
     TableSnapshot,
@@ -47,6 +40,14 @@ from cellos_probed.probes.nftables_parse import (
     view_output,
 )
 from cellos_probed.probes.shared_read import read_from_shared
+from cellos_probed.readings import (
+    ProbeContext,
+    ProbeError,
+    ProbeIoError,
+    ProbePlatformUnsupported,
+    ProbeReading,
+    ProbeTimeoutError,
+)
 
 log = structlog.get_logger("cellos_probed.probes.nftables")
 
@@ -234,7 +235,7 @@ class NftTableQueries:
         self._threads.stop_all()
 
 
-class NftablesProbe:
+class NftablesProbe(HostProbe):
     """One cell's counters (and chain) from its table's shared query, with deltas."""
 
     def __init__(
@@ -289,13 +290,6 @@ class NftablesProbe:
             )
 
         await read_from_shared(jobs, results, listing, NftablesProbe.reading_from)
-
-    async def read(self, ctx: ProbeContext) -> ProbeReading:
-        config = self._config
-        snapshot = await self._queries.snapshot(
-            self._netns_path, config.family, config.table, with_rules=config.chain is not None
-        )
-        return self.reading_from(snapshot)
 
     def reading_from(self, snapshot: TableSnapshot) -> ProbeReading:
         """This cell's reading from its table's listing, with the increases since the last."""

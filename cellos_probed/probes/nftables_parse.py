@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from cellos_probed.probes import ProbeParseError
+from cellos_probed.readings import ProbeParseError
 
 
 class NamedCounter(NamedTuple):

@@ -32,7 +32,7 @@ from pyroute2.netlink import (
 from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWLINK, RTMGRP_LINK
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_NAMES, state_by_code
 
-from cellos_probed.probes import ProbeParseError
+from cellos_probed.readings import ProbeParseError
 
 __all__ = [
     "NLMSG_DONE",

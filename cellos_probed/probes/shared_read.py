@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import structlog
 
-from cellos_probed.probes import ProbeContext, ProbeError, ProbeIoError, ProbeReading
+from cellos_probed.readings import ProbeContext, ProbeError, ProbeIoError, ProbeReading
 
 log = structlog.get_logger("cellos_probed.probes")
 

@@ -39,7 +39,7 @@ import trio
 from cellos_probed.cloudevent import rfc3339_millis
 from cellos_probed.config import TapLinkProbeConfig
 from cellos_probed.netns import NamespaceError, NamespaceThread
-from cellos_probed.probes import ProbeContext, ProbeError, ProbeIoError, ProbeReading
+from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.rtnl import (
     NLM_F_DUMP_INTR,
     NLMSG_DONE,
@@ -55,6 +55,7 @@ from cellos_probed.probes.rtnl import (
     parse_link_index,
 )
 from cellos_probed.probes.shared_read import read_from_shared
+from cellos_probed.readings import ProbeContext, ProbeError, ProbeIoError, ProbeReading
 
 log = structlog.get_logger("cellos_probed.tap_link")
 
@@ -448,7 +449,7 @@ class LinkWatchers:
             watcher.scope.cancel()
 
 
-class TapLinkProbe:
+class TapLinkProbe(HostProbe):
     """One cell's TAP: its state from the namespace's watcher, and its changes since last read."""
 
     def __init__(
@@ -500,9 +501,6 @@ class TapLinkProbe:
         cell in turn (``shared_read``)."""
         if jobs:
             await read_from_shared(jobs, results, jobs[0][1]._watcher, TapLinkProbe.reading_from)
-
-    async def read(self, ctx: ProbeContext) -> ProbeReading:
-        return self.reading_from(await self._watcher())
 
     def reading_from(self, watcher: LinkWatcher) -> ProbeReading:
         """This cell's link as ``watcher`` knows it, and its transitions since the last."""
