@@ -4,6 +4,7 @@ For each N it builds N cells (a TAP each in one network namespace, two named
 nftables counters each in one table there, a real cgroup each under the
 cgroup2 mount, an emulated Firecracker VM each when the emulator is
 available), starts a nats-server and a subscriber, runs `cellos-probed run`
+(with the systemd unit's GLIBC_TUNABLES, as installed: testbed/unit_env.py)
 for a fixed number of ticks, removes everything, and reports:
 
 - per tick: duration p50/p99/max (the daemon's own `agent` figures), overruns;
@@ -46,8 +47,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cellos_probed.cgroupfs import find_cgroup2_mount  # noqa: E402
-from cellos_probed.netns import NamespaceThread  # noqa: E402
+from cellos_probed.netns import NamespaceThread, NetnsPath  # noqa: E402
 from testbed.taps import ip, many_taps, network_namespace  # noqa: E402
+from testbed.unit_env import environment_like_the_unit  # noqa: E402
 from tests.conftest import start_nats_server  # noqa: E402
 
 PREFIX = "dev.cellos.events.cell.observability.host.v1"
@@ -238,9 +240,10 @@ def run_daemon(
         time.sleep(0.05)
     logs = [(workdir / f"daemon-{index}.log").open("wb") for index in range(shards)]
     command = [str(VENV_BIN / "cellos-probed"), "run", "--config", str(config)]
+    env = environment_like_the_unit()
     daemons = [
         subprocess.Popen(command + (["--shard", f"{index}/{shards}"] if shards > 1 else []),
-                         stderr=logs[index])
+                         stderr=logs[index], env=env)
         for index in range(shards)
     ]  # fmt: skip
 
@@ -345,7 +348,9 @@ def run_probe_alone(config: Path, probe: str, workdir: Path, ticks: int) -> dict
     strip_unbuilt(alone, keep={probe})
     with (workdir / f"{probe}-alone.log").open("wb") as log:
         daemon = subprocess.Popen(
-            [str(VENV_BIN / "cellos-probed"), "run", "--config", str(alone)], stderr=log
+            [str(VENV_BIN / "cellos-probed"), "run", "--config", str(alone)],
+            stderr=log,
+            env=environment_like_the_unit(),
         )
         try:
             time.sleep(WARM_UP_SECONDS)
@@ -403,7 +408,7 @@ def run_node_exporter(netns_name: str, netns: Path, scrapes: int) -> dict[str, A
          "--collector.netclass", f"--web.listen-address=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    scraper = NamespaceThread(str(netns))
+    scraper = NamespaceThread(NetnsPath(netns.parent, netns))
     scraper.start()
 
     def scrape() -> int:

@@ -1,7 +1,8 @@
 """CloudEvents 1.0 in JSON structured mode, as the NATS binding wants it.
 
-A frozen dataclass and one encoder: the SDK offers no NATS binding and
-declares its API unstable, so ~40 lines of our own are the safer contract.
+One slotted class whose JSON is made once, plus event ids and time stamps
+cheap enough for thousands of events a second: the SDK offers no NATS
+binding and declares its API unstable, so our own is the safer contract.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ _VARIANT_DIGIT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456
 def new_event_id() -> str:
     """``urn:cellos:event:<random UUID (version 4)>``.
 
-    ``uuid.uuid4()`` makes a system call and an object per id, ~3.5 us; at
-    four thousand events a second that was more than the envelope itself.
-    Here: 122 random bits cut from a pool of hex digits, the version and
-    variant digits set as RFC 4122 wants.
+    122 random bits cut from a pool of hex digits, the version and variant
+    digits set as RFC 4122 wants: ``uuid.uuid4()``'s system call and object
+    per id cost more than the envelope (docs/performance.md, "Event building").
     """
     pool: str = getattr(_random, "pool", "")
     at: int = getattr(_random, "at", 0)
@@ -69,7 +69,7 @@ class CloudEvent:
 
     ``json``: the structured-mode payload when the event's maker has it
     already (a probe's events are joined from parts made once per cell and
-    probe, see ``probes.EventStream``); otherwise it is serialised on first
+    probe, see ``events.EventStream``); otherwise it is serialised on first
     use. Either way it is what :meth:`to_dict` gives, serialised by orjson.
     Treat an event as immutable: its JSON is not made again.
     """

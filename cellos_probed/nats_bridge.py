@@ -1,10 +1,10 @@
 """The one module that knows nats-py runs on asyncio.
 
 nats-py lives on its own event loop in a dedicated thread. Trio hands it
-whole batches (one cross-loop call per batch, never per event: a per-call
-bridge costs ~100 us, which at thousands of events a second is most of a
-core) and waits for the result through a trio token callback, so no trio
-worker thread is tied up waiting.
+whole batches (one cross-loop call per batch, never per event: a call
+costs ~100 us, most of a core at thousands of events a second) and waits
+for the result through a trio token callback, so no trio worker thread is
+tied up waiting.
 """
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ def hpub_frame(subject: str, payload: bytes) -> bytes:
     )
 
 
-#: A payload at least this big is queued as it is, between its frame's head and
-#: tail, not copied into one frame: a Firecracker event is ~14 KB, a thousand a
-#: tick, and each copy of 14 MB a tick cost ~3 ms (asyncio's ``writelines``
-#: joins the queue once more anyway). Smaller ones are one piece: three queue
-#: calls cost more than the copy.
+#: A payload at least this big (a Firecracker event is ~14 KB) is queued as it
+#: is, between its frame's head and tail, not copied into one frame: asyncio's
+#: ``writelines`` joins the queue anyway. Smaller ones are one piece: three
+#: queue calls cost more than the copy (docs/performance.md, "Publishing to NATS").
 FRAME_SPLIT_BYTES: Final = 4096
 
 
@@ -77,11 +76,10 @@ def hpub_pieces(subject: str, payload: bytes) -> tuple[bytes, ...]:
     return (head, payload, b"\r\n")
 
 
-#: nats-py's own write queue, fed ready-made frames. ``nc.publish``
-#: costs ~6 us a message (subject and header checks, a header block built,
-#: a frame formatted, a coroutine); at four thousand events a second that
-#: was a tenth of the daemon's CPU. It is a private method: if a nats-py
-#: release drops it, the public per-message path is used instead.
+#: nats-py's own write queue, fed ready-made frames: ``nc.publish``'s checks and
+#: formatting per message were a tenth of the daemon's CPU (docs/performance.md).
+#: It is a private method: if a nats-py release drops it, the public
+#: per-message path is used instead.
 _queue_frames: Callable[[NatsClient, bytes], Coroutine[Any, Any, None]] | None = getattr(
     NatsClient, "_send_command", None
 )

@@ -27,7 +27,7 @@ cp -r "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/README.md" "$REPO/cellos_pr
 find "$STAGE/src/cellos_probed" -name '*.so' -delete
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "$STAGE/src" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
-"$VENV/bin/python" -I -c "import cellos_probed.probes._fc_sum, nats, trio, pyroute2, nftables, h11" \
+"$VENV/bin/python" -I -c "import cellos_probed.probes._fc_sum, nats, trio, pyroute2, nftables" \
     || { echo "build-deb: the staged virtualenv is incomplete" >&2; exit 1; }
 # pip itself is not needed at run time
 "$VENV/bin/python" -m pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true

@@ -32,6 +32,7 @@ from testbed.cgroup_tree import FakeCgroup, make_real_cgroup  # noqa: E402
 from testbed.fc_emulator import emulator_process  # noqa: E402
 from testbed.nft import CellRules, TableSpec, nft_table, ping  # noqa: E402
 from testbed.taps import attached_tap, ip, network_namespace, set_link, tap_device  # noqa: E402
+from testbed.unit_env import environment_like_the_unit  # noqa: E402
 from tests.conftest import start_nats_server  # noqa: E402
 
 PREFIX = "dev.cellos.events.cell.observability.host.v1"
@@ -206,9 +207,10 @@ def main() -> int:
         say(f"config {config}; daemon log in {workdir / 'daemon.log'}")
         log = (workdir / "daemon.log").open("wb")
         stack.callback(log.close)
-        daemon = subprocess.Popen(
+        daemon = subprocess.Popen(  # allocating as the installed daemon does
             [str(Path(sys.executable).parent / "cellos-probed"), "run", "--config", str(config)],
             stderr=log,
+            env=environment_like_the_unit(),
         )
 
         def stop_daemon() -> None:

@@ -146,13 +146,11 @@ class _KeptFiles:
     kernfs makes a file's text anew for every read at offset 0 and says
     ENODEV once the cgroup, or the controller the file belongs to, is gone:
     a kept descriptor is one ``pread`` a file a tick instead of open, read
-    and close (1.8 against 5.6 us a file on this machine). (One C call
-    reading all of a cell's files, letting the interpreter lock go once
-    rather than once a file, saved 1 us a cell in isolation and nothing
-    measurable in the daemon: not kept.) A file that is missing (its
-    controller not enabled here) appears when the controller is enabled,
-    which ``cgroup.controllers`` shows: while something is missing, that
-    file is read with the others, and a change means looking again.
+    and close, a third of the cost (docs/performance.md, "cgroup reads").
+    A file that is missing (its controller not enabled here) appears when
+    the controller is enabled, which ``cgroup.controllers`` shows: while
+    something is missing, that file is read with the others, and a change
+    means looking again.
     """
 
     __slots__ = ("controllers", "fds", "missing", "names", "watching")
@@ -461,9 +459,8 @@ class CgroupProbe(HostProbe):
     def read_blocking(self) -> ProbeReading:
         """Fetch, parse, take the increases and serialise (blocking: a worker thread).
 
-        All of it where the files were read: the output serialised there, its
-        objects still in that thread's cache, cost ~0.6 us a cell; on the trio
-        thread a moment later, ~4 us. The daemon never runs two reads of one
+        All of it where the files were read, while the output's objects are
+        still in that thread's cache. The daemon never runs two reads of one
         probe at once, so the baseline is this thread's while it runs.
         """
         files, output = fetch_and_parse(
