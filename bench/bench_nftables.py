@@ -103,7 +103,7 @@ async def measure(netns_path: str, cells: int, rounds: int) -> None:
     probes = [
         probe
         for cell in config.cells
-        for probe in build_probes(cell, shared)
+        for probe in build_probes(cell, shared, config.paths.netns_root)
         if isinstance(probe, NftablesProbe)
     ]
     sink = CapturingSink()

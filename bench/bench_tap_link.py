@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cellos_probed.config import parse_config
 from cellos_probed.daemon import Prober
+from cellos_probed.netns import NetnsPath
 from cellos_probed.probes import CapturingSink, ProbeContext, SequenceRegistry
 from cellos_probed.probes.tap_link import (
     LinkWatcher,
@@ -69,11 +70,12 @@ async def measure(path: Path, ns: str, names: list[str], rounds: int) -> None:
         # the probes alone, sharing one watcher as the daemon's cells do
         watchers = LinkWatchers(lambda: nursery)
         cpu = time.process_time()
-        watcher = await watchers.watcher(path)
+        netns = NetnsPath(config.paths.netns_root, path)
+        watcher = await watchers.watcher(netns)
         first_dump = time.process_time() - cpu
         assert len(watcher.by_name) == len(names) + 1, "the dump missed links"
         probes = [
-            TapLinkProbe(cell.tap_link, cell.netns, str(path), watchers)
+            TapLinkProbe(cell.tap_link, cell.netns, netns, watchers)
             for cell in config.cells
             if cell.tap_link is not None
         ]

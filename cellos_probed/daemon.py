@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -39,7 +40,7 @@ from cellos_probed.events import (
 )
 from cellos_probed.fd_limit import DescriptorBudget, spare_descriptors
 from cellos_probed.log import RepeatedErrorFilter, log_subject
-from cellos_probed.netns import NamespaceThreads
+from cellos_probed.netns import NamespaceThreads, NetnsPath
 from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.cgroup import CgroupProbe
 from cellos_probed.probes.fc_metrics import FcMetricsProbe
@@ -117,16 +118,16 @@ def _room_for_kept_files(config: Config) -> int:
     return spare_descriptors(len(config.cells))
 
 
-def build_probes(cell: CellConfig, shared: ProbeServices) -> list[HostProbe]:
-    """A cell runs exactly the probes whose table it has."""
+def build_probes(cell: CellConfig, shared: ProbeServices, netns_root: Path) -> list[HostProbe]:
+    """A cell runs exactly the probes whose table it has; ``netns_root`` is [paths]
+    netns_root, which every open of the cell's namespace stays under."""
     probes: list[HostProbe] = []
+    netns = None if cell.netns_resolved is None else NetnsPath(netns_root, cell.netns_resolved)
     if cell.cgroup is not None:
         probes.append(CgroupProbe(cell.cgroup, shared.file_batcher, shared.kept_descriptors))
     if cell.tap_link is not None:
-        netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
         probes.append(TapLinkProbe(cell.tap_link, cell.netns, netns, shared.link_watchers))
     if cell.nftables is not None:
-        netns = None if cell.netns_resolved is None else str(cell.netns_resolved)
         probes.append(NftablesProbe(cell.nftables, cell.netns, netns, shared.nft_tables))
     if cell.fc_metrics is not None:
         probes.append(FcMetricsProbe(cell.fc_metrics, shared.fc_rounds))
@@ -145,9 +146,9 @@ class Cell:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-def make_cell(cell: CellConfig, shared: ProbeServices) -> Cell:
+def make_cell(cell: CellConfig, shared: ProbeServices, netns_root: Path) -> Cell:
     context = ProbeContext(cell.id, cell.run_id, cell.spec_signature_hash)
-    return Cell(cell, context, build_probes(cell, shared))
+    return Cell(cell, context, build_probes(cell, shared, netns_root))
 
 
 @dataclass(slots=True)
@@ -194,7 +195,10 @@ class Prober:
         self.services = services or ProbeServices(TickCount())
         self.ticks = self.services.ticks
         self.services.kept_descriptors.limit = _room_for_kept_files(config)
-        self.cells = {cell.id: make_cell(cell, self.services) for cell in config.cells}
+        self.cells = {
+            cell.id: make_cell(cell, self.services, config.paths.netns_root)
+            for cell in config.cells
+        }
         self.tick_stats = TickStats()
         self.probe_stats = ProbeStats()
         self._errors = RepeatedErrorFilter()
@@ -349,7 +353,9 @@ class Prober:
                 new_cells[cell_config.id] = old
                 changes["kept"].append(cell_config.id)
             else:
-                new_cells[cell_config.id] = make_cell(cell_config, self.services)
+                new_cells[cell_config.id] = make_cell(
+                    cell_config, self.services, config.paths.netns_root
+                )
                 changes["changed" if old is not None else "added"].append(cell_config.id)
         changes["removed"] = [cell for cell in self.cells if cell not in new_cells]
         for cell_id in changes["removed"]:

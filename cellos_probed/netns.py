@@ -18,10 +18,13 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
+from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.readings import ProbeIoError
 
 T = TypeVar("T")
@@ -43,27 +46,63 @@ class NamespaceError(ProbeIoError):
     """The namespace path is missing, not a namespace, or cannot be entered."""
 
 
-def enter_netns(path: str) -> None:
-    """``setns()`` the *calling thread* into the network namespace at ``path``."""
-    try:
-        # O_NOFOLLOW: a symlink planted where a namespace should be is refused
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise NamespaceError(f"network namespace does not exist: {path}") from None
-    except PermissionError:
-        raise NamespaceError(f"permission denied opening network namespace {path}") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NamespaceError(f"network namespace path is a symlink: {path}") from None
-        raise NamespaceError(f"cannot open network namespace {path}: {exc.strerror}") from None
+@dataclass(frozen=True, slots=True)
+class NetnsPath:
+    """A cell's configured network namespace file: ``path``, under ``root`` ([paths] netns_root).
+
+    Hashable: services keep one thread or watcher per namespace, keyed on it.
+    """
+
+    root: Path
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def open(self) -> int:
+        """A descriptor of the namespace file, walked down from the root refusing symlinks.
+
+        The tree below the root may change after the config loaded (a cell's
+        supervisor may own it): a symlink there could lead to any namespace.
+        O_NONBLOCK: a FIFO planted at the path must not hang the caller.
+        """
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            return open_beneath(self.root, self.path, flags)
+        except EscapeError:
+            raise NamespaceError(
+                f"network namespace path {self} goes through a symlink; refusing it"
+            ) from None
+        except FileNotFoundError:
+            raise NamespaceError(f"network namespace does not exist: {self}") from None
+        except PermissionError:
+            raise NamespaceError(f"permission denied opening network namespace {self}") from None
+        except OSError as exc:
+            raise NamespaceError(f"cannot open network namespace {self}: {exc.strerror}") from None
+
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the namespace file (deleted and re-added: another one)."""
+        fd = self.open()
+        try:
+            stat = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return (stat.st_dev, stat.st_ino)
+
+
+def enter_netns(netns: NetnsPath) -> None:
+    """``setns()`` the *calling thread* into the network namespace ``netns``."""
+    fd = netns.open()
     try:
         _setns(fd, CLONE_NEWNET)
     except OSError as exc:
         if exc.errno == errno.EPERM:
-            raise NamespaceError(f"entering network namespace {path} needs CAP_SYS_ADMIN") from None
+            raise NamespaceError(
+                f"entering network namespace {netns} needs CAP_SYS_ADMIN"
+            ) from None
         if exc.errno == errno.EINVAL:
-            raise NamespaceError(f"not a network namespace: {path}") from None
-        raise NamespaceError(f"cannot enter network namespace {path}: {exc.strerror}") from None
+            raise NamespaceError(f"not a network namespace: {netns}") from None
+        raise NamespaceError(f"cannot enter network namespace {netns}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
@@ -74,7 +113,7 @@ _STOP = object()
 class NamespaceThread:
     """A thread living in one network namespace (``None``: the daemon's own)."""
 
-    def __init__(self, netns: str | None, name: str | None = None) -> None:
+    def __init__(self, netns: NetnsPath | None, name: str | None = None) -> None:
         self.netns = netns
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -141,14 +180,13 @@ class NamespaceThread:
         return self._enter_error
 
 
-def _identity(netns: str | None) -> tuple[int, int] | None:
+def _identity(netns: NetnsPath | None) -> tuple[int, int] | None:
     if netns is None:
         return None
     try:
-        stat = os.stat(netns)
-    except OSError:
-        return None
-    return (stat.st_dev, stat.st_ino)
+        return netns.identity()
+    except NamespaceError:
+        return None  # the thread's entering reports why
 
 
 class NamespaceThreads:
@@ -159,9 +197,9 @@ class NamespaceThreads:
     """
 
     def __init__(self) -> None:
-        self._threads: dict[str | None, NamespaceThread] = {}
+        self._threads: dict[NetnsPath | None, NamespaceThread] = {}
 
-    def get(self, netns: str | None) -> NamespaceThread:
+    def get(self, netns: NetnsPath | None) -> NamespaceThread:
         thread = self._threads.get(netns)
         identity = _identity(netns)
         if thread is not None and thread.identity != identity:
@@ -175,7 +213,7 @@ class NamespaceThreads:
             self._threads[netns] = thread
         return thread
 
-    async def run(self, netns: str | None, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, netns: NetnsPath | None, fn: Callable[..., T], *args: Any) -> T:
         thread = self.get(netns)
         try:
             return await thread.run(fn, *args)

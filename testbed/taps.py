@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from cellos_probed.netns import enter_netns
+from cellos_probed.netns import NetnsPath, enter_netns
 
 NETNS_DIR: Final = Path("/var/run/netns")
 
@@ -116,7 +116,7 @@ def open_tap_fd(name: str, netns: str | None = None) -> int:
     def attach() -> None:
         try:
             if netns is not None:
-                enter_netns(str(netns_path(netns)))
+                enter_netns(NetnsPath(NETNS_DIR, netns_path(netns)))
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), FIRECRACKER_TAP_FLAGS))

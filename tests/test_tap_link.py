@@ -23,10 +23,11 @@ import trio
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import Config, parse_config
 from cellos_probed.daemon import DaemonHandle, Prober, run_daemon
-from cellos_probed.netns import NamespaceError
+from cellos_probed.netns import NamespaceError, NetnsPath
 from cellos_probed.probes import CapturingSink
 from cellos_probed.probes.tap_link import LinkWatcher, LinkWatchers
 from testbed.taps import (
+    NETNS_DIR,
     attached_tap,
     create_tap,
     delete_tap,
@@ -95,7 +96,10 @@ def carrier_flips(readings: list[dict[str, Any]], initial: bool) -> int:
 
 
 async def watcher_of(prober: Prober, netns: Path | None) -> LinkWatcher:
-    return await prober.services.link_watchers.watcher(netns)
+    root = prober.config.paths.netns_root
+    return await prober.services.link_watchers.watcher(
+        None if netns is None else NetnsPath(root, netns)
+    )
 
 
 def link_is(
@@ -390,30 +394,29 @@ async def test_a_namespace_recreated_at_the_same_path_is_followed() -> None:
 async def test_the_daemons_watchers_look_at_a_namespace_once_a_tick(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import cellos_probed.probes.tap_link as tap_link
-
     looked: list[str] = []
-    real = tap_link.namespace_identity
+    real = NetnsPath.identity
 
-    def counting(path: str) -> tuple[int, int]:
-        looked.append(path)
-        return real(path)
+    def counting(netns: NetnsPath) -> tuple[int, int]:
+        looked.append(str(netns))
+        return real(netns)
 
-    monkeypatch.setattr(tap_link, "namespace_identity", counting)
+    monkeypatch.setattr(NetnsPath, "identity", counting)
     ns, ticks = unique_name("clt"), [1]
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             watchers = LinkWatchers(lambda: nursery, tick=lambda: ticks[0])
             with network_namespace(ns) as path:
+                netns = NetnsPath(NETNS_DIR, path)
                 for _ in range(50):  # a tick's cells of one namespace, read in turn
-                    await watchers.watcher(path)
+                    await watchers.watcher(netns)
                 assert looked == [str(path)]
                 ticks[0] += 1
-                await watchers.watcher(path)
+                await watchers.watcher(netns)
                 assert looked == [str(path), str(path)]
             ticks[0] += 1  # the next tick sees the namespace gone
             with pytest.raises(NamespaceError, match="does not exist"):
-                await watchers.watcher(path)
+                await watchers.watcher(netns)
             assert watchers._looked_at == {}  # nothing kept for a path that is gone
             nursery.cancel_scope.cancel()
 
@@ -423,8 +426,9 @@ async def test_a_watcher_no_cell_reads_any_more_takes_what_it_kept_with_it() -> 
     with trio.fail_after(20), network_namespace(ns) as path:
         async with trio.open_nursery() as nursery:
             watchers = LinkWatchers(lambda: nursery, tick=lambda: 1, idle_seconds=0.2)
-            watcher = await watchers.watcher(path)
-            assert set(watchers._looked_at) == {str(path)}
+            netns = NetnsPath(NETNS_DIR, path)
+            watcher = await watchers.watcher(netns)
+            assert set(watchers._looked_at) == {netns}
             await watcher.stopped.wait()  # expired, unused
             assert watchers._watchers == {}
             assert watchers._looked_at == {}
@@ -476,7 +480,7 @@ async def test_a_socket_overrun_is_repaired_by_a_dump() -> None:
         async with trio.open_nursery() as nursery:
             # a tiny receive queue (the kernel's minimum) overflows on a burst of changes
             watchers = LinkWatchers(lambda: nursery, receive_buffer=1)
-            watcher = await watchers.watcher(path)
+            watcher = await watchers.watcher(NetnsPath(NETNS_DIR, path))
             # created while the trio thread is busy here, so nothing is read meanwhile
             with many_taps(ns, names, up_every=1):
                 await watcher.wait_until(lambda: watcher.dumps >= 2 and not watcher.resync_pending)

@@ -29,7 +29,7 @@ import structlog
 import trio
 
 from cellos_probed.config import NftablesProbeConfig
-from cellos_probed.netns import NamespaceThreads
+from cellos_probed.netns import NamespaceThreads, NetnsPath
 from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.nftables_parse import (
     CellView,
@@ -132,7 +132,7 @@ def query_table(family: str, table: str, with_rules: bool, where: str) -> TableS
     return parse_table_listing(output, family, table, namespace=_namespace_identity())
 
 
-def describe_netns(netns: str | None) -> str:
+def describe_netns(netns: NetnsPath | None) -> str:
     return "the host network namespace" if netns is None else f"network namespace {netns}"
 
 
@@ -163,7 +163,7 @@ class _Flight:
         return self.snapshot
 
 
-_TableKey = tuple[str | None, str, str]
+_TableKey = tuple[NetnsPath | None, str, str]
 
 
 class NftTableQueries:
@@ -188,7 +188,7 @@ class NftTableQueries:
         self.queries = 0
 
     async def snapshot(
-        self, netns: str | None, family: str, table: str, *, with_rules: bool
+        self, netns: NetnsPath | None, family: str, table: str, *, with_rules: bool
     ) -> TableSnapshot:
         key = (netns, family, table)
         tick = self._tick()
@@ -223,7 +223,11 @@ class NftTableQueries:
         except ProbeError as exc:
             flight.error = exc
         except Exception as exc:
-            log.exception("nftables query failed unexpectedly", netns=netns, table=table)
+            log.exception(
+                "nftables query failed unexpectedly",
+                netns=None if netns is None else str(netns),
+                table=table,
+            )
             flight.error = ProbeIoError(f"unexpected {type(exc).__name__} listing nftables")
         except BaseException:
             flight.error = ProbeTimeoutError("the shared nftables query was cancelled")
@@ -242,7 +246,7 @@ class NftablesProbe(HostProbe):
         self,
         config: NftablesProbeConfig,
         netns: str | None,
-        netns_path: str | None,
+        netns_path: NetnsPath | None,
         queries: NftTableQueries,
     ) -> None:
         self._config = config
@@ -266,7 +270,7 @@ class NftablesProbe(HostProbe):
     def inputs(self) -> dict[str, Any]:
         return dict(self._inputs)
 
-    def batch_key(self) -> tuple[str | None, str, str]:
+    def batch_key(self) -> tuple[NetnsPath | None, str, str]:
         """Cells reading one table are read in turn by one task: they share its query."""
         return (self._netns_path, self._config.family, self._config.table)
 

@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -38,7 +37,7 @@ import trio
 
 from cellos_probed.cloudevent import rfc3339_millis
 from cellos_probed.config import TapLinkProbeConfig
-from cellos_probed.netns import NamespaceError, NamespaceThread
+from cellos_probed.netns import NamespaceError, NamespaceThread, NetnsPath
 from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.rtnl import (
     NLM_F_DUMP_INTR,
@@ -89,17 +88,6 @@ class Transition:
         }
 
 
-def namespace_identity(path: str) -> Identity:
-    """(st_dev, st_ino) of a namespace file; a missing one is the cell's io error."""
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        raise NamespaceError(f"network namespace does not exist: {path}") from None
-    except OSError as exc:
-        raise NamespaceError(f"cannot stat network namespace {path}: {exc.strerror}") from None
-    return (stat.st_dev, stat.st_ino)
-
-
 def open_link_socket(receive_buffer: int) -> socket.socket:
     """A NETLINK_ROUTE socket in the calling thread's namespace, bound to RTMGRP_LINK."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
@@ -120,7 +108,7 @@ class LinkWatcher:
 
     def __init__(
         self,
-        netns: str | None,
+        netns: NetnsPath | None,
         identity: Identity | None,
         serials: Callable[[], int],
         *,
@@ -150,6 +138,10 @@ class LinkWatcher:
         self._dump_seen: set[int] | None = None  # indices seen while a dump is under way
         self._dump_interrupted = False
         self._dump_wanted = False
+
+    @property
+    def _log_netns(self) -> str | None:
+        return None if self.netns is None else str(self.netns)
 
     @property
     def where(self) -> str:
@@ -194,7 +186,7 @@ class LinkWatcher:
         except OSError as exc:
             self._fail(ProbeIoError(f"netlink socket in {self.where}: {exc.strerror}"))
         except Exception as exc:  # a bug here must cost this namespace's cells, not the daemon
-            log.exception("link watcher failed", netns=self.netns)
+            log.exception("link watcher failed", netns=self._log_netns)
             self._fail(
                 ProbeIoError(f"the link watcher of {self.where} failed: {type(exc).__name__}")
             )
@@ -237,7 +229,9 @@ class LinkWatcher:
                     raise
                 # the receive queue overflowed: notifications were lost, the dump restores
                 self.overruns += 1
-                log.warning("netlink receive queue overflowed; resynchronising", netns=self.netns)
+                log.warning(
+                    "netlink receive queue overflowed; resynchronising", netns=self._log_netns
+                )
                 await self.request_resync()
                 continue
             self.apply(data, datetime.now(UTC))
@@ -350,13 +344,13 @@ class LinkWatchers:
     ) -> None:
         self._nursery = nursery
         self._tick = tick
-        #: namespace path -> (tick, identity): looked at once a tick when ``tick`` is given
-        self._looked_at: dict[str, tuple[int, Identity]] = {}
+        #: namespace -> (tick, identity): looked at once a tick when ``tick`` is given
+        self._looked_at: dict[NetnsPath, tuple[int, Identity]] = {}
         self._receive_buffer = receive_buffer
         self._resync_seconds = resync_seconds
         self._retry_seconds = retry_seconds
         self._idle_seconds = idle_seconds
-        self._watchers: dict[str | None, LinkWatcher] = {}
+        self._watchers: dict[NetnsPath | None, LinkWatcher] = {}
         self._serials = itertools.count(1)
         #: the serial of the newest transition of any namespace
         self.last_serial = 0
@@ -365,7 +359,7 @@ class LinkWatchers:
         self.last_serial = next(self._serials)
         return self.last_serial
 
-    async def watcher(self, netns: str | Path | None) -> LinkWatcher:
+    async def watcher(self, netns: NetnsPath | None) -> LinkWatcher:
         """The synchronised watcher of ``netns`` (``None``: the host's), started if needed.
 
         The namespace file is looked at on every call, or once a tick with
@@ -373,34 +367,33 @@ class LinkWatchers:
         turn within milliseconds): a path deleted, or deleted and made again,
         must never be answered from the namespace it used to name.
         """
-        key = None if netns is None else str(netns)
         now = time.monotonic()
-        current = self._watchers.get(key)
+        current = self._watchers.get(netns)
         identity: Identity | None = None
-        if key is not None:
+        if netns is not None:
             tick = None if self._tick is None else self._tick()
-            looked = self._looked_at.get(key)
+            looked = self._looked_at.get(netns)
             if looked is not None and looked[0] == tick:
                 identity = looked[1]
             else:
                 try:
-                    identity = namespace_identity(key)
+                    identity = netns.identity()
                 except NamespaceError:
-                    self._looked_at.pop(key, None)
-                    self._discard(key)  # let go of a deleted namespace
+                    self._looked_at.pop(netns, None)
+                    self._discard(netns)  # let go of a deleted (or refused) namespace
                     raise
             if current is not None and current.identity != identity:
-                self._discard(key)  # the path names another namespace now
+                self._discard(netns)  # the path names another namespace now
                 current = None
             if tick is not None:
-                self._looked_at[key] = (tick, identity)
+                self._looked_at[netns] = (tick, identity)
         if current is not None and current.error is not None:
             if now - current.failed_at < self._retry_seconds:
                 raise current.error
-            self._discard(key)
+            self._discard(netns)
             current = None
         if current is None:
-            current = self._start(key, identity)
+            current = self._start(netns, identity)
         current.last_used = now
         if not current.synced.is_set():
             await current.synced.wait()
@@ -408,7 +401,7 @@ class LinkWatchers:
             raise current.error
         return current
 
-    def _start(self, key: str | None, identity: Identity | None) -> LinkWatcher:
+    def _start(self, key: NetnsPath | None, identity: Identity | None) -> LinkWatcher:
         nursery = self._nursery()
         if nursery is None:
             raise ProbeIoError("the link watcher service is not running")
@@ -443,7 +436,7 @@ class LinkWatchers:
                 return
             await trio.sleep(self._idle_seconds - idle)
 
-    def _discard(self, key: str | None) -> None:
+    def _discard(self, key: NetnsPath | None) -> None:
         watcher = self._watchers.pop(key, None)
         if watcher is not None:
             watcher.scope.cancel()
@@ -456,7 +449,7 @@ class TapLinkProbe(HostProbe):
         self,
         config: TapLinkProbeConfig,
         netns: str | None,
-        netns_path: str | None,
+        netns_path: NetnsPath | None,
         watchers: LinkWatchers,
     ) -> None:
         self._config = config
@@ -471,7 +464,7 @@ class TapLinkProbe(HostProbe):
     def inputs(self) -> dict[str, Any]:
         return {"interface": self._config.interface, "netns": self._netns}
 
-    def batch_key(self) -> str | None:
+    def batch_key(self) -> NetnsPath | None:
         """Cells of one namespace are read in turn by one task: they share its watcher."""
         return self._netns_path
 
