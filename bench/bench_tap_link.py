@@ -33,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cellos_probed.config import parse_config
 from cellos_probed.daemon import Prober
 from cellos_probed.netns import NetnsPath
-from cellos_probed.probes import CapturingSink, ProbeContext, SequenceRegistry
+from cellos_probed.probes import (
+    CapturingSink,
+    ProbeContext,
+    ProbeReading,
+    ProbeResult,
+    SequenceRegistry,
+)
 from cellos_probed.probes.tap_link import (
     LinkWatcher,
     LinkWatchers,
@@ -82,9 +88,10 @@ async def measure(path: Path, ns: str, names: list[str], rounds: int) -> None:
         context = ProbeContext("bench", "r", "h")
 
         async def read_all() -> None:
-            async with trio.open_nursery() as tick:
-                for probe in probes:
-                    tick.start_soon(probe.read, context)
+            # the probe's own batch read (one namespace: one batch), no events
+            results: list[ProbeResult | None] = [None] * len(probes)
+            await TapLinkProbe.read_batch([(context, probe) for probe in probes], results)
+            assert all(isinstance(result, ProbeReading) for result in results), results[0]
 
         prober = Prober(config, CapturingSink(), SequenceRegistry())
         await nursery.start(prober.run_services)
