@@ -1,46 +1,70 @@
 """The TOML configuration, read strictly into frozen, typed objects.
 
 Every mistake is one :class:`ConfigError` naming the file, the cell and the
-key (and line and column for TOML syntax). The loader knows every key of
-the contract from the start: a key whose feature is not built yet is
-refused as such, never mistaken for a typo and never silently ignored.
-Paths need not exist (cells come and go) but must lie under their root, also
-once the symlinks among their existing components are followed.
+key (and line and column for TOML syntax). Each settings dataclass is also
+its table's schema: a field with ``_KEY`` metadata is the key of its name,
+read and checked as the metadata says, its default the field's own. The
+loader knows every key of the contract from the start: a key whose feature
+is not built yet is refused as such (:data:`NOT_SUPPORTED_YET`), never
+mistaken for a typo and never silently ignored. Paths need not exist (cells
+come and go) but must lie under their root, also once the symlinks among
+their existing components are followed.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import socket
+import sys
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from cellos_probed import cgroupfs
+from cellos_probed import __version__, cgroupfs
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_T = TypeVar("_T", bound="DataclassInstance")
 
 DEFAULT_SUBJECT_PREFIX: Final = "dev.cellos.events.cell.observability.host.v1"
 DEFAULT_SERVERS: Final = ("nats://127.0.0.1:4222",)
 SUBJECT_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _SUBJECT_PREFIX: Final = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_SERVER_URL: Final = re.compile(r"(nats|tls|ws|wss)://[^\s/]+(:\d+)?/?")
+_STREAM: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NFT_FAMILIES: Final = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+_NFT_FAMILY: Final = re.compile("|".join(NFT_FAMILIES))
 _NFT_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]{0,255}")
-_IFNAME: Final = re.compile(r"[^/\s:]{1,15}")
+_IFNAME: Final = re.compile(r"(?!\.\.?\Z)[^/\s:]{1,15}")
 
-# Keys the contract fixes whose feature arrives with a later issue. Each is
-# refused with this explanation until it is built.
+#: The probes a cell may have, each in its own ``[cell.<name>]`` table, in this order.
+BUILT_PROBES: Final = ("cgroup", "tap_link", "nftables", "fc_metrics")
+
+#: Keys of the contract whose feature is not built yet, with that feature:
+#: each is refused as such. A feature that lands deletes its entries here
+#: and adds its fields to the dataclasses below.
 NOT_SUPPORTED_YET: Final[dict[str, str]] = {
-    "cell.tap_link": "the tap_link probe",
-    "cell.nftables": "the nftables probe",
-    "cell.fc_metrics": "the fc_metrics probe",
+    **{
+        f"{table}.{probe}.every_ticks": "reading a probe every N ticks"
+        for table in ("probes", "cell")
+        for probe in BUILT_PROBES
+    },
+    **{
+        f"{table}.fc_metrics.{key}": feature
+        for table in ("probes", "cell")
+        for key, feature in (
+            ("totals_every", "fc_metrics totals every Nth reading"),
+            ("sections", "a choice of fc_metrics sections"),
+        )
+    },
+    "nats.jetstream.domain": "publishing to a JetStream domain",
+    "metrics.textfile": "the daemon's Prometheus textfile",
+    "metrics.listen": "the daemon's Prometheus endpoint",
 }
-
-#: Probe tables parsed and validated here whose probe is built; the others
-#: are refused with NOT_SUPPORTED_YET even though their keys are known.
-BUILT_PROBES: Final = frozenset({"cgroup", "tap_link", "nftables", "fc_metrics"})
 
 
 class ConfigError(Exception):
@@ -78,49 +102,181 @@ class ConfigError(Exception):
         return ": ".join(parts) + f": {self.message}"
 
 
+# The schema: field metadata saying how a key is read. A field without it is
+# not a key; the loader derives it (a resolved path, a nested table).
+
+_KEY: Final = "cellos_probed.config.key"
+
+
+class _Invalid(Exception):
+    """A value of the right TOML type that its key does not accept."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    what: str  # as in "must be {what}, not a string"
+    kinds: tuple[type, ...]  # the TOML types accepted (a boolean only if bool is listed)
+    check: Callable[[Any], Any]  # the value kept, or raises _Invalid
+    #: a default that follows other keys: gets those read before it in its table
+    #: and what the loader adds (the field's own default is then this rule's result
+    #: on the default of what it follows)
+    default_from: Callable[[Mapping[str, Any]], Any] | None = None
+
+
+def _number(
+    low: float, high: float, default_from: Callable[[Mapping[str, Any]], Any] | None = None
+) -> dict[str, _Key]:
+    def check(value: float) -> float:
+        # compared before float(): an integer may not fit one; NaN fails both
+        if not low <= value <= high:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise _Invalid(f"must be between {low:g} and {high:g}, got {shown}")
+        return float(value)
+
+    return {_KEY: _Key("a number", (int, float), check, default_from)}
+
+
+def _integer(low: int, high: int) -> dict[str, _Key]:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise _Invalid(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return {_KEY: _Key("an integer", (int,), check)}
+
+
+def _boolean() -> dict[str, _Key]:
+    return {_KEY: _Key("true or false", (bool,), bool)}
+
+
+def _text(value: str, pattern: re.Pattern[str] | None, invalid: str, absolute: bool) -> str:
+    if not value:
+        raise _Invalid("must not be empty")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _Invalid(invalid.format(value=value))
+    if absolute and not os.path.isabs(value):
+        raise _Invalid("must be an absolute path")
+    return value
+
+
+def _string(
+    pattern: re.Pattern[str] | None = None, invalid: str = "", *, absolute: bool = False
+) -> dict[str, _Key]:
+    """A non-empty string; ``invalid`` (a format string of ``value``) if it does not match."""
+    return {_KEY: _Key("a string", (str,), lambda value: _text(value, pattern, invalid, absolute))}
+
+
+def _path() -> dict[str, _Key]:
+    """An absolute path, normalised."""
+    return {
+        _KEY: _Key(
+            "a string", (str,), lambda value: Path(os.path.normpath(_text(value, None, "", True)))
+        )
+    }
+
+
+def _strings(
+    pattern: re.Pattern[str] | None = None,
+    invalid: str = "",
+    *,
+    may_be_empty: bool = False,
+    twice: str | None = None,
+    default_from: Callable[[Mapping[str, Any]], Any] | None = None,
+) -> dict[str, _Key]:
+    """A list of non-empty strings; ``twice``: the message if one is listed twice."""
+
+    def check(value: list[Any]) -> tuple[str, ...]:
+        if not value and not may_be_empty:
+            raise _Invalid("must not be empty")
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise _Invalid(f"item {index} must be a non-empty string")
+            _text(item, pattern, invalid, False)
+        if twice is not None and len(set(value)) != len(value):
+            raise _Invalid(twice)
+        return tuple(value)
+
+    return {_KEY: _Key("a list of strings", (list,), check, default_from)}
+
+
+def default_host_id() -> str:
+    """The host name made a NATS subject token (dots and the like become ``_``)."""
+    token = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:128]
+    return token or "localhost"
+
+
+def _half_the_tick(known: Mapping[str, Any]) -> float:
+    return float(known["tick_seconds"]) / 2
+
+
+def _all_under_the_prefix(known: Mapping[str, Any]) -> tuple[str, ...]:
+    return (f"{known['subject_prefix']}.>",)
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
-    tick_seconds: float = 1.0
-    probe_timeout_seconds: float = 0.5
-    host_id: str = "localhost"
-    drain_timeout_seconds: float = 5.0
+    tick_seconds: float = field(default=1.0, metadata=_number(0.01, 3600.0))
+    #: must be less than the tick
+    probe_timeout_seconds: float = field(
+        default=0.5, metadata=_number(0.001, 3600.0, default_from=_half_the_tick)
+    )
+    host_id: str = field(
+        default_factory=default_host_id,
+        metadata=_string(SUBJECT_TOKEN, "must be a NATS subject token: [A-Za-z0-9_-]{{1,128}}"),
+    )
+    drain_timeout_seconds: float = field(default=5.0, metadata=_number(0.0, 600.0))
     #: every this many ticks, the daemon's own `agent` event (0: never)
-    agent_event_every_ticks: int = 10
+    agent_event_every_ticks: int = field(default=10, metadata=_integer(0, 1_000_000))
     #: keep each cell's cgroup2 files open between ticks: one pread a file a tick
     #: instead of open, read, close, for ~5 KiB of kernel memory a file
-    keep_cgroup_files: bool = True
+    keep_cgroup_files: bool = field(default=True, metadata=_boolean())
 
 
 @dataclass(frozen=True, slots=True)
 class PathRoots:
-    cgroup_root: Path | None
-    jail_root: Path = Path("/srv/jailer")
-    netns_root: Path = Path("/var/run/netns")
+    #: None: no cgroup2 mount found on this host
+    cgroup_root: Path | None = field(default_factory=cgroupfs.find_cgroup2_mount, metadata=_path())
+    jail_root: Path = field(default=Path("/srv/jailer"), metadata=_path())
+    netns_root: Path = field(default=Path("/var/run/netns"), metadata=_path())
 
 
 @dataclass(frozen=True, slots=True)
 class JetStreamSettings:
-    stream: str = "CELLOS_HOST"
-    subjects: tuple[str, ...] = (f"{DEFAULT_SUBJECT_PREFIX}.>",)
-    create_stream: bool = True
-    replicas: int = 1
-    duplicate_window_seconds: float = 120.0
-    ack_timeout_seconds: float = 2.0
+    stream: str = field(
+        default="CELLOS_HOST",
+        metadata=_string(_STREAM, "must be a stream name: [A-Za-z0-9_-]{{1,64}}"),
+    )
+    subjects: tuple[str, ...] = field(
+        default=(f"{DEFAULT_SUBJECT_PREFIX}.>",),
+        metadata=_strings(default_from=_all_under_the_prefix),
+    )
+    create_stream: bool = field(default=True, metadata=_boolean())
+    replicas: int = field(default=1, metadata=_integer(1, 5))
+    duplicate_window_seconds: float = field(default=120.0, metadata=_number(0.1, 86_400.0))
+    ack_timeout_seconds: float = field(default=2.0, metadata=_number(0.01, 600.0))
 
 
 @dataclass(frozen=True, slots=True)
 class NatsSettings:
-    servers: tuple[str, ...] = DEFAULT_SERVERS
-    subject_prefix: str = DEFAULT_SUBJECT_PREFIX
-    name: str = "cellos-probed"
-    credentials: str | None = None
-    nkey_seed: str | None = None
-    user: str | None = None
-    password: str | None = None
-    token: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    servers: tuple[str, ...] = field(
+        default=DEFAULT_SERVERS,
+        metadata=_strings(_SERVER_URL, "{value!r} is not a nats:// or tls:// URL"),
+    )
+    subject_prefix: str = field(
+        default=DEFAULT_SUBJECT_PREFIX,
+        metadata=_string(_SUBJECT_PREFIX, "must be dot-separated subject tokens, no wildcards"),
+    )
+    name: str = field(default="cellos-probed", metadata=_string())
+    # at most one way to authenticate: credentials, nkey_seed, user + password, token
+    credentials: str | None = field(default=None, metadata=_string(absolute=True))
+    nkey_seed: str | None = field(default=None, metadata=_string(absolute=True))
+    user: str | None = field(default=None, metadata=_string())
+    password: str | None = field(default=None, metadata=_string())
+    token: str | None = field(default=None, metadata=_string())
+    tls_ca: str | None = field(default=None, metadata=_string(absolute=True))
+    tls_cert: str | None = field(default=None, metadata=_string(absolute=True))
+    tls_key: str | None = field(default=None, metadata=_string(absolute=True))
+    #: [nats.jetstream]: present = publish with acknowledgements
     jetstream: JetStreamSettings | None = None
 
 
@@ -128,19 +284,19 @@ class NatsSettings:
 class BufferSettings:
     """The in-memory outbox bounds (used when no spool is configured)."""
 
-    max_events: int = 100_000
-    max_bytes: int = 64 * 1024 * 1024
+    max_events: int = field(default=100_000, metadata=_integer(10, 100_000_000))
+    max_bytes: int = field(default=64 * 1024 * 1024, metadata=_integer(4096, 1 << 40))
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolSettings:
-    path: Path
-    max_bytes: int = 1024 * 1024 * 1024
+    path: Path = field(metadata=_path())
+    max_bytes: int = field(default=1 << 30, metadata=_integer(1 << 20, 1 << 44))
 
 
 @dataclass(frozen=True, slots=True)
 class CgroupProbeConfig:
-    path: str  # as written in the config; reported in `inputs`
+    path: str = field(metadata=_string())  # as written; reported in `inputs`
     resolved: Path  # absolute, under [paths] cgroup_root
     #: [paths] cgroup_root: opens walk down from it refusing symlinks
     #: (None: only the directory's own name is checked)
@@ -149,21 +305,32 @@ class CgroupProbeConfig:
 
 @dataclass(frozen=True, slots=True)
 class TapLinkProbeConfig:
-    interface: str
+    interface: str = field(metadata=_string(_IFNAME, "{value!r} is not a valid interface name"))
 
 
 @dataclass(frozen=True, slots=True)
 class NftablesProbeConfig:
-    family: str
-    table: str
-    counters: tuple[str, ...] = ()
-    chain: str | None = None
+    family: str = field(metadata=_string(_NFT_FAMILY, f"must be one of {', '.join(NFT_FAMILIES)}"))
+    table: str = field(metadata=_string(_NFT_NAME, "{value!r} is not a valid nftables table name"))
+    #: named counter objects; with `chain`, or alone (at least one of the two)
+    counters: tuple[str, ...] = field(
+        default=(),
+        metadata=_strings(
+            _NFT_NAME,
+            "{value!r} is not a valid nftables object name",
+            may_be_empty=True,
+            twice="lists a counter twice",
+        ),
+    )
+    chain: str | None = field(
+        default=None, metadata=_string(_NFT_NAME, "{value!r} is not a valid nftables chain name")
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class FcMetricsProbeConfig:
-    api_socket: str  # as written
-    metrics_path: str  # as written
+    api_socket: str = field(metadata=_string())  # as written
+    metrics_path: str = field(metadata=_string())  # as written
     api_socket_resolved: Path  # absolute, under [paths] jail_root
     metrics_path_resolved: Path
     #: [paths] jail_root: opens walk down from it refusing symlinks (None: not checked)
@@ -172,10 +339,14 @@ class FcMetricsProbeConfig:
 
 @dataclass(frozen=True, slots=True)
 class CellConfig:
-    id: str
-    run_id: str
-    spec_signature_hash: str
-    netns: str | None = None
+    id: str = field(
+        metadata=_string(
+            SUBJECT_TOKEN, "{value!r} is not a NATS subject token: [A-Za-z0-9_-]{{1,128}}"
+        )
+    )
+    run_id: str = field(metadata=_string())
+    spec_signature_hash: str = field(metadata=_string())
+    netns: str | None = field(default=None, metadata=_string())
     netns_resolved: Path | None = None
     cgroup: CgroupProbeConfig | None = None
     tap_link: TapLinkProbeConfig | None = None
@@ -183,10 +354,9 @@ class CellConfig:
     fc_metrics: FcMetricsProbeConfig | None = None
 
     def probe_names(self) -> tuple[str, ...]:
+        probes = (self.cgroup, self.tap_link, self.nftables, self.fc_metrics)
         return tuple(
-            name
-            for name in ("cgroup", "tap_link", "nftables", "fc_metrics")
-            if getattr(self, name) is not None
+            name for name, probe in zip(BUILT_PROBES, probes, strict=True) if probe is not None
         )
 
 
@@ -199,12 +369,6 @@ class Config:
     cells: tuple[CellConfig, ...]
     buffer: BufferSettings = BufferSettings()
     spool: SpoolSettings | None = None
-
-
-def default_host_id() -> str:
-    """The host name made a NATS subject token (dots and the like become ``_``)."""
-    token = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:128]
-    return token or "localhost"
 
 
 class _Table:
@@ -225,17 +389,9 @@ class _Table:
             message, cell=self.cell, key=None if name is None else self.key(name)
         )
 
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def _get(
-        self, name: str, kinds: tuple[type, ...], what: str, default: Any, required: bool
-    ) -> Any:
+    def value(self, name: str, what: str, kinds: tuple[type, ...]) -> Any:
+        """The value of the present key ``name``, if of one of the TOML types ``kinds``."""
         self.used.add(name)
-        if name not in self.data:
-            if required:
-                raise self.error(name, f"is required ({what})")
-            return default
         value = self.data[name]
         if isinstance(value, bool) and bool not in kinds:
             raise self.error(name, f"must be {what}, not a boolean")
@@ -243,54 +399,63 @@ class _Table:
             raise self.error(name, f"must be {what}, not {_toml_type(value)}")
         return value
 
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
-        value = self._get(name, (str,), "a string", default, required)
-        if isinstance(value, str) and not value:
-            raise self.error(name, "must not be empty")
-        return value
-
-    def number(self, name: str, default: float, *, low: float, high: float) -> float:
-        value = float(self._get(name, (int, float), "a number", default, False))
-        if not math.isfinite(value) or not low <= value <= high:
-            raise self.error(name, f"must be between {low:g} and {high:g}, got {value:g}")
-        return value
-
-    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
-        value = self._get(name, (int,), "an integer", default, False)
-        if not low <= value <= high:
-            raise self.error(name, f"must be between {low} and {high}, got {value}")
-        return int(value)
-
-    def boolean(self, name: str, default: bool) -> bool:
-        return bool(self._get(name, (bool,), "true or false", default, False))
-
-    def strings(self, name: str, *, required: bool = False) -> tuple[str, ...] | None:
-        value = self._get(name, (list,), "a list of strings", None, required)
-        if value is None:
+    def table(self, name: str) -> _Table | None:
+        if name not in self.data:
             return None
-        for index, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                raise self.error(name, f"item {index} must be a non-empty string")
-        return tuple(value)
+        return _Table(self.value(name, "a table", (dict,)), self.key(name), self.loader, self.cell)
 
-    def table(self, name: str, *, required: bool = False) -> _Table | None:
-        value = self._get(name, (dict,), "a table", None, required)
-        if value is None:
-            return None
-        return _Table(value, self.key(name), self.loader, self.cell)
+    def section(self, name: str) -> _Table:
+        """The table ``name``; empty when absent (its keys take their defaults)."""
+        return self.table(name) or _Table({}, self.key(name), self.loader, self.cell)
+
+    def read(self, schema: type[DataclassInstance], **context: Any) -> dict[str, Any]:
+        """The keys of ``schema``'s fields, checked, or their defaults; by field name.
+
+        ``context``: values of another table that a derived default follows.
+        """
+        known = dict(context)
+        values: dict[str, Any] = {}
+        for item in fields(schema):
+            spec = item.metadata.get(_KEY)
+            if spec is None:
+                continue
+            if item.name in self.data:
+                try:
+                    value = spec.check(self.value(item.name, spec.what, spec.kinds))
+                except _Invalid as invalid:
+                    raise self.error(item.name, str(invalid)) from None
+            else:
+                value = self._default(item, spec, known)
+            known[item.name] = values[item.name] = value
+        return values
+
+    def _default(self, item: Field[Any], spec: _Key, known: Mapping[str, Any]) -> Any:
+        if spec.default_from is not None:
+            return spec.default_from(known)
+        if item.default is not MISSING:
+            return item.default
+        if item.default_factory is not MISSING:
+            return item.default_factory()
+        raise self.error(item.name, f"is required ({spec.what})")
 
     def finish(self) -> None:
-        for name in self.data:
-            if name in self.used:
-                continue
-            generic = re.sub(r"^cell\[[^]]*\]", "cell", self.key(name))
-            if generic in NOT_SUPPORTED_YET:
-                raise self.error(
-                    name,
-                    f"is not supported yet: {NOT_SUPPORTED_YET[generic]} "
-                    "arrive(s) in a later release of cellos-probed",
-                )
+        """Refuses a key nothing read: one whose feature is not built yet, or an unknown one."""
+        for name, value in self.data.items():
+            if name not in self.used:
+                self._unread(name, value)
+
+    def _unread(self, name: str, value: Any) -> None:
+        key = self.key(name)
+        if key in NOT_SUPPORTED_YET:
+            raise self.error(
+                name,
+                f"is not supported yet: {NOT_SUPPORTED_YET[key]} is not built in cellos-probed "
+                f"{__version__}; remove the key until a release that has it",
+            )
+        if not any(known.startswith(f"{key}.") for known in NOT_SUPPORTED_YET):
             raise self.error(name, "unknown key")
+        # a table of such keys: each refused in turn; an empty one holds nothing to ignore
+        _Table(self.value(name, "a table", (dict,)), key, self.loader, self.cell).finish()
 
 
 def _toml_type(value: Any) -> str:
@@ -302,6 +467,13 @@ def _toml_type(value: Any) -> str:
         list: "an array",
         dict: "a table",
     }.get(type(value), type(value).__name__)
+
+
+def _plain(schema: type[_T], table: _Table, **context: Any) -> _T:
+    """The settings of a table whose keys have no rule across them."""
+    values = table.read(schema, **context)
+    table.finish()
+    return schema(**values)
 
 
 class _Loader:
@@ -320,124 +492,49 @@ class _Loader:
 
     def load(self, document: dict[str, Any]) -> Config:
         top = _Table(document, "", self, None)
-        daemon = self._daemon(top.table("daemon"))
-        paths = self._paths(top.table("paths"))
-        nats = self._nats(top.table("nats"))
-        buffer = self._buffer(top.table("buffer"))
-        spool = self._spool(top.table("spool"))
+        daemon = self._daemon(top.section("daemon"))
+        paths = _plain(PathRoots, top.section("paths"))
+        nats = self._nats(top.section("nats"))
+        buffer = _plain(BufferSettings, top.section("buffer"))
+        spool_table = top.table("spool")
+        spool = None if spool_table is None else _plain(SpoolSettings, spool_table)
         cells = tuple(self._cells(top, paths))
         top.finish()
         return Config(self.file, daemon, paths, nats, cells, buffer, spool)
 
-    def _buffer(self, table: _Table | None) -> BufferSettings:
-        if table is None:
-            return BufferSettings()
-        max_events = table.integer("max_events", 100_000, low=10, high=100_000_000)
-        max_bytes = table.integer("max_bytes", 64 * 1024 * 1024, low=4096, high=1 << 40)
-        table.finish()
-        return BufferSettings(max_events, max_bytes)
-
-    def _spool(self, table: _Table | None) -> SpoolSettings | None:
-        if table is None:
-            return None
-        path = table.string("path", required=True)
-        if not os.path.isabs(path):
-            raise table.error("path", "must be an absolute path")
-        max_bytes = table.integer("max_bytes", 1 << 30, low=1 << 20, high=1 << 44)
-        table.finish()
-        return SpoolSettings(Path(os.path.normpath(path)), max_bytes)
-
-    def _daemon(self, table: _Table | None) -> DaemonSettings:
-        if table is None:
-            return DaemonSettings(host_id=default_host_id())
-        tick = table.number("tick_seconds", 1.0, low=0.01, high=3600.0)
-        timeout = table.number("probe_timeout_seconds", tick / 2, low=0.001, high=3600.0)
-        if timeout >= tick:
+    def _daemon(self, table: _Table) -> DaemonSettings:
+        daemon = _plain(DaemonSettings, table)
+        if daemon.probe_timeout_seconds >= daemon.tick_seconds:
             raise table.error(
                 "probe_timeout_seconds",
-                f"must be less than tick_seconds ({tick:g}), got {timeout:g}",
+                f"must be less than tick_seconds ({daemon.tick_seconds:g}), "
+                f"got {daemon.probe_timeout_seconds:g}",
             )
-        host_id = table.string("host_id", default_host_id())
-        if not SUBJECT_TOKEN.fullmatch(host_id):
-            raise table.error("host_id", "must be a NATS subject token: [A-Za-z0-9_-]{1,128}")
-        drain = table.number("drain_timeout_seconds", 5.0, low=0.0, high=600.0)
-        agent_every = table.integer("agent_event_every_ticks", 10, low=0, high=1_000_000)
-        keep = table.boolean("keep_cgroup_files", True)
-        table.finish()
-        return DaemonSettings(tick, timeout, host_id, drain, agent_every, keep)
+        return daemon
 
-    def _paths(self, table: _Table | None) -> PathRoots:
-        found = cgroupfs.find_cgroup2_mount()
-        if table is None:
-            return PathRoots(cgroup_root=found)
-
-        def root(name: str) -> Path | None:
-            value = table.string(name)
-            if value is None:
-                return None
-            if not os.path.isabs(value):
-                raise table.error(name, "must be an absolute path")
-            return Path(os.path.normpath(value))
-
-        cgroup_root = root("cgroup_root") or found
-        jail_root = root("jail_root") or Path("/srv/jailer")
-        netns_root = root("netns_root") or Path("/var/run/netns")
-        table.finish()
-        return PathRoots(cgroup_root, jail_root, netns_root)
-
-    def _nats(self, table: _Table | None) -> NatsSettings:
-        if table is None:
-            return NatsSettings()
-        servers = table.strings("servers") or DEFAULT_SERVERS
-        for server in servers:
-            if not re.fullmatch(r"(nats|tls|ws|wss)://[^\s/]+(:\d+)?/?", server):
-                raise table.error("servers", f"{server!r} is not a nats:// or tls:// URL")
-        prefix = table.string("subject_prefix", DEFAULT_SUBJECT_PREFIX)
-        if not _SUBJECT_PREFIX.fullmatch(prefix):
-            raise table.error(
-                "subject_prefix", "must be dot-separated subject tokens, no wildcards"
-            )
-        name = table.string("name", "cellos-probed")
-        auth = {
-            key: table.string(key)
-            for key in ("credentials", "nkey_seed", "user", "password", "token")
-        }
-        tls = {key: table.string(key) for key in ("tls_ca", "tls_cert", "tls_key")}
-        for key in ("credentials", "nkey_seed", *tls):
-            value = auth.get(key) or tls.get(key)
-            if value is not None and not os.path.isabs(value):
-                raise table.error(key, "must be an absolute path")
-        methods = [key for key in ("credentials", "nkey_seed", "user", "token") if auth[key]]
+    def _nats(self, table: _Table) -> NatsSettings:
+        values = table.read(NatsSettings)
+        methods = [key for key in ("credentials", "nkey_seed", "user", "token") if values[key]]
         if len(methods) > 1:
             raise table.error(
                 methods[1], f"conflicts with {methods[0]}: choose one way to authenticate"
             )
-        if (auth["user"] is None) != (auth["password"] is None):
-            missing = "password" if auth["password"] is None else "user"
-            raise table.error(missing, "user and password go together")
-        if (tls["tls_cert"] is None) != (tls["tls_key"] is None):
-            missing = "tls_key" if tls["tls_key"] is None else "tls_cert"
-            raise table.error(missing, "tls_cert and tls_key go together")
-        jetstream = self._jetstream(table.table("jetstream"), prefix)
+        for first, second in (("user", "password"), ("tls_cert", "tls_key")):
+            if (values[first] is None) != (values[second] is None):
+                missing = second if values[second] is None else first
+                raise table.error(missing, f"{first} and {second} go together")
+        jetstream = table.table("jetstream")
         table.finish()
-        return NatsSettings(servers, prefix, name, **auth, **tls, jetstream=jetstream)
-
-    def _jetstream(self, table: _Table | None, prefix: str) -> JetStreamSettings | None:
-        if table is None:
-            return None
-        stream = table.string("stream", "CELLOS_HOST")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", stream):
-            raise table.error("stream", "must be a stream name: [A-Za-z0-9_-]{1,64}")
-        subjects = table.strings("subjects") or (f"{prefix}.>",)
-        create = table.boolean("create_stream", True)
-        replicas = table.integer("replicas", 1, low=1, high=5)
-        window = table.number("duplicate_window_seconds", 120.0, low=0.1, high=86_400.0)
-        ack_timeout = table.number("ack_timeout_seconds", 2.0, low=0.01, high=600.0)
-        table.finish()
-        return JetStreamSettings(stream, subjects, create, replicas, window, ack_timeout)
+        if jetstream is None:
+            return NatsSettings(**values)
+        prefix = values["subject_prefix"]
+        return NatsSettings(
+            **values, jetstream=_plain(JetStreamSettings, jetstream, subject_prefix=prefix)
+        )
 
     def _cells(self, top: _Table, paths: PathRoots) -> Iterator[CellConfig]:
-        raw = top._get("cell", (list,), "an array of tables ([[cell]])", [], False)
+        what = "an array of tables ([[cell]])"
+        raw = top.value("cell", what, (list,)) if "cell" in top.data else []
         seen: dict[str, int] = {}
         for index, item in enumerate(raw):
             label = f"#{index + 1}"
@@ -447,100 +544,64 @@ class _Loader:
             if isinstance(cell_id, str) and SUBJECT_TOKEN.fullmatch(cell_id):
                 label = cell_id
             table = _Table(item, "cell", self, label)
-            cell_id = table.string("id", required=True)
-            if not SUBJECT_TOKEN.fullmatch(cell_id):
-                raise table.error(
-                    "id", f"{cell_id!r} is not a NATS subject token: [A-Za-z0-9_-]{{1,128}}"
-                )
-            if cell_id in seen:
-                raise table.error("id", f"duplicate cell id (also cell #{seen[cell_id] + 1})")
-            seen[cell_id] = index
-            run_id = table.string("run_id", required=True)
-            spec_hash = table.string("spec_signature_hash", required=True)
-            netns = table.string("netns")
-            netns_resolved = (
-                None
-                if netns is None
-                else _under_root(table, "netns", netns, paths.netns_root, "netns_root")
-            )
+            values = table.read(CellConfig)
+            if values["id"] in seen:
+                raise table.error("id", f"duplicate cell id (also cell #{seen[values['id']] + 1})")
+            seen[values["id"]] = index
+            netns = values["netns"]
             cell = CellConfig(
-                cell_id,
-                run_id,
-                spec_hash,
-                netns,
-                netns_resolved,
-                cgroup=self._cgroup(self._probe_table(table, "cgroup"), paths),
-                tap_link=self._tap_link(self._probe_table(table, "tap_link")),
-                nftables=self._nftables(self._probe_table(table, "nftables")),
-                fc_metrics=self._fc_metrics(self._probe_table(table, "fc_metrics"), paths),
+                **values,
+                netns_resolved=(
+                    None
+                    if netns is None
+                    else _under_root(table, "netns", netns, paths.netns_root, "netns_root")
+                ),
+                cgroup=self._cgroup(table.table("cgroup"), paths),
+                tap_link=self._tap_link(table.table("tap_link")),
+                nftables=self._nftables(table.table("nftables")),
+                fc_metrics=self._fc_metrics(table.table("fc_metrics"), paths),
             )
             table.finish()
             yield cell
 
-    def _probe_table(self, cell: _Table, name: str) -> _Table | None:
-        table = cell.table(name)
-        if table is not None and name not in BUILT_PROBES:
-            raise cell.error(
-                name,
-                f"is not supported yet: {NOT_SUPPORTED_YET['cell.' + name]} "
-                "arrives in a later release of cellos-probed",
-            )
-        return table
-
     def _tap_link(self, table: _Table | None) -> TapLinkProbeConfig | None:
-        if table is None:
-            return None
-        interface = table.string("interface", required=True)
-        if not _IFNAME.fullmatch(interface) or interface in (".", ".."):
-            raise table.error("interface", f"{interface!r} is not a valid interface name")
-        table.finish()
-        return TapLinkProbeConfig(interface)
+        return None if table is None else _plain(TapLinkProbeConfig, table)
 
     def _nftables(self, table: _Table | None) -> NftablesProbeConfig | None:
         if table is None:
             return None
-        family = table.string("family", required=True)
-        if family not in NFT_FAMILIES:
-            raise table.error("family", f"must be one of {', '.join(NFT_FAMILIES)}")
-        name = table.string("table", required=True)
-        if not _NFT_NAME.fullmatch(name):
-            raise table.error("table", f"{name!r} is not a valid nftables table name")
-        counters = table.strings("counters") or ()
-        for counter in counters:
-            if not _NFT_NAME.fullmatch(counter):
-                raise table.error("counters", f"{counter!r} is not a valid nftables object name")
-        if len(set(counters)) != len(counters):
-            raise table.error("counters", "lists a counter twice")
-        chain = table.string("chain")
-        if chain is not None and not _NFT_NAME.fullmatch(chain):
-            raise table.error("chain", f"{chain!r} is not a valid nftables chain name")
-        if not counters and chain is None:
+        nftables = _plain(NftablesProbeConfig, table)
+        if not nftables.counters and nftables.chain is None:
             raise table.error(None, "needs `counters`, `chain`, or both")
-        table.finish()
-        return NftablesProbeConfig(family, name, counters, chain)
+        return nftables
 
     def _fc_metrics(self, table: _Table | None, paths: PathRoots) -> FcMetricsProbeConfig | None:
         if table is None:
             return None
-        api = table.string("api_socket", required=True)
-        metrics = table.string("metrics_path", required=True)
-        api_resolved = _under_root(table, "api_socket", api, paths.jail_root, "jail_root")
-        metrics_resolved = _under_root(table, "metrics_path", metrics, paths.jail_root, "jail_root")
+        values = table.read(FcMetricsProbeConfig)
+        root = paths.jail_root
+
+        def resolved(name: str) -> Path:
+            return _under_root(table, name, values[name], root, "jail_root")
+
+        api_socket, metrics_path = resolved("api_socket"), resolved("metrics_path")
         table.finish()
-        return FcMetricsProbeConfig(api, metrics, api_resolved, metrics_resolved, paths.jail_root)
+        return FcMetricsProbeConfig(
+            **values, api_socket_resolved=api_socket, metrics_path_resolved=metrics_path, root=root
+        )
 
     def _cgroup(self, table: _Table | None, paths: PathRoots) -> CgroupProbeConfig | None:
         if table is None:
             return None
-        path = table.string("path", required=True)
+        values = table.read(CgroupProbeConfig)
         root = paths.cgroup_root
         if root is None:
             raise table.error(
                 "path", "no cgroup2 mount found on this host; set [paths] cgroup_root"
             )
-        resolved = _under_root(table, "path", path, root, "cgroup_root")
+        resolved = _under_root(table, "path", values["path"], root, "cgroup_root")
         table.finish()
-        return CgroupProbeConfig(path, resolved, root)
+        return CgroupProbeConfig(**values, resolved=resolved, root=root)
 
 
 def _under_root(table: _Table, name: str, value: str, root: Path, root_key: str) -> Path:
@@ -573,7 +634,16 @@ def parse_config(text: str, file: str = "<config>") -> Config:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _syntax_error(exc, file) from None
+        raise _syntax_error(exc, text, file) from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise ConfigError(
+            f"TOML syntax error: an integer longer than {sys.get_int_max_str_digits()} digits",
+            file=file,
+        ) from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(
+            "TOML syntax error: arrays or tables nested too deeply", file=file
+        ) from None
     return _Loader(file).load(document)
 
 
@@ -599,13 +669,20 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(text, file)
 
 
-def _syntax_error(exc: tomllib.TOMLDecodeError, file: str) -> ConfigError:
-    line = getattr(exc, "lineno", None)
-    column = getattr(exc, "colno", None)
-    message = getattr(exc, "msg", None) or str(exc)
-    if line is None:
-        found = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        if found:
-            line, column = int(found.group(1)), int(found.group(2))
-            message = str(exc)[: found.start()].strip()
-    return ConfigError(f"TOML syntax error: {message}", file=file, line=line, column=column)
+#: tomllib's suffix to every message (3.11 has no lineno/colno attributes)
+_AT: Final = re.compile(r" \(at (?:line (\d+), column (\d+)|end of document)\)$")
+
+
+def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, file: str) -> ConfigError:
+    message = str(exc)
+    found = _AT.search(message)
+    if found is None:
+        return ConfigError(f"TOML syntax error: {message}", file=file)
+    if found.group(1) is None:  # the end of the document: its last line, past its last character
+        line = text.count("\n") + 1
+        column = len(text) - text.rfind("\n")
+    else:
+        line, column = int(found.group(1)), int(found.group(2))
+    return ConfigError(
+        f"TOML syntax error: {message[: found.start()]}", file=file, line=line, column=column
+    )
