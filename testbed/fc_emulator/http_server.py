@@ -5,7 +5,8 @@ phrase (``HTTP/1.1 204 \\r\\n``); the headers are always
 ``Server: Firecracker API`` and ``Connection: keep-alive``; a response with
 a body adds ``Content-Type`` and ``Content-Length``; a 204 has neither.
 Requests are read by ``Content-Length``; connections are kept alive until
-the client closes them. At most ten connections are served at once.
+the client closes them. At most ten connections are served at once; an
+eleventh is told so (micro-http ``src/server.rs``) and closed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from typing import Any, Final
 import trio
 
 MAX_CONNECTIONS: Final = 10
+#: micro-http src/server.rs SERVER_FULL_ERROR_MESSAGE: no space after 503, its own headers
+SERVER_FULL: Final = (
+    b"HTTP/1.1 503\r\nServer: Firecracker API\r\nConnection: close\r\n"
+    b'Content-Length: 40\r\n\r\n{ "error": "Too many open connections" }'
+)
 MAX_HEADER_BYTES: Final = 64 * 1024
 
 
@@ -128,7 +134,11 @@ async def serve_unix(
             sock, _ = await listener.accept()
             stream = trio.SocketStream(sock)
             if open_connections >= MAX_CONNECTIONS:
-                # micro-http refuses an eleventh connection ("server full")
+                # micro-http src/server.rs: ServerFull, one write of the message, then dropped
+                try:
+                    await stream.send_all(SERVER_FULL)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
                 await stream.aclose()
                 continue
             open_connections += 1

@@ -89,8 +89,9 @@ class VmMetrics:
         self.lost: dict[Leaf, int] = defaultdict(int)
         #: gauge values of the newest fully written line
         self.emitted_gauges: dict[Leaf, int] = {}
+        #: lines a reader got whole, and lines that will never reach one
         self.lines_written = 0
-        self.lines_failed = 0
+        self.lines_lost = 0
 
     # -- activity ------------------------------------------------------------------------
 
@@ -224,29 +225,42 @@ class VmMetrics:
             line[key] = section
         return line, deltas
 
-    def commit(self, deltas: dict[Leaf, int], written: set[Leaf] | None, whole: bool) -> None:
-        """Advance the baselines of the counters written (``None``: all of them).
+    def advance(self, deltas: dict[Leaf, int], written: set[Leaf] | None) -> dict[Leaf, int]:
+        """Advance the baselines of the counters written (``None``: all); what the line carries.
 
-        ``whole``: the line reached the reader complete; else what it carried is lost.
+        ``SharedIncMetric::serialize`` stores its new baseline once its value
+        is in the writer, whether or not the line ever reaches a reader.
         """
-        into = self.emitted if whole else self.lost
-        previous, aggregate_of = self.previous, self._aggregate_of
+        carried: dict[Leaf, int] = {}
+        previous = self.previous
         for leaf, value in deltas.items():
             # a zero moves nothing (most of a line's ~300 counters, every flush)
             if not value or leaf not in previous:
-                continue  # (an aggregate: accounted through its devices below)
+                continue  # (an aggregate: accounted through its devices in settle)
             if written is not None and leaf not in written:
                 continue
             previous[leaf] += value
+            carried[leaf] = value
+        return carried
+
+    def settle(self, carried: dict[Leaf, int], gauges: dict[Leaf, int], whole: bool) -> None:
+        """A line's fate: ``whole``, a reader has it (with these gauges); else it is lost."""
+        into = self.emitted if whole else self.lost
+        aggregate_of = self._aggregate_of
+        for leaf, value in carried.items():
             into[leaf] += value
             aggregate = aggregate_of.get(leaf[0])
             if aggregate is not None:  # the aggregate carries (or loses) what its devices do
                 into[(aggregate, leaf[1], leaf[2])] += value
         if whole:
             self.lines_written += 1
-            self.emitted_gauges = dict(self.gauges)
+            self.emitted_gauges = dict(gauges)
         else:
-            self.lines_failed += 1
+            self.lines_lost += 1
+
+    def commit(self, deltas: dict[Leaf, int], written: set[Leaf] | None, whole: bool) -> None:
+        """:meth:`advance` and :meth:`settle` at once: a line whose fate is known now."""
+        self.settle(self.advance(deltas, written), self.gauges, whole)
 
     # -- what tests compare ------------------------------------------------------------------
 

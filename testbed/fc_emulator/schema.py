@@ -271,6 +271,12 @@ def net_fields(version: str) -> tuple[str, ...]:
     return NET_RELEASE if version.startswith("1.16.") else NET_MAIN
 
 
+def has_id_and_properties(version: str) -> bool:
+    """``MetricsConfig.emit_id``/``properties`` (``src/vmm/src/vmm_config/metrics.rs``):
+    on main only; a release up to 1.16.1 ignores them as unknown keys."""
+    return not version.startswith("1.16.")
+
+
 def fixed_sections(version: str) -> dict[str, tuple[str, ...]]:
     """Every section that is always present, by name (order irrelevant here)."""
     return {

@@ -4,7 +4,7 @@ The API and the VMM share one trio task tree per emulated *process*, and a
 flush writes synchronously before its reply is sent, as Firecracker's VMM
 thread does (reference section 2): when the 204 arrives the line is in the
 pipe. A restart ends the process (with the exit line if clean) and starts a
-new one whose counters begin at zero.
+new one whose counters begin at zero; a crash ends it with one last line.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import stat
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 import trio
@@ -29,9 +31,19 @@ from testbed.fc_emulator.http_server import (
     json_response,
     serve_unix,
 )
-from testbed.fc_emulator.line_writer import MetricsLineWriter, WriteOutcome
-from testbed.fc_emulator.metrics import VmMetrics, leaves_in_prefix
-from testbed.fc_emulator.schema import RELEASE_VERSION, is_gauge, kind_of_key
+from testbed.fc_emulator.line_writer import (
+    Fate,
+    MetricsLineWriter,
+    WriteOutcome,
+    json_string_tokens,
+)
+from testbed.fc_emulator.metrics import Leaf, VmMetrics, leaves_in_prefix
+from testbed.fc_emulator.schema import (
+    RELEASE_VERSION,
+    has_id_and_properties,
+    is_gauge,
+    kind_of_key,
+)
 
 NOT_STARTED = "Not started"
 RUNNING = "Running"
@@ -46,22 +58,38 @@ REINIT = (
 DESERIALIZE = "An error occurred when deserializing the json body of a request: "
 ACTIONS = ("FlushMetrics", "InstanceStart", "SendCtrlAltDel")
 
+#: Firecracker's fatal signal handlers and the flag each stores before its last
+#: line and ``_exit`` (src/vmm/src/signal_handler.rs); SIGPIPE is only counted
+FATAL_SIGNALS: Final[dict[signal.Signals, tuple[str, str]]] = {
+    signal.SIGBUS: ("signals", "sigbus"),
+    signal.SIGSEGV: ("signals", "sigsegv"),
+    signal.SIGXFSZ: ("signals", "sigxfsz"),
+    signal.SIGXCPU: ("signals", "sigxcpu"),
+    signal.SIGHUP: ("signals", "sighup"),
+    signal.SIGILL: ("signals", "sigill"),
+    signal.SIGSYS: ("seccomp", "num_faults"),
+}
+
 
 @dataclass
 class VmSpec:
     """How to run one emulated VM.
 
     ``metrics_path`` None: metrics never configured (FlushMetrics is then a
-    silent 204). ``metrics_via``: ``cli`` (``--metrics-path`` at start) or
-    ``api`` (the orchestrator's ``PUT /metrics`` before boot; ``boot`` then
-    waits for ``InstanceStart`` too).
+    silent 204). ``metrics_via``: ``cli`` (``--metrics-path`` at start),
+    ``config`` (a ``--config-file`` whose ``metrics`` block also carries
+    ``emit_id`` and ``properties``; main only) or ``api`` (the
+    orchestrator's ``PUT /metrics`` before boot; ``boot`` then waits for
+    ``InstanceStart`` too).
     """
 
     vm_id: str
     api_socket: Path
     metrics_path: Path | None
     transport: Literal["fifo", "file"] = "fifo"
-    metrics_via: Literal["cli", "api"] = "cli"
+    metrics_via: Literal["cli", "config", "api"] = "cli"
+    emit_id: bool = False
+    properties: Mapping[str, str] | None = None
     boot: bool = True
     version: str = RELEASE_VERSION
     nets: tuple[str, ...] = ("eth0",)
@@ -85,6 +113,11 @@ class EmulatedVm:
         #: every process's metrics, oldest first; the last is the running one
         self.processes: list[VmMetrics] = []
         self.writer: MetricsLineWriter | None = None
+        #: what ``emit_id`` and ``properties`` add after ``utc_timestamp_ms``, as tokens
+        self._labels: tuple[bytes, ...] = ()
+        #: the line whose newline waits in the writer's buffer: what it carries, its
+        #: gauges and timestamp (see line_writer.Fate.PENDING)
+        self._pending: tuple[dict[Leaf, int], dict[Leaf, int], int] | None = None
         self.flushes: list[tuple[str, WriteOutcome]] = []
         self._rng = random.Random(spec.seed)
         self._scope: trio.CancelScope | None = None
@@ -107,6 +140,11 @@ class EmulatedVm:
     @property
     def metrics(self) -> VmMetrics:
         return self.processes[-1]
+
+    @property
+    def lost_lines(self) -> int:
+        """Lines every process flushed that never reached a reader (nor ever will)."""
+        return sum(process.lines_lost for process in self.processes)
 
     # -- process lifecycle ----------------------------------------------------------------
 
@@ -135,22 +173,30 @@ class EmulatedVm:
         startup = self._rng.randint(1_000, 100_000)
         self.metrics.set_gauge("api_server", "process_startup_time_us", startup)
         self.metrics.set_gauge("api_server", "process_startup_time_cpu_us", startup // 3)
-        if spec.metrics_via == "cli" and spec.metrics_path is not None:
-            self.writer = MetricsLineWriter(str(spec.metrics_path))
+        if spec.metrics_via != "api" and spec.metrics_path is not None:
+            labelled = spec.metrics_via == "config" and has_id_and_properties(spec.version)
+            self._configure_metrics(
+                str(spec.metrics_path),
+                emit_id=labelled and spec.emit_id,
+                properties=spec.properties if labelled else None,
+            )
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_unix, listener, self._handle)
                     self._nursery = nursery
-                    if spec.boot and spec.metrics_via == "cli":
+                    if spec.boot and spec.metrics_via != "api":
                         self._boot(nursery)
                     task_status.started()
                     await trio.sleep_forever()
         finally:
             listener.close()  # Firecracker leaves the socket file behind: a stale socket
             if self.writer is not None:
+                # METRICS is a static, never dropped: what its buffer holds dies with it
                 self.writer.close()
                 self.writer = None
+                self._settle_pending(delivered=False)
+            self._labels = ()
             self.state = NOT_STARTED
             self._stopped.set()
 
@@ -159,7 +205,7 @@ class EmulatedVm:
         self._boot_at = trio.current_time()
         self._timer_scope = trio.CancelScope()
         self._last_flush_at = time.monotonic()
-        self.write_metrics("boot")  # "Write the metrics straight away"
+        self._timer_write("boot")  # "Write the metrics straight away"
         nursery.start_soon(self._periodic)
 
     def stop_timer(self) -> None:
@@ -182,17 +228,57 @@ class EmulatedVm:
 
     def periodic_flush(self) -> WriteOutcome | None:
         """What Firecracker's 60 s timer does: a failed write is a missed line, counted."""
-        outcome = self.write_metrics("periodic")
+        return self._timer_write("periodic")
+
+    def _timer_write(self, why: str) -> WriteOutcome | None:
+        # PeriodicMetrics::write_metrics (src/firecracker/src/metrics.rs), at start too
+        outcome = self.write_metrics(why)
         if outcome is not None and not outcome.written:
             self.metrics.add("logger", "missed_metrics_count")
         return outcome
 
+    @property
+    def alive(self) -> bool:
+        return self._scope is not None and not self._stopped.is_set()
+
     async def stop(self, *, clean: bool = True) -> None:
-        """End the process; ``clean``: write the exit line first (``Drop for Vmm``)."""
-        if self._scope is None or self._stopped.is_set():
+        """End the process; ``clean``: write the exit line first (``Drop for Vmm``,
+        src/vmm/src/lib.rs; SIGTERM and SIGKILL have no handler: no line)."""
+        if not self.alive:
             return
         if clean and self.state != NOT_STARTED:
             self.write_metrics("exit")
+        await self._end_process()
+
+    async def crash(self, cause: Literal["panic"] | signal.Signals) -> WriteOutcome | None:
+        """The process dies of a panic or a fatal signal, writing one last line first.
+
+        The panic hook (src/firecracker/src/main.rs) stores ``vmm.panic_count``
+        = 1, a fatal signal's handler (src/vmm/src/signal_handler.rs) its
+        flag; then ``METRICS.write()``, whose failure is only logged, and
+        abort or ``_exit``: no exit line, the socket left behind. Metrics
+        configured before boot are written then too. A signal without a
+        handler (SIGTERM, SIGKILL) kills without a line: :meth:`stop`
+        with ``clean=False``.
+        """
+        if cause == "panic":
+            section, field = "vmm", "panic_count"
+        elif cause in FATAL_SIGNALS:
+            section, field = FATAL_SIGNALS[cause]
+        else:
+            raise ValueError(
+                f"{cause.name} has no handler in Firecracker: it dies without a line "
+                "(stop(clean=False))"
+            )
+        if not self.alive:
+            return None
+        self.metrics.set_gauge(section, field, 1)
+        outcome = self.write_metrics(cause if cause == "panic" else cause.name.lower())
+        await self._end_process()
+        return outcome
+
+    async def _end_process(self) -> None:
+        assert self._scope is not None
         self._scope.cancel()
         await self._stopped.wait()
 
@@ -218,32 +304,75 @@ class EmulatedVm:
 
     # -- metrics ----------------------------------------------------------------------------
 
+    def _configure_metrics(
+        self, path: str, *, emit_id: bool, properties: Mapping[str, str] | None
+    ) -> None:
+        """``init_metrics`` (src/vmm/src/vmm_config/metrics.rs): the writer, then the labels.
+
+        ``InstanceIdField`` and ``MetricsProperties`` (src/vmm/src/logger/metrics.rs)
+        are flattened right after ``utc_timestamp_ms``: ``"id"`` (the ``--id``),
+        then ``"properties"``, a BTreeMap (sorted by key).
+        """
+        self.writer = MetricsLineWriter(path)
+        labels: list[bytes] = []
+        if emit_id:
+            labels += [b",", *json_string_tokens("id"), b":"]
+            labels += json_string_tokens(self.instance_id)
+        if properties is not None:
+            labels += [b",", *json_string_tokens("properties"), b":", b"{"]
+            for index, key in enumerate(sorted(properties)):
+                if index:
+                    labels.append(b",")
+                labels += [*json_string_tokens(key), b":", *json_string_tokens(properties[key])]
+            labels.append(b"}")
+        self._labels = tuple(labels)
+
     def write_metrics(self, why: str) -> WriteOutcome | None:
         """``Metrics::write``: one line through the LineWriter; None if not configured."""
-        if self.writer is None:
+        writer = self.writer
+        if writer is None:
             return None
         now = time.monotonic()
+        metrics = self.metrics
         if self.spec.activity:
-            self.metrics.synthetic_activity(self._rng, now - self._last_flush_at)
+            metrics.synthetic_activity(self._rng, now - self._last_flush_at)
         self._last_flush_at = now
-        self.last_timestamp_ms = time.time_ns() // 1_000_000
-        line, deltas = self.metrics.build_line(self.last_timestamp_ms)
+        stamp = self.last_timestamp_ms = time.time_ns() // 1_000_000
+        line, deltas = metrics.build_line(stamp)
         text = orjson.dumps(line)
-        outcome = self.writer.write_line(text)
-        if outcome.written:
-            self.metrics.commit(deltas, None, whole=True)
-        elif outcome.error == "write":  # serialised whole: every baseline moved
-            self.metrics.commit(deltas, None, whole=False)
+        # the timestamp and labels as serde_json's tokens; the sections after them
+        digits = b"%d" % stamp
+        head = (b"{", *_TIMESTAMP_KEY, b":", digits, *self._labels)
+        body = text[len(_TIMESTAMP_PREFIX) + len(digits) :]
+        outcome = writer.write_line(body, head)
+        if outcome.earlier_delivered:
+            self._settle_pending(delivered=True)
+        written = None
+        if outcome.error == "serde":  # serialisation stopped: only what came before counts
+            taken = outcome.produced - sum(len(token) for token in head)
+            written = leaves_in_prefix(body[: max(0, taken)].decode())
+        carried = metrics.advance(deltas, written)
+        if outcome.fate is Fate.PENDING:
+            self._pending = (carried, dict(metrics.gauges), stamp)
         else:
-            written = leaves_in_prefix(text[: outcome.produced].decode())
-            self.metrics.commit(deltas, written, whole=False)
+            metrics.settle(carried, metrics.gauges, outcome.fate is Fate.DELIVERED)
+            if self.keep_history and outcome.fate is Fate.DELIVERED:
+                self.history[stamp] = self.emitted_totals()
         self.flushes.append((why, outcome))
         keep = self.spec.flush_record
         if keep is not None and len(self.flushes) > keep:
             del self.flushes[:-keep]
-        if self.keep_history and outcome.written:
-            self.history[self.last_timestamp_ms] = self.emitted_totals()
         return outcome
+
+    def _settle_pending(self, *, delivered: bool) -> None:
+        """The pending line reached the file at last, or died with its process."""
+        if self._pending is None:
+            return
+        carried, gauges, stamp = self._pending
+        self._pending = None
+        self.metrics.settle(carried, gauges, delivered)
+        if self.keep_history and delivered:
+            self.history[stamp] = self.emitted_totals()
 
     def inject_full_pipe(self, *, after_writes: int = 0, failures: int = 1) -> None:
         """The next write(2) calls see a full pipe (EAGAIN), after ``after_writes`` succeed."""
@@ -282,7 +411,7 @@ class EmulatedVm:
         await self._api_open.wait()
         metrics = self.metrics
         route = (request.method, request.path.rstrip("/") or "/")
-        if route == ("GET", "/"):
+        if route == ("GET", "/"):  # src/vmm/src/vmm_config/instance_info.rs, in field order
             metrics.add("get_api_requests", "instance_info_count")
             return json_response(
                 200,
@@ -296,7 +425,7 @@ class EmulatedVm:
         if route == ("GET", "/version"):
             metrics.add("get_api_requests", "vmm_version_count")
             return json_response(200, {"firecracker_version": self.spec.version})
-        if request.method in ("PUT", "PATCH") and not request.body:
+        if request.method in ("PUT", "PATCH") and not request.body:  # parsed_request.rs
             return fault(f"Empty {request.method} request.")
         if route == ("PUT", "/actions"):
             return self._put_actions(request.body)
@@ -308,7 +437,9 @@ class EmulatedVm:
 
     def _put_actions(self, body: bytes) -> Response:
         metrics = self.metrics
-        metrics.add("put_api_requests", "actions_count")  # counted at parse time
+        # parse_put_actions (src/firecracker/src/api_server/request/actions.rs): counted
+        # at parse time, deny_unknown_fields; the VMM answers in src/vmm/src/rpc_interface.rs
+        metrics.add("put_api_requests", "actions_count")
         action = _parse_object(body, {"action_type"})
         if isinstance(action, str) or action.get("action_type") not in ACTIONS:
             metrics.add("put_api_requests", "actions_fails")
@@ -331,25 +462,28 @@ class EmulatedVm:
 
     def _put_metrics(self, body: bytes) -> Response:
         metrics = self.metrics
+        # parse_put_metrics (src/firecracker/src/api_server/request/metrics.rs):
+        # metrics_fails counts the body's parse errors only
         metrics.add("put_api_requests", "metrics_count")
-        config = _parse_object(body, {"metrics_path"})
-        if isinstance(config, str) or not isinstance(config.get("metrics_path"), str):
+        config = _parse_metrics_config(body, labels=has_id_and_properties(self.spec.version))
+        if isinstance(config, str):
             metrics.add("put_api_requests", "metrics_fails")
-            return fault(DESERIALIZE + (config if isinstance(config, str) else "missing field"))
+            return fault(DESERIALIZE + config)
         if self.state != NOT_STARTED:
-            metrics.add("put_api_requests", "metrics_fails")
             return fault(POST_BOOT)
         if self.writer is not None:
-            metrics.add("put_api_requests", "metrics_fails")
+            # init_metrics opens the path before METRICS.init refuses a second writer
+            try:
+                MetricsLineWriter(config.metrics_path).close()
+            except (OSError, ValueError) as exc:
+                return _cannot_open(exc)
             return fault(REINIT)
         try:
-            self.writer = MetricsLineWriter(config["metrics_path"])
-        except OSError as exc:
-            metrics.add("put_api_requests", "metrics_fails")
-            return fault(
-                "Metrics error: Cannot initialize the metrics system due to bad user input: "
-                f"{exc.strerror} (os error {exc.errno})"
+            self._configure_metrics(
+                config.metrics_path, emit_id=config.emit_id, properties=config.properties
             )
+        except (OSError, ValueError) as exc:
+            return _cannot_open(exc)
         return NO_CONTENT
 
     def _patch_vm(self, body: bytes) -> Response:
@@ -362,6 +496,10 @@ class EmulatedVm:
         return NO_CONTENT
 
 
+_TIMESTAMP_KEY: Final = tuple(json_string_tokens("utc_timestamp_ms"))
+_TIMESTAMP_PREFIX: Final = b'{"utc_timestamp_ms":'
+
+
 def make_fifo(path: Path) -> None:
     """``mkfifo``, as the orchestrator must before Firecracker opens the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,6 +508,85 @@ def make_fifo(path: Path) -> None:
     except FileExistsError:
         if not stat.S_ISFIFO(os.stat(path).st_mode):
             raise
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``MetricsConfig`` (src/vmm/src/vmm_config/metrics.rs)."""
+
+    metrics_path: str
+    emit_id: bool = False
+    properties: dict[str, str] | None = None
+
+
+def _parse_metrics_config(body: bytes, *, labels: bool) -> MetricsConfig | str:
+    """The body as serde's derive reads ``MetricsConfig``; the error's text if it cannot.
+
+    Unknown keys are ignored (no ``deny_unknown_fields``, v1.16.1 too);
+    ``labels``: the version knows ``emit_id`` and ``properties``, or they
+    are unknown keys as well.
+    """
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        return f"{exc}."
+    if not isinstance(value, dict):
+        return f"invalid type: {_unexpected(value)}, expected struct MetricsConfig."
+    config: dict[str, Any] = {}
+    for key, item in value.items():  # serde visits the keys in the body's order
+        if key == "metrics_path":
+            if not isinstance(item, str):
+                return f"invalid type: {_unexpected(item)}, expected path string."
+        elif key == "emit_id" and labels:
+            if not isinstance(item, bool):
+                return f"invalid type: {_unexpected(item)}, expected a boolean."
+        elif key == "properties" and labels:
+            if item is None:
+                continue  # Option: null is None
+            if not isinstance(item, dict):
+                return f"invalid type: {_unexpected(item)}, expected a map."
+            for entry in item.values():
+                if not isinstance(entry, str):
+                    return f"invalid type: {_unexpected(entry)}, expected a string."
+        else:
+            continue
+        config[key] = item
+    if "metrics_path" not in config:
+        return "missing field `metrics_path`."
+    properties = config.get("properties") or {}
+    try:  # a lone surrogate parses in Python; serde_json refuses it
+        for text in (config["metrics_path"], *properties, *properties.values()):
+            text.encode()
+    except UnicodeEncodeError:
+        return "lone leading surrogate in hex escape."
+    return MetricsConfig(**config)
+
+
+def _unexpected(value: Any) -> str:
+    """serde's ``Unexpected`` as serde_json names it in an ``invalid type`` error."""
+    if isinstance(value, bool):
+        return f"boolean `{str(value).lower()}`"
+    if isinstance(value, int):
+        return f"integer `{value}`"
+    if isinstance(value, float):
+        return f"floating point `{value}`"
+    if isinstance(value, str):
+        return f"string {json.dumps(value, ensure_ascii=False)}"
+    if value is None:
+        return "null"
+    return "sequence" if isinstance(value, list) else "map"
+
+
+def _cannot_open(exc: OSError | ValueError) -> Response:
+    """``open_file_nonblock`` failed (a NUL in the path: Rust's InvalidInput, a ValueError)."""
+    detail = (
+        f"{exc.strerror} (os error {exc.errno})"
+        if isinstance(exc, OSError)
+        else "file name contained an unexpected NUL byte"
+    )
+    return fault(
+        f"Metrics error: Cannot initialize the metrics system due to bad user input: {detail}"
+    )
 
 
 def _parse_object(body: bytes, allowed: set[str]) -> dict[str, Any] | str:
