@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from cellos_probed.cloudevent import CloudEvent  # noqa: E402
 from cellos_probed.config import parse_config  # noqa: E402
 from cellos_probed.daemon import Prober  # noqa: E402
-from cellos_probed.probes import EventStamper  # noqa: E402
+from cellos_probed.probes import SequenceRegistry  # noqa: E402
 from testbed.fc_emulator import jail_paths  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -71,7 +71,7 @@ def config_text(root: Path, vms: int, tick: float) -> str:
 async def bench(root: Path, vms: int, ticks: int, tick: float, emulator_pid: int) -> None:
     config = parse_config(config_text(root, vms, tick))
     sink = CountingSink()
-    prober = Prober(config, sink, EventStamper())
+    prober = Prober(config, sink, SequenceRegistry())
     async with trio.open_nursery() as nursery:
         await nursery.start(prober.run_services)
         await prober.tick(0)  # warm-up: connections, first lines

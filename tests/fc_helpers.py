@@ -52,7 +52,7 @@ def fc_config(
 
 
 def fc_probe(prober: Prober, cell: str) -> FcMetricsProbe:
-    probe = prober.runners[cell].probes[0]
+    probe = prober.cells[cell].probes[0]
     assert isinstance(probe, FcMetricsProbe)
     return probe
 

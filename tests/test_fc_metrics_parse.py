@@ -18,11 +18,19 @@ from cellos_probed.probes.fc_metrics_parse import (
     LineSplitter,
     MetricsAccumulator,
     MetricsReading,
+    decode_labels,
     is_gauge,
     merge,
     parse_line,
+    split_labels,
 )
 from testbed.fc_emulator.metrics import VmMetrics
+
+#: Firecracker main's ``emit_id`` / ``properties`` (a BTreeMap: keys sorted), escapes included
+LABELS: dict[str, Any] = {
+    "id": "cell-1",
+    "properties": {"bundle_id": 'fn-"abc"', "customer_id": "1234", "note": "Zoë\n\\\u0001"},
+}
 
 
 def line(ts: int, rx: int, faults: int, agg: tuple[int, int, int], missed: int = 0) -> bytes:
@@ -58,18 +66,78 @@ def test_oversize_lines_are_dropped_and_counted_memory_stays_bounded() -> None:
     assert splitter.feed(b"x" * 60) == []
     assert splitter.feed(b"x" * 60) == []  # over the bound: dropped now, skipped to its end
     assert splitter.pending_bytes == 0
+    assert splitter.cutting
     assert splitter.feed(b"xx\nok\n" + b"y" * 200 + b"\nfine\n") == [b"ok", b"fine"]
+    assert not splitter.cutting
     assert splitter.oversize == 2
+
+
+def test_a_line_start_ends_an_oversize_line_whatever_the_chunking() -> None:
+    """What follows a runaway line without its newline is read from its line start,
+    one split across two chunks too."""
+    good = line(1, 5, 0, (1, 2, 3))
+    bound = 2 * len(good)
+    for stream in (
+        b"x" * 3 * bound + good + b"\n",  # the start after the cut
+        b"x" * (bound + 10) + good + b"\n",  # within the partial being cut
+        b"x" * (bound - 10) + b"y" * bound + good + b"\n",
+    ):
+        for size in (1, 7, 19, 20, 33, 64, 1000):
+            splitter, lines = LineSplitter(max_line=bound), []
+            for at in range(0, len(stream), size):
+                lines += splitter.feed(stream[at : at + size])
+            assert lines == [good], (len(stream), size)
+            assert splitter.oversize == 1
+            assert not splitter.cutting
+    # a line start in a cut line's last max_line bytes: a line from there on
+    splitter = LineSplitter(max_line=bound)
+    assert splitter.feed(b"x" * 5 * bound + good + b"\nok\n") == [good, b"ok"]
+    assert splitter.oversize == 1
+
+
+def test_a_cut_line_is_torn_and_unparsed_but_not_a_record() -> None:
+    good = line(1, 5, 0, (1, 2, 3))
+    acc = MetricsAccumulator(max_line=2 * len(good))
+    acc.feed(b"x" * 10 * len(good))
+    assert acc.cutting
+    assert (acc.oversize, acc.records) == (1, 0)  # not a line that arrived
+    acc.feed(good + b"\n")
+    reading = acc.take_reading()
+    assert (reading.lines, reading.torn_lines, reading.unparsed_lines) == (1, 1, 1)
+    assert acc.records == 1
 
 
 def test_torn_line_is_recovered_from_the_last_line_start() -> None:
     whole = line(2, 5, 0, (1, 2, 3))
     torn = line(1, 7, 0, (1, 2, 3))[:50] + whole
-    assert parse_line(torn) == (json.loads(whole), True)
-    assert parse_line(b'{"utc_timestamp_ms":1,"net":{') == (None, True)
-    assert parse_line(b"\0\0\0" + whole) == (json.loads(whole), False)  # a truncated file's hole
-    assert parse_line(b"\0\0") == (None, False)
-    assert parse_line(b"[1,2]") == (None, True)
+    assert parse_line(torn) == ([json.loads(whole)], True)
+    assert parse_line(b'{"utc_timestamp_ms":1,"net":{') == ([], True)
+    assert parse_line(b"\0\0\0" + whole) == ([json.loads(whole)], False)  # a truncated file's hole
+    assert parse_line(b"\0\0") == ([], False)
+    assert parse_line(b"[1,2]") == ([], True)
+    assert parse_line(b"garbage" + whole) == ([json.loads(whole)], True)
+
+
+def test_two_whole_objects_on_one_line_are_both_taken() -> None:
+    # the pipe was full just at the newline: the next object follows the first's brace
+    first, second, third = (
+        line(1, 7, 0, (1, 2, 3)),
+        line(2, 5, 0, (1, 2, 3)),
+        line(3, 1, 0, (1, 1, 1)),
+    )
+    objects = [json.loads(text) for text in (first, second, third)]
+    assert parse_line(first + second) == (objects[:2], False)
+    assert parse_line(first + second + third) == (objects, False)
+    assert parse_line(first + second[:40] + third) == ([objects[0], objects[2]], True)
+    acc = MetricsAccumulator()
+    acc.feed(first + b"\n")
+    acc.take_reading()
+    acc.feed(second + third + b"\n")
+    reading = acc.take_reading()
+    assert (reading.lines, reading.torn_lines, reading.utc_timestamp_ms) == (2, 0, 3)
+    assert reading.delta["net_eth0"]["rx_bytes_count"] == 6
+    assert reading.totals["net_eth0"]["rx_bytes_count"] == 13
+    assert acc.records == 2  # records: what ended with a newline
 
 
 def test_gauges_follow_firecrackers_store_metrics() -> None:
@@ -183,9 +251,11 @@ def emulator_records(rng: random.Random) -> list[bytes]:
     """A metrics stream's records, each ending with ``\\n``: emulator lines with activity,
     and what else a stream holds: torn lines, garbage, NUL holes, blank records, lines not
     in the compact form, unfinished objects, a negative timestamp, lost lines, a device
-    appearing mid-stream (its section lands in the middle of the line), and now and then a
-    nested key literally named utc_timestamp_ms in every line. The first three are clean."""
+    appearing mid-stream (its section lands in the middle of the line), two objects on one
+    line, now and then a nested key literally named utc_timestamp_ms in every line, and
+    Firecracker main's ``id``/``properties`` in every line. The first three are clean."""
     nested = rng.random() < 0.3
+    labels = rng.choice([{}, LABELS, {"id": "vm-1"}, {"properties": {}}])
     vm = VmMetrics()
     plug = rng.randint(8, 40)
     records = []
@@ -200,6 +270,8 @@ def emulator_records(rng: random.Random) -> list[bytes]:
         vm.commit(deltas, None, True)
         if nested:
             obj["extra"] = {"n": i, "utc_timestamp_ms": i}
+        if labels:
+            obj = {TIMESTAMP_KEY: obj.pop(TIMESTAMP_KEY), **labels, **obj}
         kind = rng.random() if i >= 3 else 1.0
         if 0.20 <= kind < 0.25:
             obj["logger"]["missed_metrics_count"] = rng.randint(1, 5)
@@ -218,13 +290,15 @@ def emulator_records(rng: random.Random) -> list[bytes]:
             text = json.dumps(obj).encode()
         elif kind < 0.20:
             text = text + rng.choice([b" ", b"\r", b"x"])
+        elif 0.28 <= kind < 0.31:
+            text = previous + text
         records.append(text + b"\n")
         previous = text
     return records
 
 
 def assert_same_readings(fast: MetricsReading, slow: MetricsReading) -> None:
-    counts = ("utc_timestamp_ms", "lines", "torn_lines", "unparsed_lines", "lost_lines")
+    counts = ("utc_timestamp_ms", "lines", "torn_lines", "unparsed_lines", "lost_lines", "labels")
     for name in counts:
         a, b = getattr(fast, name), getattr(slow, name)
         assert (type(a), a) == (type(b), b), name
@@ -371,3 +445,84 @@ def test_a_reading_of_several_lines_keeps_the_totals_as_text() -> None:
         assert_same_readings(a, b)
     assert got[1].lines == 2
     assert orjson.loads(got[1].totals)["net_eth0"]["rx_bytes_count"] == 22
+
+
+# -- Firecracker main's id / properties: labels, cut from the text, never summed
+
+
+def labelled(text: bytes, labels: dict[str, Any] = LABELS) -> bytes:
+    """A line as Firecracker main writes it with ``emit_id`` and ``properties``."""
+    obj = orjson.loads(text)
+    return orjson.dumps({TIMESTAMP_KEY: obj.pop(TIMESTAMP_KEY), **labels, **obj})
+
+
+def test_labels_are_cut_from_the_text_as_firecracker_writes_them() -> None:
+    plain = line(7, 1, 0, (1, 2, 3))
+    text = labelled(plain)
+    assert text.startswith(b'{"utc_timestamp_ms":7,"id":"cell-1","properties":{"bundle_id":')
+    cut, rest = split_labels(text)
+    assert rest == plain
+    assert cut is not None
+    assert orjson.loads(b"{" + cut + b"}") == LABELS
+    assert decode_labels(cut) == LABELS
+    assert split_labels(plain) == (None, plain)
+    assert split_labels(labelled(plain, {"properties": {}})) == (b'"properties":{}', plain)
+    # anything but the compact form is the parse's to take apart
+    for odd in (
+        b'{"utc_timestamp_ms":7,"id":"x"}',  # nothing after it
+        b'{"utc_timestamp_ms":7, "id":"x","vmm":{}}',
+        b'{"utc_timestamp_ms":7,"id":5,"vmm":{}}',
+        b'{"utc_timestamp_ms":7,"id":"\\q","vmm":{}}',  # not a JSON escape
+        b'{"utc_timestamp_ms":7,"properties":{"a":1},"vmm":{}}',
+        b'{"utc_timestamp_ms":7,"vmm":{},"id":"x"}',
+    ):
+        assert split_labels(odd) == (None, odd)
+    assert decode_labels({"id": 5, "properties": {"a": 1}}) is None  # named only when strings
+    assert decode_labels({"id": "x", "properties": []}) == {"id": "x"}
+    assert decode_labels(b'"id":"\xff"') is None  # not UTF-8
+
+
+def test_lines_with_labels_are_summed_by_the_fast_path_and_name_them() -> None:
+    texts = [line(i, i, i % 3, (i, 2 * i, 3 * i)) for i in range(1, 8)]
+    # emit_id set from the second line on (a restart with PUT /metrics, say)
+    records = [texts[0] + b"\n", *(labelled(text) + b"\n" for text in texts[1:])]
+    chunks = [records[0], records[1], b"".join(records[2:5]), b"".join(records[5:])]
+    counting = Counting("add_text")
+    fast, slow = MetricsAccumulator(), MetricsAccumulator()
+    fast_readings, slow_readings = [], []
+    with patch.object(fc_metrics_parse, "add_text", counting):
+        for chunk in chunks:
+            fast.feed(chunk)
+            fast_readings.append(fast.take_reading_json())
+    with (
+        patch.object(fc_metrics_parse, "add_line", None),
+        patch.object(fc_metrics_parse, "add_text", None),
+    ):
+        for chunk in chunks:
+            slow.feed(chunk)
+            slow_readings.append(slow.take_reading_json())
+    assert counting.taken == 6  # every line once the totals are text, each from its text
+    for fast_reading, slow_reading in zip(fast_readings, slow_readings, strict=True):
+        assert_same_readings(fast_reading, slow_reading)
+    assert [reading.labels for reading in fast_readings] == [None, LABELS, LABELS, LABELS]
+    for reading in fast_readings:
+        for sums in (reading.delta, reading.totals):
+            assert b'"id"' not in sums
+            assert b"properties" not in sums
+
+
+def test_the_newest_labels_of_a_reading_are_named_and_odd_ones_left_out() -> None:
+    acc = MetricsAccumulator()
+    acc.feed(labelled(line(1, 1, 0, (1, 1, 1)), {"id": "old"}) + b"\n")
+    acc.feed(line(2, 1, 0, (1, 1, 1)) + b"\n")  # a new process without emit_id
+    first = acc.take_reading()
+    assert first.labels == {"id": "old"}  # the newest line that had them
+    odd = b'{"utc_timestamp_ms": 3, "id": 5, "properties": {"a": 1}, "vmm": {"panic_count": 0}}'
+    acc.feed(odd + b"\n")
+    second = acc.take_reading()
+    assert second.labels is None
+    assert second.lines == 1
+    assert "id" not in second.delta
+    assert "properties" not in second.totals
+    acc.feed(b'{"utc_timestamp_ms": 4, "id": "spaced", "vmm": {"panic_count": 0}}\n')
+    assert acc.take_reading().labels == {"id": "spaced"}  # taken from the parse

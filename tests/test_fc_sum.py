@@ -313,8 +313,17 @@ def test_real_lines_and_readings_are_the_reference() -> None:
         merge_into(c_total, new)
         assert_same(c_total, ref_total)
     assert TIMESTAMP_KEY not in c_total
-    # the accumulator's readings, bytes for bytes, with two lines per reading at times
-    stream = [orjson.dumps(new) + b"\n" for new in realistic_lines(30, seed=8)]
+    # the accumulator's readings, bytes for bytes, with two lines per reading at times,
+    # two objects on one line (a newline lost to a full pipe), and lines with Firecracker
+    # main's id and properties (never summed)
+    lines = [orjson.dumps(new) for new in realistic_lines(30, seed=8)]
+    labels = {"id": "vm-1", "properties": {"k": "v"}}
+    for i in range(15, 30):
+        found = orjson.loads(lines[i])
+        lines[i] = orjson.dumps({TIMESTAMP_KEY: found.pop(TIMESTAMP_KEY), **labels, **found})
+    stream = [line + b"\n" for line in lines]
+    stream[7] = lines[7] + stream[8]
+    stream[8] = b""
     readings = []
     for merge in (merge_into_reference, merge_into):
         accumulator = MetricsAccumulator()
@@ -324,9 +333,11 @@ def test_real_lines_and_readings_are_the_reference() -> None:
                 accumulator.feed(stream[i])
                 accumulator.feed(b"".join(stream[i + 1 : i + 3]))
                 reading = accumulator.take_reading_json()
-                got.append((reading.lines, reading.delta, reading.totals))
+                got.append((reading.lines, reading.delta, reading.totals, reading.labels))
         readings.append(got)
     assert readings[0] == readings[1]
+    assert sum(lines for lines, *_ in readings[0]) == 30
+    assert readings[0][-1][3] == labels
 
 
 @pytest.mark.parametrize(

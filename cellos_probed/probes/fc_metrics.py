@@ -6,12 +6,19 @@ writes and sums them (``fc_metrics_parse``). Each tick, for every cell at
 once (:meth:`FcMetricsProbe.read_batch`), a worker thread:
 
 - drains the metrics path (:class:`MetricsFollower`): a FIFO read without
-  blocking, or a regular file followed from its end, surviving truncation;
+  blocking, or a regular file followed from its end, surviving truncation
+  and a new Firecracker process writing it again from its start;
 - asks for a flush (``PUT /actions {"action_type": "FlushMetrics"}``) over
   the API socket, drains again and checks that the line it caused arrived
   (Firecracker writes the line before it replies, and answers 204 even when
-  metrics were never configured);
+  metrics were never configured; a line over the bound ahead of it is a
+  parse error);
 - now and then asks ``GET /`` for the instance, and takes the sums.
+
+A reading's ``output`` also has ``metrics_id`` and ``metrics_properties``
+when the VMM writes them (Firecracker main's ``PUT /metrics`` ``emit_id`` /
+``properties``): the ``id`` and ``properties`` of the newest line of the
+reading that had them, never summed. ``instance`` stays what ``GET /`` says.
 
 The VMs' exchanges run together in one epoll loop (``fc_exchange``). A FIFO
 holds about ten lines and Firecracker writes one a minute on its own, so
@@ -41,9 +48,11 @@ from cellos_probed.probes import (
     ProbeContext,
     ProbeError,
     ProbeIoError,
+    ProbeParseError,
     ProbeReading,
     ProbeTimeoutError,
 )
+from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.fc_api import ApiConnection
 from cellos_probed.probes.fc_exchange import Exchange, run_round
 from cellos_probed.probes.fc_http import (
@@ -53,7 +62,11 @@ from cellos_probed.probes.fc_http import (
     describe,
     parse_instance,
 )
-from cellos_probed.probes.fc_metrics_parse import MetricsAccumulator
+from cellos_probed.probes.fc_metrics_parse import (
+    MAX_LINE_BYTES,
+    MetricsAccumulator,
+    line_timestamp,
+)
 
 log = structlog.get_logger("cellos_probed.fc_metrics")
 
@@ -61,6 +74,9 @@ log = structlog.get_logger("cellos_probed.fc_metrics")
 READ_BYTES: Final = 64 * 1024
 #: Bytes drained in one go (a flooding writer must not hold a round for ever).
 DRAIN_SLICE_BYTES: Final = 1024 * 1024
+#: A regular file's first bytes, looked at on every drain: they hold the first
+#: line's timestamp, so a new Firecracker process writing from offset 0 changes them.
+HEAD_BYTES: Final = 64
 #: ``GET /`` at least this often (in readings); see FcMetricsProbe._instance_due.
 INSTANCE_REFRESH_READS: Final = 10
 #: Rounds an open FIFO whose writer was there at the last read is kept without
@@ -99,6 +115,14 @@ class MetricsFollower:
         self.is_fifo = False
         self._identity: tuple[int, int] | None = None
         self._opened_once = False
+        #: a regular file's first line's timestamp as last seen (see HEAD_BYTES), and
+        #: whether it was looked at since the file was opened or truncated
+        self._first_line: int | None = None
+        self._first_seen = False
+        #: a new writer rewrites the regular file from its start: the timestamp of its
+        #: first line (its lines are those not older), and where the old content ended
+        self._new_writer_since: int | None = None
+        self._old_end = 0
         self.writer_present = False
         #: calls answered from the open FIFO without a stat since the last stat
         self.trusted = 0
@@ -165,6 +189,7 @@ class MetricsFollower:
         if not self.is_fifo and not self._opened_once:
             os.lseek(fd, 0, os.SEEK_END)  # a regular file: lines from now on, not its history
         self.fd, self._identity, self._opened_once = fd, identity, True
+        self._first_seen, self._new_writer_since = False, None
 
     def close(self) -> None:
         if self.fd is not None:
@@ -178,9 +203,13 @@ class MetricsFollower:
         fd = self.fd
         if fd is None:
             return 0
-        if not self.is_fifo:
-            self._check_truncation(fd)
         total = 0
+        if not self.is_fifo:
+            self._check_rewritten(fd)
+            if self._new_writer_since is not None:
+                total = self._drain_rewritten(fd, limit)
+                if self._new_writer_since is not None:
+                    return total
         while total < limit:
             try:
                 data = os.read(fd, READ_BYTES)
@@ -201,15 +230,80 @@ class MetricsFollower:
                 break
         return total
 
-    def _check_truncation(self, fd: int) -> None:
+    # -- a regular file: truncated, or written again from its start by a new process ------
+
+    def _check_rewritten(self, fd: int) -> None:
+        """Truncation, and a new Firecracker process on the same file (see _drain_rewritten)."""
         position = os.lseek(fd, 0, os.SEEK_CUR)
         if os.fstat(fd).st_size < position:
             # Firecracker keeps writing at its old offset: NULs fill the gap, skipped by the parser
             os.lseek(fd, 0, os.SEEK_SET)
             self.accumulator.truncated()
+            self._first_seen, self._new_writer_since = False, None
+            return
+        since = line_timestamp(os.pread(fd, HEAD_BYTES, 0))
+        seen, self._first_line = self._first_line, since
+        if not self._first_seen or since is None or since == seen:
+            # a first look, the same first line, or none there (a truncation's hole)
+            self._first_seen = True
+            return
+        # Firecracker opens the file without O_TRUNC or O_APPEND: a new process writes
+        # from offset 0 over the old lines. First the old writer's lines not read yet
+        # (its exit line, say): the whole ones older than the new writer's first.
+        offset = position - self.accumulator.pending_bytes
+        self.accumulator.forget_partial()
+        self._take_whole_lines(fd, offset, lambda timestamp: timestamp < since)
+        self._new_writer_since, self._old_end = since, os.fstat(fd).st_size
+        os.lseek(fd, 0, os.SEEK_SET)
+
+    def _drain_rewritten(self, fd: int, limit: int) -> int:
+        """A new writer's lines, read from the file's start; bytes taken.
+
+        Beyond the new writer's position the old lines are still there, and
+        its next line will overwrite them: only whole lines not older than its
+        first are taken, and the read stops (to come back) at anything else,
+        until it is past where the old content ended.
+        """
+        since = self._new_writer_since
+        assert since is not None
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        offset = self._take_whole_lines(fd, start, lambda timestamp: timestamp >= since, limit)
+        os.lseek(fd, offset, os.SEEK_SET)
+        if offset >= self._old_end:
+            self._new_writer_since = None  # past the old lines: read on as usual
+        return offset - start
+
+    def _take_whole_lines(
+        self, fd: int, offset: int, accept: Callable[[int], bool], limit: int = DRAIN_SLICE_BYTES
+    ) -> int:
+        """Whole lines from ``offset`` into the sums while ``accept`` takes their
+        timestamps; the offset after the last one taken.
+
+        A refused line followed by one that is taken is skipped: a line read
+        while it was being written over an old one can splice with the old
+        one's end into a valid object, and the offset after it then falls
+        inside the writer's next line, whose rest is refused.
+        """
+        start = offset
+        while offset - start < limit:
+            data = os.pread(fd, READ_BYTES, offset)
+            if b"\n" not in data and len(data) == READ_BYTES:  # a line longer than a read
+                data = os.pread(fd, MAX_LINE_BYTES + 1, offset)
+            at = 0
+            while (end := data.find(b"\n", at)) >= 0:
+                if not self.accumulator.take_line(data[at:end], accept):
+                    after = data.find(b"\n", end + 1)
+                    if after < 0 or not self.accumulator.take_line(data[end + 1 : after], accept):
+                        return offset + at
+                    end = after
+                at = end + 1
+            if at == 0:
+                break  # no whole line here yet
+            offset += at
+        return offset
 
 
-class FcMetricsProbe:
+class FcMetricsProbe(HostProbe):
     """One cell's VMM: flush, check the line arrived, publish the sums.
 
     Its ``begin``/``answered``/``failed`` are the VM's part of a round of
@@ -235,6 +329,8 @@ class FcMetricsProbe:
         #: otherwise all ask ``GET /`` on the same tick, every tenth one twice as long
         self._refresh_phase = zlib.crc32(str(config.api_socket).encode()) % INSTANCE_REFRESH_READS
         self._records_before = 0
+        #: lines cut for their length before the round's drains (see answered)
+        self._cut_before = 0
         #: the API connection count at the previous round's start
         self._connections_at_begin = -1
         self._asked_instance = False
@@ -288,10 +384,17 @@ class FcMetricsProbe:
         """For callers that read without running ``background``."""
         self.aclose_sync()
 
+    def close(self) -> None:
+        """The cell went, or the daemon stops (a round still running closes them as it ends)."""
+        self._closed = True
+        if not self._in_round:
+            self.aclose_sync()
+
     # -- a round (on the round's worker thread) ----------------------------------------------
 
     def begin(self) -> bytes | None:
         self.result = None
+        self._cut_before = self.accumulator.oversize
         connections = self.connection.connections
         self.follower.ensure_open(may_trust=connections == self._connections_at_begin)
         self._connections_at_begin = connections
@@ -303,6 +406,7 @@ class FcMetricsProbe:
     def answered(self, response: ApiResponse, *, last_call: bool = False) -> bytes | None:
         if not self._asked_instance:
             if response.status_code != 204:
+                self._raise_if_cut()  # a pipe full of a runaway line refuses the flush
                 raise ProbeIoError(f"FlushMetrics refused: {describe(response)}")
             self.follower.drain()  # the flush's line was written before the 204
             if self.accumulator.records == self._records_before and self.follower.trusted:
@@ -311,6 +415,7 @@ class FcMetricsProbe:
                 self.follower.ensure_open()
                 self.follower.drain()
             if self.accumulator.records == self._records_before:
+                self._raise_if_cut()  # the flush's line is behind a runaway one
                 raise ProbeIoError(
                     "FlushMetrics answered 204 but no line arrived at metrics_path "
                     "(metrics not configured, or configured elsewhere)"
@@ -332,6 +437,15 @@ class FcMetricsProbe:
 
     def failed(self, error: ProbeError) -> None:
         self.result = error
+
+    def _raise_if_cut(self) -> None:
+        """A parse error if this round's drains are in (or cut) a line over the bound:
+        what no whole line followed is that line's doing, drained on by later rounds."""
+        if self.accumulator.cutting or self.accumulator.oversize != self._cut_before:
+            raise ProbeParseError(
+                f"a metrics line longer than {MAX_LINE_BYTES} bytes was cut; "
+                "no whole line has followed it yet"
+            )
 
     def learn_instance(self, response: ApiResponse) -> None:
         """``GET /``'s answer: the instance named in readings from now on."""
@@ -366,6 +480,12 @@ class FcMetricsProbe:
             "unparsed_lines": reading.unparsed_lines,
             "lost_lines": reading.lost_lines,
         }
+        labels = reading.labels
+        if labels is not None:  # Firecracker main's emit_id / properties (newest wins)
+            if "id" in labels:
+                output["metrics_id"] = labels["id"]
+            if "properties" in labels:
+                output["metrics_properties"] = labels["properties"]
         # The output's JSON as pieces: the small head, then the delta and totals
         # fragments as they are. Serialised whole, it beside its fragments held every
         # VM's ~14 KB twice until the tick's events were made (peak RSS +30 MB,

@@ -3,10 +3,12 @@
 Firecracker writes one compact JSON object per ``\\n``-terminated line, in
 writes of at most 1 KiB, so a reader sees lines in pieces. A line whose
 write hit a full pipe leaves a prefix behind, and the next line follows it
-on the same ``\\n``: the complete object is then the text from the last
-``{"utc_timestamp_ms":`` on (reference section 1). Counters in a line are
-the deltas since the previous flush, so every line is summed; gauges
-(``SharedStoreMetric``) are current values, so the newest wins (section 4).
+on the same ``\\n`` (or only the newline was lost, and two whole objects
+share it): each object is then the text from a ``{"utc_timestamp_ms":`` on
+(reference section 1). Counters in a line are the deltas since the previous
+flush, so every line is summed; gauges (``SharedStoreMetric``) are current
+values, so the newest wins (section 4). Firecracker main's ``id`` and
+``properties`` members are labels: cut out of the line, never summed.
 
 Nothing here does I/O; :class:`MetricsAccumulator` is fed bytes and asked
 for readings.
@@ -14,6 +16,7 @@ for readings.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -68,73 +71,122 @@ def _classify(section: str, field: str) -> bool:
 class LineSplitter:
     """Complete lines out of chunks, whatever the chunking; memory stays bounded.
 
-    A line longer than ``max_line`` is dropped (up to its ``\\n``) and counted
-    in ``oversize``.
+    A line longer than ``max_line`` is cut and counted in ``oversize``: dropped
+    up to its ``\\n``, or up to a line start (``{"utc_timestamp_ms":``) in it,
+    from which a line goes on, so that a good line right after a runaway one
+    (which a full pipe can leave without its newline) is still read.
     """
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
         self.max_line = max_line
         self._partial = bytearray()
-        self._skipping = False
+        #: inside a cut line: its last bytes skipped (a line start may span two chunks)
+        self._skipped: bytes | None = None
         self.oversize = 0
 
     @property
     def pending_bytes(self) -> int:
         return len(self._partial)
 
+    @property
+    def cutting(self) -> bool:
+        """Whether the stream is inside a cut line, its end not read yet."""
+        return self._skipped is not None
+
     def feed(self, data: bytes) -> list[bytes]:
         lines: list[bytes] = []
+        if self._skipped is not None:
+            rest = self._skip(data)
+            if rest is None:
+                return lines
+            data = rest
         start = 0
         while True:
             end = data.find(b"\n", start)
             if end < 0:
                 break
-            if self._skipping:
-                self._skipping = False
-            elif self._partial:
+            if self._partial:
                 self._partial += data[start:end]
-                if len(self._partial) > self.max_line:
-                    self.oversize += 1
-                else:
-                    lines.append(bytes(self._partial))
+                line: bytes | None = bytes(self._partial)
                 self._partial.clear()
-            elif end - start > self.max_line:
-                self.oversize += 1
             else:
-                lines.append(data[start:end])
+                line = data[start:end]
+            if line is not None and len(line) > self.max_line:
+                line = self._cut(line)
+            if line is not None:
+                lines.append(line)
             start = end + 1
-        if start < len(data) and not self._skipping:
+        if start < len(data):
             self._partial += data[start:]
             if len(self._partial) > self.max_line:
-                self.oversize += 1
+                whole = bytes(self._partial)
                 self._partial.clear()
-                self._skipping = True
+                rest = self._cut(whole)
+                if rest is None:
+                    self._skipped = whole[1 - len(LINE_START) :]
+                else:
+                    self._partial += rest
         return lines
+
+    def _cut(self, line: bytes) -> bytes | None:
+        """An oversize line counted; what of it to keep: from the first line start
+        that leaves at most ``max_line`` bytes, or None."""
+        self.oversize += 1
+        start = line.find(LINE_START, len(line) - self.max_line)
+        return None if start < 0 else line[start:]
+
+    def _skip(self, data: bytes) -> bytes | None:
+        """Inside a cut line: ``data`` from where a line goes on (a line start, or
+        past the newline that ends the cut one, whichever comes first); None: still inside."""
+        assert self._skipped is not None
+        window = self._skipped + data
+        newline = window.find(b"\n")
+        start = window.find(LINE_START, 0, len(window) if newline < 0 else newline)
+        if start >= 0:
+            self._skipped = None
+            return window[start:]
+        if newline >= 0:
+            self._skipped = None
+            return window[newline + 1 :]
+        self._skipped = window[1 - len(LINE_START) :]
+        return None
 
     def discard_partial(self) -> bool:
         """Forget an unfinished line (the file under it was truncated); True if there was one."""
-        had = bool(self._partial) or self._skipping
+        had = bool(self._partial) or self._skipped is not None
         self._partial.clear()
-        self._skipping = False
+        self._skipped = None
         return had
 
 
-def parse_line(line: bytes) -> tuple[dict[str, Any] | None, bool]:
-    """``(object, torn)``: the line's object (None if unusable) and whether it was corrupt.
+def parse_line(line: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """``(objects, torn)``: the line's whole objects, in order, and whether any of it was corrupt.
 
-    Leading NUL bytes (the hole a truncated regular file leaves) are skipped;
-    a blank line is ``(None, False)``: nothing to count.
+    A line is one object, or, when a write hit a full pipe, more than one:
+    a lost line's prefix before the next object, or two whole objects when
+    only the newline between them was lost. Each part from a
+    ``{"utc_timestamp_ms":`` on is tried alone; what does not parse makes
+    the line torn. Leading NUL bytes (the hole a truncated regular file
+    leaves) are skipped; a blank line is ``([], False)``: nothing to count.
     """
     line = line.lstrip(b"\0")
     if not line.strip():
-        return None, False
+        return [], False
     found = _load(line)
     if found is not None:
-        return found, False
-    start = line.rfind(LINE_START)
-    if start > 0:
-        return _load(line[start:]), True
-    return None, True
+        return [found], False
+    objects: list[dict[str, Any]] = []
+    start = line.find(LINE_START)
+    torn = start != 0
+    while start >= 0:
+        end = line.find(LINE_START, start + 1)
+        found = _load(line[start:] if end < 0 else line[start:end])
+        if found is None:
+            torn = True
+        else:
+            objects.append(found)
+        start = end
+    return objects, torn
 
 
 def delta_text(line: bytes) -> bytes | None:
@@ -167,12 +219,76 @@ def _load(text: bytes) -> dict[str, Any] | None:
     return None
 
 
+def line_timestamp(line: bytes) -> int | None:
+    """A line's ``utc_timestamp_ms`` read from its text, if it is Firecracker's first member."""
+    if not line.startswith(LINE_START):
+        return None
+    end = line.find(b",", len(LINE_START))
+    digits = line[len(LINE_START) : end]
+    return int(digits) if end > 0 and digits.isdigit() else None
+
+
+#: What Firecracker main puts right after ``utc_timestamp_ms`` when ``PUT /metrics``
+#: sets ``emit_id`` / ``properties`` (reference section 3): labels, not metrics.
+LABEL_KEYS: Final = ("id", "properties")
+_JSON_STRING = rb'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*"'
+_PAIR = _JSON_STRING + b":" + _JSON_STRING
+_LABELS = re.compile(
+    rb'\{"utc_timestamp_ms":-?[0-9]+,('
+    + rb'(?:"id":' + _JSON_STRING + rb",)?"
+    + rb'(?:"properties":\{(?:' + _PAIR + rb"(?:," + _PAIR + rb")*)?\},)?"
+    + rb")"
+)  # fmt: skip
+
+
+def split_labels(line: bytes) -> tuple[bytes | None, bytes]:
+    """``(labels, rest)``: a line's ``id``/``properties`` members as written (joined by
+    their comma) and the line without them, or ``(None, line)``.
+
+    Cut from the text, so that a line with them is summed by the same fast
+    paths as one without (they are never summed). Only Firecracker's own
+    compact form is cut; anything else is left to the parse, which takes
+    them out of the parsed line (:func:`pop_labels`).
+    """
+    match = _LABELS.match(line)
+    if match is None or match.end() == match.start(1):
+        return None, line
+    return line[match.start(1) : match.end() - 1], line[: match.start(1)] + line[match.end() :]
+
+
+def pop_labels(found: dict[str, Any]) -> dict[str, Any] | None:
+    """A parsed line's ``id``/``properties`` taken out of it (as they are), or None."""
+    labels: dict[str, Any] = {key: found.pop(key) for key in LABEL_KEYS if key in found}
+    return labels or None
+
+
+def decode_labels(labels: bytes | dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a reading names of a line's labels: ``id`` if a string, ``properties`` if an
+    object of strings; None if neither (a VMM's odd labels are left out, not an error)."""
+    if type(labels) is bytes:
+        try:
+            labels = orjson.loads(b"{" + labels + b"}")
+        except orjson.JSONDecodeError:
+            return None
+    if not isinstance(labels, dict):
+        return None
+    named: dict[str, Any] = {}
+    ident = labels.get("id")
+    if type(ident) is str:
+        named["id"] = ident
+    properties = labels.get("properties")
+    if type(properties) is dict and all(type(value) is str for value in properties.values()):
+        named["properties"] = properties
+    return named or None
+
+
 def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """``old`` plus one line (or one sum of lines) ``new``, as a new object.
 
-    Counters add, gauges and anything not an integer (``id``, ``properties``)
-    take ``new``'s value. Neither argument is changed, so a published sum is
-    never altered afterwards. ``utc_timestamp_ms`` is not summed.
+    Counters add, gauges and anything not an integer take ``new``'s value
+    (the accumulator takes ``id`` and ``properties`` out of a line first).
+    Neither argument is changed, so a published sum is never altered
+    afterwards. ``utc_timestamp_ms`` is not summed.
     """
     out: dict[str, Any] = {} if old is None else dict(old)
     for section, values in new.items():
@@ -333,7 +449,9 @@ class MetricsReading:
     ``lines``: objects summed (recovered torn lines included); ``torn_lines``:
     corrupt lines, recovered or not; ``unparsed_lines``: corrupt lines nothing
     could be recovered from (oversize ones included); ``lost_lines``: lines
-    Firecracker itself failed to write (its ``logger.missed_metrics_count``).
+    Firecracker itself failed to write (its ``logger.missed_metrics_count``);
+    ``labels``: the ``id`` and ``properties`` of the newest line that had them
+    (:func:`decode_labels`), None if no line had them.
     """
 
     utc_timestamp_ms: int | None
@@ -344,6 +462,7 @@ class MetricsReading:
     #: dicts from take_reading, their JSON (bytes) from take_reading_json
     delta: Any
     totals: Any
+    labels: dict[str, Any] | None
 
 
 #: What orjson (and most consumers) can hold: 64-bit integers, signed or not.
@@ -410,55 +529,90 @@ class MetricsAccumulator:
         self._torn = 0
         self._unparsed = 0
         self._oversize_seen = 0
-        #: every record ended by ``\\n`` so far (usable or not): "did a line arrive?"
+        #: the reading's newest ``id``/``properties``: as written, or parsed (decode_labels)
+        self._labels: bytes | dict[str, Any] | None = None
+        #: the labels text last decoded, and what it decoded to (they rarely change)
+        self._decoded: tuple[bytes, dict[str, Any] | None] = (b"", None)
+        #: every record ended by ``\\n`` so far (usable or not): "did a line arrive?";
+        #: a line cut for its length is not one (see ``oversize``)
         self.records = 0
+
+    @property
+    def oversize(self) -> int:
+        """Lines cut for being longer than ``max_line``, since the reader began."""
+        return self._splitter.oversize
+
+    @property
+    def cutting(self) -> bool:
+        """Whether the stream is inside a line being cut, its end not read yet."""
+        return self._splitter.cutting
 
     def feed(self, data: bytes) -> int:
         """Take a chunk of the stream; returns how many records it completed."""
         lines = self._splitter.feed(data)
-        fast, text_fast = add_line, add_text
         for line in lines:
-            # a line shaped as the totals (nearly every line once the totals exist):
-            # added from its text; anything else parsed and merged
-            whole = line.lstrip(b"\0")
-            if self._totals_text is not None and text_fast is not None:
-                summed = text_fast(self._layout, self._totals_text, whole)
-                if summed is not None:
-                    self._totals_text = summed[0]
-                    if self._lines == 0:
-                        self._added(whole, summed[1], summed[2])
-                    else:  # a reading's further line: only its delta needs the objects
-                        # (the totals stay text: a thousand VMMs' 60 s timers firing
-                        # together turned every VM's totals into objects at once, and
-                        # the heap kept the peak: RSS +7 % over the soak, measured)
-                        self.records += 1
-                        self._add(orjson.loads(whole), None, totals_added=True)
-                    continue
-            if self._lines == 0:
-                totals = self._dict_totals()
-                if fast is not None and totals:
-                    added = fast(totals, whole)
-                    if added is not None:
-                        self._added(whole, *added)
-                        continue
-            found, torn = parse_line(line)
-            if found is None and not torn:
-                continue  # blank: a hole in a truncated file, nothing was written there
-            self.records += 1
-            self._torn += torn
-            if found is None:
-                self._unparsed += 1
-                continue
-            self._add(found, None if torn else line)
+            self.take_line(line)
         oversize = self._splitter.oversize - self._oversize_seen
         if oversize:
             self._oversize_seen = self._splitter.oversize
-            self.records += oversize
             self._torn += oversize
             self._unparsed += oversize
-        return len(lines) + oversize
+        return len(lines)
 
-    def _added(self, line: bytes, timestamp: int, missed: int) -> None:
+    def take_line(self, line: bytes, accept: Callable[[int], bool] | None = None) -> bool:
+        """One record (without its ``\\n``) into the sums.
+
+        ``accept``: take it only if it is one whole object whose timestamp
+        ``accept`` approves; otherwise nothing changes and False is returned.
+        """
+        # a line shaped as the totals (nearly every line once the totals exist):
+        # added from its text; anything else parsed and merged
+        labels, body = split_labels(line.lstrip(b"\0"))
+        if accept is not None:
+            timestamp = line_timestamp(body)
+            if timestamp is None or not accept(timestamp):
+                return False
+        text_fast = add_text
+        if self._totals_text is not None and text_fast is not None:
+            summed = text_fast(self._layout, self._totals_text, body)
+            if summed is not None:
+                self._totals_text = summed[0]
+                if self._lines == 0:
+                    self._added(body, labels, summed[1], summed[2])
+                else:  # a reading's further line: only its delta needs the objects
+                    # (the totals stay text: a thousand VMMs' 60 s timers firing
+                    # together turned every VM's totals into objects at once, and
+                    # the heap kept the peak: RSS +7 % over the soak, measured)
+                    self.records += 1
+                    self._add(orjson.loads(body), None, labels, totals_added=True)
+                return True
+        fast = add_line
+        if self._lines == 0 and fast is not None:
+            totals = self._dict_totals()
+            if totals:
+                added = fast(totals, body)
+                if added is not None:
+                    self._added(body, labels, *added)
+                    return True
+        objects, torn = parse_line(body)
+        whole = not torn and len(objects) == 1
+        if accept is not None and not whole:
+            return False
+        if not objects and not torn:
+            return True  # blank: a hole in a truncated file, nothing was written there
+        self.records += 1
+        self._torn += torn
+        if not objects:
+            self._unparsed += 1
+        for found in objects:
+            own = pop_labels(found)
+            if whole and own is None:  # the line as written: its text may be the delta
+                self._add(found, body, labels)
+            else:
+                self._add(found, None, own)
+        return True
+
+    def _added(self, line: bytes, labels: bytes | None, timestamp: int, missed: int) -> None:
         """A reading's first line, whole, which :func:`add_line` added into the totals.
 
         The rest of what :meth:`_add` does with a first line: counted, its
@@ -468,6 +622,8 @@ class MetricsAccumulator:
         self.records += 1
         self._lines = 1
         self._newest_timestamp = timestamp
+        if labels is not None:
+            self._labels = labels
         text = delta_text(line)
         if text is not None:
             self._pending_text = text
@@ -478,11 +634,19 @@ class MetricsAccumulator:
             self._pending = found
 
     def _add(
-        self, found: dict[str, Any], line: bytes | None, *, totals_added: bool = False
+        self,
+        found: dict[str, Any],
+        line: bytes | None,
+        labels: bytes | dict[str, Any] | None,
+        *,
+        totals_added: bool = False,
     ) -> None:
-        """One parsed line (a fresh object: nobody else holds it) into totals and reading."""
+        """One parsed line (a fresh object: nobody else holds it, its labels out of it)
+        into totals and reading."""
         self._lines += 1
         self._newest_timestamp = found.pop(TIMESTAMP_KEY)
+        if labels is not None:
+            self._labels = labels
         if not totals_added:
             # totals take copies of the sections they lack: ``found`` stays unshared
             merge_into(self._dict_totals(), found)
@@ -499,6 +663,15 @@ class MetricsAccumulator:
             self._pending = orjson.loads(self._pending_text)
             self._pending_text = None
         merge_into(self._pending, found)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an unfinished line held, read but not yet a record."""
+        return self._splitter.pending_bytes
+
+    def forget_partial(self) -> None:
+        """Drop an unfinished line the reader will read again from its start."""
+        self._splitter.discard_partial()
 
     def truncated(self) -> None:
         """The file was truncated under the reader: an unfinished line is torn."""
@@ -533,6 +706,7 @@ class MetricsAccumulator:
             r.lost_lines,
             delta if type(delta) is bytes else dumps_saturated(delta),
             self._totals_json(),
+            r.labels,
         )
 
     def _dict_totals(self) -> dict[str, Any]:
@@ -576,10 +750,22 @@ class MetricsAccumulator:
             missed,
             delta,
             None,
+            self._decode_labels(),
         )
         self._pending = self._pending_text = None
+        self._labels = None
         self._lines = self._torn = self._unparsed = 0
         return reading
+
+    def _decode_labels(self) -> dict[str, Any] | None:
+        """The reading's labels as it names them; text decoded once while
+        it stays the same (a VMM's labels never change while it runs)."""
+        labels = self._labels
+        if type(labels) is not bytes:
+            return decode_labels(labels)
+        if labels != self._decoded[0]:
+            self._decoded = (labels, decode_labels(labels))
+        return self._decoded[1]
 
 
 def _missed(delta: dict[str, Any]) -> int:
