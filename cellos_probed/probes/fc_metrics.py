@@ -50,7 +50,6 @@ from cellos_probed.probes import (
     ProbeIoError,
     ProbeParseError,
     ProbeReading,
-    ProbeTimeoutError,
 )
 from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.fc_api import ApiConnection
@@ -329,6 +328,8 @@ class FcMetricsProbe(HostProbe):
         #: otherwise all ask ``GET /`` on the same tick, every tenth one twice as long
         self._refresh_phase = zlib.crc32(str(config.api_socket).encode()) % INSTANCE_REFRESH_READS
         self._records_before = 0
+        #: the accumulator's record count when the last reading was taken
+        self._records_published = 0
         #: lines cut for their length before the round's drains (see answered)
         self._cut_before = 0
         #: the API connection count at the previous round's start
@@ -379,10 +380,6 @@ class FcMetricsProbe(HostProbe):
     def aclose_sync(self) -> None:
         self.follower.close()
         self.connection.close()
-
-    async def aclose(self) -> None:
-        """For callers that read without running ``background``."""
-        self.aclose_sync()
 
     def close(self) -> None:
         """The cell went, or the daemon stops (a round still running closes them as it ends)."""
@@ -436,7 +433,13 @@ class FcMetricsProbe(HostProbe):
         return None
 
     def failed(self, error: ProbeError) -> None:
-        self.result = error
+        """The exchange failed. Lines drained since the last reading are published
+        first (a crashing VMM's last line is written just before its API goes);
+        the failure is then the next round's, when no line is left to publish."""
+        if self.accumulator.records != self._records_published and self._instance_cache is not None:
+            self.result = self._reading()
+        else:
+            self.result = error
 
     def _raise_if_cut(self) -> None:
         """A parse error if this round's drains are in (or cut) a line over the bound:
@@ -471,6 +474,7 @@ class FcMetricsProbe(HostProbe):
 
     def _reading(self) -> ProbeReading:
         assert self._instance_cache is not None
+        self._records_published = self.accumulator.records
         reading = self.accumulator.take_reading_json()  # serialised here, on the round's thread
         output: dict[str, Any] = {
             "instance": self._instance_cache,
@@ -575,18 +579,6 @@ class FcMetricsProbe(HostProbe):
             time.monotonic() + PREPARE_ROUND_SECONDS,
             _AskInstance,
         )
-
-    async def read(self, ctx: ProbeContext) -> ProbeReading:
-        """One cell alone (``once``, tests): a round of one."""
-        results: list[ProbeReading | ProbeError | None] = [None]
-        with trio.move_on_after(API_TIMEOUT_SECONDS):
-            await self.read_batch([(ctx, self)], results)
-        result = results[0]
-        if result is None:
-            raise ProbeTimeoutError("fc_metrics probe: the API socket did not answer")
-        if isinstance(result, ProbeError):
-            raise result
-        return result
 
 
 class _AskInstance:
