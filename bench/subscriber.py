@@ -55,7 +55,7 @@ async def main(url: str, prefix: str, out: Path) -> None:
                         key = f"{event['data']['probeSource']}/{event['data']['error']['kind']}"
                         errors[key] = errors.get(key, 0) + 1
                         # which ticks: a cell's sequence counts its ticks from 1
-                        sequence = int(event["sequence"])
+                        sequence = event["cellosseq"]
                         seen = error_ticks.setdefault(key, {})
                         seen[sequence] = seen.get(sequence, 0) + 1
     rows = completeness.rows()

@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--config", help="take servers and subject prefix from this config")
     tail.add_argument("--server", action="append", help="NATS server URL (repeatable)")
     tail.add_argument("--prefix", help="subject prefix")
+    tail.add_argument("--host", help="only this host's cell events")
     tail.add_argument("--cell", help="only this cell")
     tail.add_argument(
         "--probe",
@@ -113,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--verify",
         action="store_true",
-        help="report completeness per (boot, cell, probe) instead of printing events: "
-        "sequences received, duplicates, holes, holes declared by gap events; "
+        help="report completeness per (boot, host, cell, probe) instead of printing events: "
+        "cellosseq values received, duplicates, holes, holes declared by gap events; "
         "exit 1 on an undeclared hole",
     )
     tail.add_argument("--stream", help="with --verify: read this JetStream stream from its start")
@@ -172,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     shard: Shard | None = args.shard
     if shard is not None:
         config = shard.select(config)
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id=config.daemon.host_id)
     sink = NatsSink(config.nats, sequences.boot_id, buffer=config.buffer, spool=config.spool)
 
     limit = fd_limit.raise_to_hard_limit(len(config.cells))
@@ -219,7 +220,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         settings = config.nats
     servers = args.server or servers
     prefix = args.prefix or prefix
-    subject = tail_subject(prefix, args.cell, args.probe)
+    subject = tail_subject(prefix, args.host, args.cell, args.probe)
 
     def ready(banner: str) -> Callable[[], None]:
         def subscribed() -> None:

@@ -78,14 +78,16 @@ class CloudEvent:
         "_json",
         "attribution",
         "cellosagentboot",
+        "cellosseq",
         "data",
         "datacontenttype",
+        "dataschema",
         "id",
         "kind",
-        "sequence",
+        "route",
         "source",
         "specversion",
-        "subject_token",
+        "subject",
         "time",
         "traceparent",
         "type",
@@ -98,13 +100,15 @@ class CloudEvent:
         type: str,
         time: str,
         data: dict[str, Any],
-        sequence: str | None = None,
+        *,
+        subject: str | None = None,
+        dataschema: str | None = None,
+        cellosseq: int | None = None,
         cellosagentboot: str | None = None,
         traceparent: str | None = None,
         specversion: str = "1.0",
         datacontenttype: str = "application/json",
-        subject_token: str = "",
-        *,
+        route: str = "",
         kind: str | None = None,
         json: bytes | None = None,
         attribution: dict[str, str] | None = None,
@@ -114,23 +118,26 @@ class CloudEvent:
         self.type = type
         self.time = time
         self.data = data
-        self.sequence = sequence
+        self.subject = subject
+        self.dataschema = dataschema
+        self.cellosseq = cellosseq
         self.cellosagentboot = cellosagentboot
         self.traceparent = traceparent
         self.specversion = specversion
         self.datacontenttype = datacontenttype
-        #: Last token of the NATS subject (cell id, or host id for ``agent``);
-        #: routing only, not a CloudEvents attribute.
-        self.subject_token = subject_token
+        #: the NATS subject's tokens after the kind: ``<hostId>.<cellId>``, or
+        #: ``<hostId>`` for ``agent``; routing only, not a CloudEvents attribute
+        self.route = route
         #: The type's last segment: ``cgroup``, ``probe_error``, ``gap`` ...
         self.kind = type.rsplit(".", 1)[-1] if kind is None else kind
         self._json = json
-        #: the cell's ``cellId``, ``runId`` and ``specSignatureHash`` as one object its
-        #: maker shares between events (read only): what gap accounting keeps
+        #: the cell's ``cellId``, ``hostId``, ``runId`` and ``specSignatureHash`` as one
+        #: object its maker shares between events (read only): what gap accounting keeps
         self.attribution = attribution
 
-    def subject(self, prefix: str) -> str:
-        return f"{prefix}.{self.kind}.{self.subject_token}"
+    def nats_subject(self, prefix: str) -> str:
+        """``<prefix>.<kind>.<hostId>.<cellId>`` (``<prefix>.agent.<hostId>``)."""
+        return f"{prefix}.{self.kind}.{self.route}"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -141,10 +148,14 @@ class CloudEvent:
             "datacontenttype": self.datacontenttype,
             "time": self.time,
         }
+        if self.subject is not None:
+            out["subject"] = self.subject
+        if self.dataschema is not None:
+            out["dataschema"] = self.dataschema
         if self.traceparent is not None:
             out["traceparent"] = self.traceparent
-        if self.sequence is not None:
-            out["sequence"] = self.sequence
+        if self.cellosseq is not None:
+            out["cellosseq"] = self.cellosseq
         if self.cellosagentboot is not None:
             out["cellosagentboot"] = self.cellosagentboot
         out["data"] = self.data
@@ -159,9 +170,9 @@ class CloudEvent:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CloudEvent):
             return NotImplemented
-        return (self.to_dict(), self.subject_token) == (other.to_dict(), other.subject_token)
+        return (self.to_dict(), self.route) == (other.to_dict(), other.route)
 
     __hash__ = None  # type: ignore[assignment]  # data is a dict: not hashable
 
     def __repr__(self) -> str:
-        return f"CloudEvent({self.to_dict()!r}, subject_token={self.subject_token!r})"
+        return f"CloudEvent({self.to_dict()!r}, route={self.route!r})"

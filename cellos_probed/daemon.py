@@ -380,7 +380,7 @@ async def run_once(
     config: Config, sink: EventSink, sequences: SequenceRegistry | None = None
 ) -> Prober:
     """One tick, every event to ``sink``: the ``once`` command."""
-    prober = Prober(config, sink, sequences or SequenceRegistry())
+    prober = Prober(config, sink, sequences or SequenceRegistry(host_id=config.daemon.host_id))
     async with trio.open_nursery() as nursery:
         await nursery.start(prober.run_services)
         await prober.tick()
@@ -418,7 +418,7 @@ async def run_daemon(
     With ``shard``, ``config`` holds the shard's cells already; reloads are
     narrowed to them the same way.
     """
-    sequences = sequences or SequenceRegistry()
+    sequences = sequences or SequenceRegistry(host_id=config.daemon.host_id)
     notifier = notifier or Notifier()
     prober = Prober(config, sink, sequences)
     prober.shard = shard
@@ -455,7 +455,7 @@ async def run_daemon(
         if every and prober.tick_stats.ticks % every == 0:
             sink.emit_nowait(
                 agent_event(
-                    prober.config.daemon.host_id, sequences.boot_id, collect_figures(prober, sink)
+                    sequences.host_id, sequences.boot_id, collect_figures(prober, sink)
                 )
             )
         # the watchdog is fed only here: a wedged tick loop stops feeding it
@@ -634,6 +634,13 @@ async def _reloader(
             notifier.ready(status.line())
             continue
         status.problem = None
+        if new.daemon.host_id != prober.sequences.host_id:
+            # the host id is the boot's identity (subjects, NATS user): a restart changes it
+            log.warning(
+                "reload: [daemon] host_id changes at the next restart",
+                running=prober.sequences.host_id,
+                configured=new.daemon.host_id,
+            )
         if new.nats != prober.config.nats:
             prober.sink.apply_settings(new.nats)
             log.info("reload: the sink takes the new [nats] settings")

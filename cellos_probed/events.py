@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from cellos_probed.cloudevent import CloudEvent, new_event_id, rfc3339_millis
+from cellos_probed.config import default_host_id
 from cellos_probed.readings import (
     PROBE_NAMES,
     ProbeContext,
@@ -22,6 +23,7 @@ from cellos_probed.readings import (
     ProbeReading,
     known_probe,
 )
+from cellos_probed.schemas import schema_id
 
 if TYPE_CHECKING:
     from cellos_probed.sinks import EventSink
@@ -38,11 +40,10 @@ PROBE_ERROR_KIND: Final = "probe_error"
 GAP_KIND: Final = "gap"
 AGENT_KIND: Final = "agent"
 
-#: the types of every kind this module emits, made once rather than per event
-_EVENT_TYPES: Final = {
-    kind: f"{HOST_PROBE_EVENT_TYPE_PREFIX}.{kind}"
-    for kind in (*PROBE_NAMES, PROBE_ERROR_KIND, GAP_KIND, AGENT_KIND)
-}
+_KINDS: Final = (*PROBE_NAMES, PROBE_ERROR_KIND, GAP_KIND, AGENT_KIND)
+#: the types and schema ids of every kind this module emits, made once rather than per event
+_EVENT_TYPES: Final = {kind: f"{HOST_PROBE_EVENT_TYPE_PREFIX}.{kind}" for kind in _KINDS}
+_SCHEMA_IDS: Final = {kind: schema_id(kind) for kind in _KINDS}
 
 
 def event_type_for(kind: str) -> str:
@@ -67,10 +68,10 @@ def cell_observability_host_tap_v1_type() -> str:
 
 
 class EventStream:
-    """One (cell, probe)'s events: their sequence, and the JSON they all share.
+    """One (cell, probe)'s events: their ``cellosseq``, and the JSON they all share.
 
-    Of a probe's event only the id, the time, the sequence, the inputs and
-    the output (or error) differ from one to the next; the rest (envelope
+    Of a probe's event only the id, the time, the count, the inputs and the
+    output (or error) differ from one to the next; the rest (envelope
     attributes, the cell's attribution, the boot) is serialised once, when
     the stream is first used or its cell's identity changes (a reload with a
     new run). Each event's JSON is byte for byte what
@@ -78,34 +79,41 @@ class EventStream:
     """
 
     __slots__ = (
-        "_after_sequence",
+        "_after_count",
         "_after_stamp",
         "_error_head",
+        "_error_middle",
         "_reading_head",
+        "_reading_middle",
         "attribution",
         "context",
         "kind",
         "probe_source",
+        "route",
         "sequence",
     )
 
     def __init__(self) -> None:
         self.sequence = 0
         self.context: ProbeContext | None = None
-        self.probe_source = self.kind = ""
+        self.probe_source = self.kind = self.route = ""
         self.attribution: dict[str, str] = {}
         self._reading_head = self._error_head = b""
-        self._after_sequence = self._after_stamp = b""
+        self._reading_middle = self._error_middle = b""
+        self._after_count = self._after_stamp = b""
 
-    def bind(self, ctx: ProbeContext, probe_source: str, boot_id: str) -> None:
-        """Make the shared parts for ``ctx`` and ``probe_source`` (the sequence goes on)."""
+    def bind(self, ctx: ProbeContext, probe_source: str, boot_id: str, host_id: str) -> None:
+        """Make the shared parts for ``ctx`` and ``probe_source`` (the count goes on)."""
         self.context, self.probe_source = ctx, probe_source
         self.kind = known_probe(probe_source)
+        self.route = f"{host_id}.{ctx.cell_id}"
         self.attribution = {
             "cellId": ctx.cell_id,
+            "hostId": host_id,
             "runId": ctx.run_id,
             "specSignatureHash": ctx.spec_signature_hash,
         }
+        subject = orjson.dumps(ctx.cell_id)
 
         def head(kind: str) -> bytes:
             return b'","source":%b,"type":%b,"datacontenttype":"application/json","time":"' % (
@@ -113,9 +121,16 @@ class EventStream:
                 orjson.dumps(event_type_for(kind)),
             )
 
+        def middle(kind: str) -> bytes:
+            return b'","subject":%b,"dataschema":%b,"cellosseq":' % (
+                subject,
+                orjson.dumps(schema_id(kind)),
+            )
+
         self._reading_head, self._error_head = head(self.kind), head(PROBE_ERROR_KIND)
+        self._reading_middle, self._error_middle = middle(self.kind), middle(PROBE_ERROR_KIND)
         # the attribution object, open after specSignatureHash, ready for hostReceivedAt
-        self._after_sequence = b'","cellosagentboot":%b,"data":%b,"hostReceivedAt":"' % (
+        self._after_count = b',"cellosagentboot":%b,"data":%b,"hostReceivedAt":"' % (
             orjson.dumps(boot_id),
             orjson.dumps(self.attribution)[:-1],
         )
@@ -133,7 +148,7 @@ class EventStream:
         """The next event: ``data[result_key]`` (``output`` or ``error``) is ``result``,
         ``result_json`` its JSON (or that JSON's pieces) if already made."""
         self.sequence += 1
-        sequence = str(self.sequence)
+        count = self.sequence
         event_id = new_event_id()
         is_error = result_key == "error"
         data = {
@@ -149,9 +164,9 @@ class EventStream:
             event_id.encode(),
             self._error_head if is_error else self._reading_head,
             stamp_bytes,
-            b'","sequence":"',
-            sequence.encode(),
-            self._after_sequence,
+            self._error_middle if is_error else self._reading_middle,
+            b"%d" % count,
+            self._after_count,
             stamp_bytes,
             self._after_stamp,
             orjson.dumps(inputs),
@@ -165,18 +180,18 @@ class EventStream:
             parts.extend(result_json)
         parts.append(b"}}")
         kind = PROBE_ERROR_KIND if is_error else self.kind
+        cell_id = self.attribution["cellId"]
         return CloudEvent(
             event_id,
             HOST_PROBE_EVENT_SOURCE,
             _EVENT_TYPES[kind],
             stamp,
             data,
-            sequence,
-            boot_id,
-            None,
-            "1.0",
-            "application/json",
-            self.attribution["cellId"],
+            subject=cell_id,
+            dataschema=_SCHEMA_IDS[kind],
+            cellosseq=count,
+            cellosagentboot=boot_id,
+            route=self.route,
             kind=kind,
             json=b"".join(parts),
             attribution=self.attribution,
@@ -184,17 +199,18 @@ class EventStream:
 
 
 class SequenceRegistry:
-    """The loss-visibility extensions: one boot id, one count per (cell, probe).
+    """Who sends (the host id, one boot id) and the ``cellosseq`` count per (cell, probe).
 
     A reading and a ``probe_error`` of the same cell and probe share the
-    count, so each (boot, cell, probe) sequence has no holes unless a ``gap``
-    event declares them. The registry outlives config reloads.
+    count, so each (boot, host, cell, probe) count has no holes unless a
+    ``gap`` event declares them. The registry outlives config reloads.
     """
 
-    __slots__ = ("_streams", "boot_id")
+    __slots__ = ("_streams", "boot_id", "host_id")
 
-    def __init__(self, boot_id: str | None = None) -> None:
+    def __init__(self, boot_id: str | None = None, host_id: str | None = None) -> None:
         self.boot_id = boot_id or str(uuid.uuid4())
+        self.host_id = host_id or default_host_id()
         self._streams: dict[tuple[str, str], EventStream] = {}
 
     def stream(self, ctx: ProbeContext, probe_source: str) -> EventStream:
@@ -205,7 +221,7 @@ class SequenceRegistry:
             stream = self._streams[key] = EventStream()
         bound = stream.context
         if (bound is not ctx and bound != ctx) or stream.probe_source != probe_source:
-            stream.bind(ctx, probe_source, self.boot_id)
+            stream.bind(ctx, probe_source, self.boot_id, self.host_id)
         return stream
 
     def last_sequence(self, cell_id: str, probe: str) -> int:
@@ -283,15 +299,20 @@ async def emit_probe_error(
     return event
 
 
-def _envelope(kind: str, token: str, data: dict[str, Any], stamp: str, boot_id: str) -> CloudEvent:
+def _envelope(
+    kind: str, subject: str, route: str, data: dict[str, Any], stamp: str, boot_id: str
+) -> CloudEvent:
     return CloudEvent(
-        id=new_event_id(),
-        source=HOST_PROBE_EVENT_SOURCE,
-        type=event_type_for(kind),
-        time=stamp,
-        data=data,
+        new_event_id(),
+        HOST_PROBE_EVENT_SOURCE,
+        _EVENT_TYPES[kind],
+        stamp,
+        data,
+        subject=subject,
+        dataschema=_SCHEMA_IDS[kind],
         cellosagentboot=boot_id,
-        subject_token=token,
+        route=route,
+        kind=kind,
     )
 
 
@@ -305,12 +326,14 @@ def gap_event(
 ) -> CloudEvent:
     """A ``gap`` event: readings of this daemon (this boot) that were dropped.
 
-    ``attribution`` holds the dropped events' ``cellId``, ``runId`` and
-    ``specSignatureHash``.
+    ``attribution`` holds the dropped events' ``cellId``, ``hostId``, ``runId``
+    and ``specSignatureHash``; the sequences are their ``cellosseq`` values.
     """
     stamp = rfc3339_millis(datetime.now(UTC))
+    cell_id, host_id = attribution["cellId"], attribution["hostId"]
     data = {
-        "cellId": attribution["cellId"],
+        "cellId": cell_id,
+        "hostId": host_id,
         "runId": attribution["runId"],
         "specSignatureHash": attribution["specSignatureHash"],
         "hostReceivedAt": stamp,
@@ -320,11 +343,11 @@ def gap_event(
         "lastSequence": last_sequence,
         "reason": reason,
     }
-    return _envelope(GAP_KIND, attribution["cellId"], data, stamp, boot_id)
+    return _envelope(GAP_KIND, cell_id, f"{host_id}.{cell_id}", data, stamp, boot_id)
 
 
 def agent_event(host_id: str, boot_id: str, figures: dict[str, Any]) -> CloudEvent:
-    """The daemon's own figures, on ``<prefix>.agent.<hostId>``; no sequence."""
+    """The daemon's own figures, on ``<prefix>.agent.<hostId>``; no ``cellosseq``."""
     stamp = rfc3339_millis(datetime.now(UTC))
     data = {"hostId": host_id, "hostReceivedAt": stamp, **figures}
-    return _envelope(AGENT_KIND, host_id, data, stamp, boot_id)
+    return _envelope(AGENT_KIND, host_id, host_id, data, stamp, boot_id)

@@ -33,22 +33,22 @@ class OutboxEntry:
     attribution: dict[str, Any] | None
 
 
-_ATTRIBUTION_KEYS = ("cellId", "runId", "specSignatureHash")
+_ATTRIBUTION_KEYS = ("cellId", "hostId", "runId", "specSignatureHash")
 
 
 def entry_for(event: CloudEvent, subject_prefix: str, serial: int) -> OutboxEntry:
     """``event`` as the outbox holds it: subject, JSON, and what its gap accounting needs."""
-    if event.sequence is None:  # gap and agent events: counted in no sequence
-        return OutboxEntry(serial, event.subject(subject_prefix), event.to_json(), event.id,
-                           None, None, None)  # fmt: skip
+    subject = event.nats_subject(subject_prefix)
+    if event.cellosseq is None:  # gap and agent events: counted in no sequence
+        return OutboxEntry(serial, subject, event.to_json(), event.id, None, None, None)
     data = event.data
     attribution = event.attribution  # shared by its maker, or taken from the data
     return OutboxEntry(
         serial,
-        f"{subject_prefix}.{event.kind}.{event.subject_token}",
+        subject,
         event.to_json(),
         event.id,
-        int(event.sequence),
+        event.cellosseq,
         data.get("probeSource"),
         {key: data[key] for key in _ATTRIBUTION_KEYS} if attribution is None else attribution,
     )

@@ -101,13 +101,14 @@ _FIGURES = {
 
 
 def format_event(event: dict[str, Any]) -> str:
-    """``time cell probe #seq figures...``."""
+    """``time host cell probe #cellosseq figures...``."""
     kind = str(event.get("type", "")).rsplit(".", 1)[-1]
     data = event.get("data") or {}
-    cell = data.get("cellId") or data.get("hostId") or "-"
+    host = data.get("hostId") or "-"
+    cell = data.get("cellId") or "-"
     probe = str(data.get("probeSource", kind)).removeprefix("host.")
-    seq = f"#{event['sequence']}" if "sequence" in event else ""
-    head = f"{event.get('time', '?')} {cell:<16} {probe:<10} {seq:>6}"
+    seq = f"#{event['cellosseq']}" if "cellosseq" in event else ""
+    head = f"{event.get('time', '?')} {host:<12} {cell:<16} {probe:<10} {seq:>6}"
     if kind == "probe_error":
         error = data.get("error") or {}
         return f"{head} ERROR {error.get('kind')}: {error.get('message')}"
@@ -123,8 +124,12 @@ def format_event(event: dict[str, Any]) -> str:
     return f"{head} {' '.join(figures)}".rstrip()
 
 
-def tail_subject(prefix: str, cell: str | None, probe: str | None) -> str:
-    return f"{prefix}.{probe or '*'}.{cell or '*'}" if (cell or probe) else f"{prefix}.>"
+def tail_subject(prefix: str, host: str | None, cell: str | None, probe: str | None) -> str:
+    """``<prefix>.<kind>.<hostId>.<cellId>``, each filter a token, the rest wildcards
+    (with a filter, a host's ``agent`` events, one token shorter, are not shown)."""
+    if not (host or cell or probe):
+        return f"{prefix}.>"
+    return f"{prefix}.{probe or '*'}.{host or '*'}.{cell or '*'}"
 
 
 async def run_tail(

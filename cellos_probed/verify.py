@@ -1,7 +1,7 @@
 """Completeness a consumer can check: ``cellos-probed tail --verify``.
 
-Per (boot, cell, probe): which ``sequence`` values arrived, which arrived
-twice, which are missing, and which of the missing a ``gap`` event
+Per (boot, host, cell, probe): which ``cellosseq`` values arrived, which
+arrived twice, which are missing, and which of the missing a ``gap`` event
 declared. An undeclared hole is a loss the host did not own up to. Pure:
 events in, report out.
 """
@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-Key = tuple[str, str, str]  # boot, cell, probe source
+Key = tuple[str, str, str, str]  # boot, host, cell, probe source
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -54,17 +54,21 @@ class Completeness:
         kind = str(event.get("type", "")).rsplit(".", 1)[-1]
         data = event.get("data") or {}
         boot = str(event.get("cellosagentboot", "?"))
+        key = (
+            boot,
+            str(data.get("hostId")),
+            str(data.get("cellId")),
+            str(data.get("probeSource")),
+        )
         if kind == "gap":
-            key = (boot, str(data.get("cellId")), str(data.get("probeSource")))
             first, last = int(data["firstSequence"]), int(data["lastSequence"])
             self.declared[key].update(range(first, last + 1))
             return
-        if "sequence" not in event:
-            self.other += 1  # agent events: no sequence
+        count = event.get("cellosseq")
+        if not isinstance(count, int) or isinstance(count, bool):
+            self.other += 1  # agent events: no cellosseq
             return
-        key = (boot, str(data.get("cellId")), str(data.get("probeSource")))
-        sequence = int(event["sequence"])
-        self.seen[key][sequence] = self.seen[key].get(sequence, 0) + 1
+        self.seen[key][count] = self.seen[key].get(count, 0) + 1
 
     def rows(self) -> list[SequenceRow]:
         rows = []
@@ -95,13 +99,13 @@ class Completeness:
 
     def render(self) -> str:
         lines = [
-            f"{'boot':<8} {'cell':<16} {'probe':<16} {'received':>8} {'range':>13} "
-            f"{'dups':>5} {'declared lost':>14} {'UNDECLARED':>10}"
+            f"{'boot':<8} {'host':<16} {'cell':<16} {'probe':<16} {'received':>8} "
+            f"{'range':>13} {'dups':>5} {'declared lost':>14} {'UNDECLARED':>10}"
         ]
         for row in self.rows():
-            boot, cell, probe = row.key
+            boot, host, cell, probe = row.key
             lines.append(
-                f"{boot[:8]:<8} {cell:<16} {probe:<16} {row.received:>8} "
+                f"{boot[:8]:<8} {host:<16} {cell:<16} {probe:<16} {row.received:>8} "
                 f"{f'{row.first}..{row.last}':>13} {len(row.duplicates):>5} "
                 f"{len(row.declared):>14} {len(row.undeclared):>10}"
             )

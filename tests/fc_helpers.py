@@ -18,6 +18,9 @@ from cellos_probed.probes.fc_metrics import FcMetricsProbe
 from testbed.fc_emulator import jail_paths
 from testbed.fc_emulator.schema import is_gauge, kind_of_key
 
+#: the host id of the configs made here
+HOST = "host-a"
+
 
 def short_root() -> Iterator[Path]:
     """A jail root short enough for Unix socket paths (108 bytes), removed afterwards.
@@ -39,7 +42,7 @@ def fc_config(
     timeout: float | None = None,
     transport: str = "fifo",
 ) -> Config:
-    text = f"[daemon]\ntick_seconds = {tick}\n"
+    text = f'[daemon]\ntick_seconds = {tick}\nhost_id = "{HOST}"\n'
     if timeout is not None:
         text += f"probe_timeout_seconds = {timeout}\n"
     text += f'[paths]\njail_root = "{root}"\n'

@@ -443,7 +443,7 @@ async def test_cgroups_are_opened_before_the_first_tick_and_not_again(
     assert len(walked) == 4  # only the missing one is looked for again
     by_cell = {event.data["cellId"]: event for event in sink.events}
     assert by_cell["a"].data["output"]["deltas"] is None
-    assert by_cell["a"].sequence == "1"
+    assert by_cell["a"].cellosseq == 1
     assert by_cell["gone"].kind == "probe_error"
     assert "does not exist" in by_cell["gone"].data["error"]["message"]
     for runner in prober.cells.values():

@@ -54,7 +54,7 @@ def test_once_prints_every_event_and_exits_zero_even_when_a_probe_fails(tmp_path
         ("gone", "probe_error"),
         ("ok", "cgroup"),
     ]
-    assert all(e["sequence"] == "1" for e in events)
+    assert all(e["cellosseq"] == 1 for e in events)
     assert "Traceback" not in result.stderr
 
 
@@ -70,19 +70,19 @@ def test_a_config_error_exits_78_without_a_traceback(tmp_path: Path) -> None:
 
 def test_format_event_lines() -> None:
     reading = {
-        "type": f"{PREFIX}.cgroup", "time": "2026-11-25T10:15:02.123Z", "sequence": "7",
-        "data": {"cellId": "cell-1", "probeSource": "host.cgroup", "output": {
+        "type": f"{PREFIX}.cgroup", "time": "2026-11-25T10:15:02.123Z", "cellosseq": 7,
+        "data": {"cellId": "cell-1", "hostId": "host-a", "probeSource": "host.cgroup", "output": {
             "memory_current": 3 * 2**20, "pids_current": 4,
             "memory_events": {"oom_kill": 1},
             "deltas": {"cpu_stat": {"usage_usec": 2500}, "reset": False},
         }},
     }  # fmt: skip
     assert format_event(reading) == (
-        "2026-11-25T10:15:02.123Z cell-1           cgroup         #7 "
+        "2026-11-25T10:15:02.123Z host-a       cell-1           cgroup         #7 "
         "cpu +2.5ms mem 3.0MiB oom_kill=1 pids 4"
     )
     error = {
-        "type": f"{PREFIX}.probe_error", "time": "T", "sequence": "2",
+        "type": f"{PREFIX}.probe_error", "time": "T", "cellosseq": 2,
         "data": {"cellId": "c", "probeSource": "host.cgroup",
                  "error": {"kind": "io", "message": "gone"}},
     }  # fmt: skip
@@ -96,9 +96,11 @@ def test_format_event_lines() -> None:
 
 
 def test_tail_subjects() -> None:
-    assert tail_subject("p", None, None) == "p.>"
-    assert tail_subject("p", "cell-1", None) == "p.*.cell-1"
-    assert tail_subject("p", None, "cgroup") == "p.cgroup.*"
+    assert tail_subject("p", None, None, None) == "p.>"
+    assert tail_subject("p", None, "cell-1", None) == "p.*.*.cell-1"
+    assert tail_subject("p", None, None, "cgroup") == "p.cgroup.*.*"
+    assert tail_subject("p", "host-a", None, None) == "p.*.host-a.*"
+    assert tail_subject("p", "host-a", "cell-1", "cgroup") == "p.cgroup.host-a.cell-1"
 
 
 @needs_nats
@@ -119,7 +121,7 @@ async def test_tail_prints_what_the_daemon_publishes(
         assert tail.stdout is not None
         # tail says when it is subscribed; only then start the daemon
         banner = await tail.stderr.receive_some()
-        assert b"# tail dev.cellos.events.cell.observability.host.v1.*.ok" in banner
+        assert b"# tail dev.cellos.events.cell.observability.host.v1.*.*.ok" in banner
         daemon = await trio.lowlevel.open_process(
             [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
             stderr=subprocess.DEVNULL,
@@ -132,6 +134,6 @@ async def test_tail_prints_what_the_daemon_publishes(
         assert await daemon.wait() == 0
     lines = output.decode().splitlines()
     assert len(lines) == 3
-    assert [line.split()[1:4] for line in lines] == [
+    assert [line.split()[2:5] for line in lines] == [
         ["ok", "cgroup", "#1"], ["ok", "cgroup", "#2"], ["ok", "cgroup", "#3"],
     ]  # fmt: skip

@@ -57,7 +57,7 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_config(path: Path, root: Path, cells: list[str], tick: float = 0.05) -> Path:
-    text = f'[daemon]\ntick_seconds = {tick}\n[paths]\ncgroup_root = "{root}"\n'
+    text = f'[daemon]\ntick_seconds = {tick}\nhost_id = "host-a"\n[paths]\ncgroup_root = "{root}"\n'
     for cell in cells:
         text += (
             f'[[cell]]\nid = "{cell}"\nrun_id = "r"\nspec_signature_hash = "h"\n'
@@ -176,7 +176,7 @@ async def test_reload_keeps_unchanged_cells_and_their_state(tmp_path: Path) -> N
             await sink.wait_for(sum(e.data.get("cellId") == "a" for e in sink.events) + 3, "a")
             assert set(handle.prober.cells) == {"a", "c"}
             handle.stop()
-    seq_a = [int(e.sequence or 0) for e in sink.events if e.data.get("cellId") == "a"]
+    seq_a = [(e.cellosseq or 0) for e in sink.events if e.data.get("cellId") == "a"]
     assert seq_a == list(range(1, len(seq_a) + 1))  # no restart, no hole
     assert sum(e.data.get("cellId") == "b" for e in sink.events) == count_b  # b stopped
     deltas_a = [e.data["output"]["deltas"] for e in sink.events if e.data.get("cellId") == "a"]

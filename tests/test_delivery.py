@@ -50,7 +50,7 @@ def write_config(
 ) -> Path:
     root = tmp_path / "cgroup"
     text = (
-        f"[daemon]\ntick_seconds = {tick}\nagent_event_every_ticks = 0\n"
+        f'[daemon]\ntick_seconds = {tick}\nagent_event_every_ticks = 0\nhost_id = "host-a"\n'
         f'[paths]\ncgroup_root = "{root}"\n'
         f"[nats]\nservers = {json.dumps(servers)}\n{nats_extra}{jetstream}{extra}"
     )
@@ -125,7 +125,8 @@ def report(name: str, completeness: Completeness, produced: int | None = None) -
 
 def assert_exactly_once(completeness: Completeness, cells: tuple[str, ...] = ("a", "b")) -> None:
     rows = completeness.rows()
-    assert {row.key[1] for row in rows} == set(cells)
+    assert {row.key[1] for row in rows} == {"host-a"}
+    assert {row.key[2] for row in rows} == set(cells)
     for row in rows:
         assert row.duplicates == [], row
         assert row.holes == [], row
@@ -476,7 +477,7 @@ async def test_tls_with_a_private_ca_and_a_client_certificate(tmp_path: Path) ->
     finally:
         server.stop()
     assert sum(row.received for row in seen.rows()) >= 6
-    assert {row.key[1] for row in seen.rows()} == {"a", "b"}
+    assert {row.key[2] for row in seen.rows()} == {"a", "b"}
 
 
 def test_nats_server_binary_is_the_virtualenv_one() -> None:

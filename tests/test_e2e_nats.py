@@ -32,7 +32,7 @@ def write_config(tmp_path: Path, server: NatsServer, cgroup_root: Path) -> Path:
         )
     path = tmp_path / "cellos-probed.toml"
     path.write_text(
-        f"[daemon]\ntick_seconds = 0.25\nprobe_timeout_seconds = 0.2\n"
+        f'[daemon]\ntick_seconds = 0.25\nprobe_timeout_seconds = 0.2\nhost_id = "host-a"\n'
         f'[paths]\ncgroup_root = "{cgroup_root}"\n'
         f'[nats]\nservers = ["{server.url}"]\n\n{cells}'
     )
@@ -117,16 +117,21 @@ async def test_daemon_publishes_cloudevents_to_nats(
         assert message.headers.get("Content-Type") == "application/cloudevents+json"
         kind = event["type"].rsplit(".", 1)[-1]
         cell = event["data"]["cellId"]
-        assert message.subject == f"{PREFIX}.{kind}.{cell}"
+        assert message.subject == f"{PREFIX}.{kind}.host-a.{cell}"
         expected_keys = {"specversion", "id", "source", "type", "datacontenttype", "time",
-                         "sequence", "cellosagentboot", "data"}  # fmt: skip
+                         "subject", "dataschema", "cellosseq", "cellosagentboot",
+                         "data"}  # fmt: skip
         assert set(event) == expected_keys
         assert event["specversion"] == "1.0"
         assert uuid.UUID(event["id"].removeprefix("urn:cellos:event:")).version == 4
         assert event["source"] == "cellos-host-telemetry/probes"
         assert event["datacontenttype"] == "application/json"
         assert RFC3339_MS.fullmatch(event["time"])
+        assert event["subject"] == cell
+        assert event["dataschema"] == f"urn:cellos:schema:host.v1.{kind}:1"
+        assert type(event["cellosseq"]) is int  # a CloudEvents Integer: a JSON number
         data = event["data"]
+        assert data["hostId"] == "host-a"
         assert data["hostReceivedAt"] == event["time"]
         assert data["runId"] == f"run-{cell}"
         assert data["specSignatureHash"] == f"sha256:{cell}"
@@ -144,7 +149,7 @@ async def test_daemon_publishes_cloudevents_to_nats(
     # per cell and probe, the sequence counts up by one from 1
     sequences: dict[str, list[int]] = defaultdict(list)
     for event in events:
-        sequences[event["data"]["cellId"]].append(int(event["sequence"]))
+        sequences[event["data"]["cellId"]].append(event["cellosseq"])
     for cell, seen in sequences.items():
         assert seen == list(range(1, len(seen) + 1)), cell
     # the failing cell did not slow the others: every cell got (about) the same ticks

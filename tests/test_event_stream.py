@@ -43,6 +43,9 @@ objects = st.dictionaries(st.text(), json_values, max_size=5)
 names = st.text(min_size=1, max_size=20)
 
 
+HOST = "host-a"
+
+
 def reference(event: CloudEvent) -> bytes:
     """What the envelope serialised whole gives."""
     return orjson.dumps(event.to_dict())
@@ -66,10 +69,13 @@ def expected_envelope(
         "type": f"dev.cellos.events.cell.observability.host.v1.{kind}",
         "datacontenttype": "application/json",
         "time": stamp,
-        "sequence": str(sequence),
+        "subject": ctx.cell_id,
+        "dataschema": f"urn:cellos:schema:host.v1.{kind}:1",
+        "cellosseq": sequence,
         "cellosagentboot": boot,
         "data": {
             "cellId": ctx.cell_id,
+            "hostId": HOST,
             "runId": ctx.run_id,
             "specSignatureHash": ctx.spec_signature_hash,
             "hostReceivedAt": stamp,
@@ -84,7 +90,14 @@ def same_envelope_but_id(event: CloudEvent, expected: dict[str, Any]) -> None:
     mine = orjson.loads(event.to_json())
     assert mine.pop("id").startswith("urn:cellos:event:")
     assert mine == expected
-    assert event.subject_token == expected["data"]["cellId"]
+    assert (
+        event.nats_subject("p")
+        == f"p.{expected['type'].rsplit('.', 1)[1]}.{HOST}.{ctx_cell(expected)}"
+    )
+
+
+def ctx_cell(expected: dict[str, Any]) -> str:
+    return str(expected["data"]["cellId"])
 
 
 @settings(max_examples=300, deadline=None)
@@ -110,7 +123,7 @@ def test_a_reading_joined_from_parts_is_the_envelope_serialised_whole(
 ) -> None:
     source = f"host.{probe}" if prefixed else probe
     ctx = ProbeContext(cell, run, spec)
-    sequences = SequenceRegistry(boot)
+    sequences = SequenceRegistry(boot, HOST)
     reading = ProbeReading(source, inputs, output)
     event = sequences.stream(ctx, source).event(
         "2026-11-30T06:00:00.123Z", inputs, "output", output, boot
@@ -122,7 +135,7 @@ def test_a_reading_joined_from_parts_is_the_envelope_serialised_whole(
     same_envelope_but_id(event, expected)
     # the seed's builder is the same path: the next in the count, stamped as given
     reading.host_received_at = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
-    expected["sequence"] = "2"
+    expected["cellosseq"] = 2
     same_envelope_but_id(build_host_probe_envelope(ctx, reading, sequences), expected)
     assert orjson.loads(event.to_json())["id"] == event.id
 
@@ -136,7 +149,7 @@ def test_an_output_given_as_pieces_of_its_json_is_joined_into_the_same_bytes(
     text = orjson.dumps(output)
     bounds = sorted({0, len(text), *(min(cut, len(text)) for cut in cuts)})
     pieces = tuple(text[a:b] for a, b in itertools.pairwise(bounds))
-    sequences = SequenceRegistry("boot-1")
+    sequences = SequenceRegistry("boot-1", HOST)
     stream = sequences.stream(ProbeContext("cell-1", "run-1", "spec"), "host.fc_metrics")
     event = stream.event("2026-11-30T06:00:00.123Z", {"vm": 1}, "output", output, "boot-1", pieces)
     assert event.to_json() == reference(event)
@@ -161,7 +174,7 @@ def test_a_probe_error_joined_from_parts_is_the_envelope_serialised_whole(
     kind: type[ProbeIoError],
 ) -> None:
     ctx = ProbeContext(cell, run, "sha256:x")
-    sequences = SequenceRegistry("boot-1")
+    sequences = SequenceRegistry("boot-1", HOST)
     error = kind(message)
     stream = sequences.stream(ctx, f"host.{probe}")
     stream.event("2026-11-30T06:00:00.000Z", inputs, "output", {}, "boot-1")  # sequence 1
@@ -190,26 +203,26 @@ def test_a_probe_error_joined_from_parts_is_the_envelope_serialised_whole(
     # the seed's builder is the same path (stamped now)
     built = build_probe_error_envelope(ctx, f"host.{probe}", inputs, error, sequences)
     assert orjson.loads(built.to_json())["data"]["error"] == error_data
-    assert built.sequence == "3"
+    assert built.cellosseq == 3
 
 
 @pytest.mark.trio
 async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> None:
     sink = CapturingSink()
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id=HOST)
     a, b = ProbeContext("a", "run-a", "h"), ProbeContext("b", "run-b", "h")
     await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {"n": 1}), sequences)
     await emit_probe_error(sink, a, "host.cgroup", {}, ProbeIoError("gone"), sequences)
     await emit_reading(sink, a, ProbeReading("host.tap_link", {}, {}), sequences)
     await emit_reading(sink, b, ProbeReading("cgroup", {}, {"n": 2}), sequences)
     await emit_reading(sink, a, ProbeReading("cgroup", {}, {"n": 3}), sequences)
-    seen = [(e.data["cellId"], e.kind, e.sequence) for e in sink.events]
+    seen = [(e.data["cellId"], e.kind, e.cellosseq) for e in sink.events]
     assert seen == [
-        ("a", "cgroup", "1"),
-        ("a", "probe_error", "2"),
-        ("a", "tap_link", "1"),
-        ("b", "cgroup", "1"),
-        ("a", "cgroup", "3"),
+        ("a", "cgroup", 1),
+        ("a", "probe_error", 2),
+        ("a", "tap_link", 1),
+        ("b", "cgroup", 1),
+        ("a", "cgroup", 3),
     ]
     assert sequences.last_sequence("a", "cgroup") == 3
     # the short and the prefixed name are one probe, each named as given
@@ -229,7 +242,7 @@ async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> No
 async def test_a_new_run_of_a_cell_is_attributed_at_once_and_its_sequence_goes_on() -> None:
     """A reload that gives the cell a new run: the parts made once are made again."""
     sink = CapturingSink()
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id=HOST)
     await emit_reading(
         sink, ProbeContext("a", "run-1", "h1"), ProbeReading("cgroup", {}, {}), sequences
     )
@@ -245,14 +258,14 @@ async def test_a_new_run_of_a_cell_is_attributed_at_once_and_its_sequence_goes_o
         ("run-1", "h1"),
         ("run-2", "h2"),
     ]
-    assert [s["sequence"] for s in sent] == ["1", "2", "3"]
+    assert [s["cellosseq"] for s in sent] == [1, 2, 3]
     assert [e.data["runId"] for e in sink.events] == ["run-1", "run-1", "run-2"]
 
 
 @pytest.mark.trio
 async def test_an_unknown_probe_is_refused_before_any_sequence_is_spent() -> None:
     sink = CapturingSink()
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id=HOST)
     with pytest.raises(ProbeParseError, match="unknown host probe short name: disk"):
         await emit_reading(
             sink, ProbeContext("a", "r", "h"), ProbeReading("host.disk", {}, {}), sequences
@@ -262,7 +275,7 @@ async def test_an_unknown_probe_is_refused_before_any_sequence_is_spent() -> Non
 
 @pytest.mark.trio
 async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id=HOST)
     outbox = Outbox("p.v1", sequences.boot_id, max_events=1, max_bytes=1 << 20)
 
     class Into:
@@ -273,7 +286,7 @@ async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
     first = await emit_reading(Into(), ctx, ProbeReading("host.nftables", {"t": 1}, {}), sequences)
     (entry,) = outbox.batch(10)
     assert (entry.subject, entry.payload, entry.msg_id) == (
-        "p.v1.nftables.cell-7",
+        f"p.v1.nftables.{HOST}.cell-7",
         first.to_json(),
         first.id,
     )
@@ -282,7 +295,7 @@ async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
     # it is declared lost, with the cell's attribution
     (gap,) = outbox.batch_failed()
     assert (gap.attribution, gap.probe_source, gap.first, gap.last) == (
-        {"cellId": "cell-7", "runId": "run-7", "specSignatureHash": "sha256:x"},
+        {"cellId": "cell-7", "hostId": HOST, "runId": "run-7", "specSignatureHash": "sha256:x"},
         "host.nftables",
         1,
         1,
@@ -292,7 +305,7 @@ async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
 @pytest.mark.trio
 async def test_an_output_serialised_by_its_probe_is_embedded_as_it_is() -> None:
     sink = CapturingSink()
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id=HOST)
     ctx = ProbeContext("a", "r", "h")
     output = {"n": 1, "f": 0.5}
     made = orjson.dumps(output)
@@ -302,8 +315,13 @@ async def test_an_output_serialised_by_its_probe_is_embedded_as_it_is() -> None:
     assert made in first.to_json()
     assert first.to_json() == reference(first)
     assert first.to_json().replace(first.id.encode(), second.id.encode()).replace(
-        b'"sequence":"1"', b'"sequence":"2"'
+        b'"cellosseq":1,', b'"cellosseq":2,'
     ) == second.to_json().replace(second.time.encode(), first.time.encode())
     # the cell's attribution: one object for the stream's events, what a gap names
     assert first.attribution is second.attribution
-    assert first.attribution == {"cellId": "a", "runId": "r", "specSignatureHash": "h"}
+    assert first.attribution == {
+        "cellId": "a",
+        "hostId": HOST,
+        "runId": "r",
+        "specSignatureHash": "h",
+    }

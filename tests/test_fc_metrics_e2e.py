@@ -27,7 +27,7 @@ async def test_fc_metrics_readings_arrive_on_their_subject_and_add_up(
     api, metrics = jail_paths(fc_root, "cell-9")
     config = tmp_path / "cellos-probed.toml"
     config.write_text(
-        "[daemon]\ntick_seconds = 0.3\n"
+        "[daemon]\ntick_seconds = 0.3\nhost_id = \"host-a\"\n"
         f'[nats]\nservers = ["{nats_server.url}"]\n'
         f'[paths]\njail_root = "{fc_root}"\n'
         '[[cell]]\nid = "cell-9"\nrun_id = "run-9"\nspec_signature_hash = "sha256:99"\n'
@@ -48,7 +48,7 @@ async def test_fc_metrics_readings_arrive_on_their_subject_and_add_up(
 
             nursery.start_soon(activity)
             async with daemon_with_subscriber(
-                config, nats_server.url, f"{PREFIX}.fc_metrics.cell-9", stderr
+                config, nats_server.url, f"{PREFIX}.fc_metrics.host-a.cell-9", stderr
             ) as seen:
                 events = seen.events
                 await seen.wait_for(lambda: len(events) >= 8)

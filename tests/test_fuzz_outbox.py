@@ -43,7 +43,7 @@ def drive(outbox: Any, sequences: SequenceRegistry, steps: list[tuple[str, objec
     while batch := outbox.batch(50):
         delivered += [orjson.loads(entry.payload) for entry in batch]
         outbox.confirm(batch)
-    got = [(e["data"]["cellId"], int(e["sequence"])) for e in delivered if "sequence" in e]
+    got = [(e["data"]["cellId"], e["cellosseq"]) for e in delivered if "cellosseq" in e]
     declared = [
         (e["data"]["cellId"], n)
         for e in delivered

@@ -18,8 +18,8 @@ T = "dev.cellos.events.cell.observability.host.v1"
 
 
 def reading(seq: int) -> dict[str, object]:
-    return {"type": f"{T}.cgroup", "sequence": str(seq), "cellosagentboot": "b1",
-            "data": {"cellId": "a", "probeSource": "host.cgroup"}}  # fmt: skip
+    return {"type": f"{T}.cgroup", "cellosseq": seq, "cellosagentboot": "b1",
+            "data": {"cellId": "a", "hostId": "h", "probeSource": "host.cgroup"}}  # fmt: skip
 
 
 async def publish(url: str, events: list[dict[str, object]]) -> None:
@@ -77,6 +77,6 @@ async def test_a_signal_before_the_duration_ends_prints_the_report(
     lines = output.decode().splitlines()
     assert lines[-1] == verdict
     (row,) = [line.split() for line in lines if line.startswith("b1 ")]
-    assert row[1:4] == ["a", "host.cgroup", "3"]  # cell, probe, received
-    assert row[4] == f"1..{sequences[-1]}"
+    assert row[1:5] == ["h", "a", "host.cgroup", "3"]  # host, cell, probe, received
+    assert row[5] == f"1..{sequences[-1]}"
     assert ("    undeclared holes: 3" in lines) == bool(exit_code)

@@ -84,7 +84,7 @@ async def test_batches_arrive_in_order_with_the_structured_header(
         monkeypatch.setattr(nats_bridge, "_queue_frames", None)
     else:
         assert nats_bridge._queue_frames is not None, "nats-py no longer has _send_command"
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id="host-a")
     sink = NatsSink(NatsSettings(servers=(nats_server.url,)), sequences.boot_id, batch_size=50)
     with trio.fail_after(20):
         async with (
@@ -96,8 +96,8 @@ async def test_batches_arrive_in_order_with_the_structured_header(
             assert await sink.drain(10)
             received = [await messages.receive() for _ in range(1200)]
             nursery.cancel_scope.cancel()
-    assert [int(orjson.loads(m.data)["sequence"]) for m in received] == list(range(1, 1201))
-    assert {m.subject for m in received} == {f"{PREFIX}.cgroup.cell-1"}
+    assert [orjson.loads(m.data)["cellosseq"] for m in received] == list(range(1, 1201))
+    assert {m.subject for m in received} == {f"{PREFIX}.cgroup.host-a.cell-1"}
     assert all(m.headers["Content-Type"] == "application/cloudevents+json" for m in received)
     assert sink.statistics().published == 1200
     assert sink.outbox.dropped == 0
@@ -214,7 +214,7 @@ async def test_a_reading_the_server_cannot_take_is_declared_as_a_gap_and_nothing
             nursery.cancel_scope.cancel()
     readings = [event for event in received if not event["type"].endswith(".gap")]
     gaps = [event["data"] for event in received if event["type"].endswith(".gap")]
-    assert [int(event["sequence"]) for event in readings] == [1, 2, 4, 5]
+    assert [event["cellosseq"] for event in readings] == [1, 2, 4, 5]
     assert len(gaps) == 1
     assert gaps[0]["reason"] == "too_large"
     assert (gaps[0]["firstSequence"], gaps[0]["lastSequence"], gaps[0]["dropped"]) == (3, 3, 1)

@@ -38,7 +38,7 @@ async def test_nftables_readings_arrive_on_their_subject(
     with namespace_with_loopback(ns) as path, nft_table(spec, ns):
         config = tmp_path / "cellos-probed.toml"
         config.write_text(
-            "[daemon]\ntick_seconds = 0.2\n"
+            "[daemon]\ntick_seconds = 0.2\nhost_id = \"host-a\"\n"
             f'[nats]\nservers = ["{nats_server.url}"]\n'
             '[[cell]]\nid = "cell-9"\nrun_id = "run-9"\nspec_signature_hash = "sha256:99"\n'
             f'netns = "{path}"\n[cell.nftables]\nfamily = "inet"\ntable = "{spec.name}"\n'
@@ -47,7 +47,7 @@ async def test_nftables_readings_arrive_on_their_subject(
         stderr = tmp_path / "daemon.log"
         with trio.fail_after(30):
             async with daemon_with_subscriber(
-                config, nats_server.url, f"{PREFIX}.nftables.cell-9", stderr
+                config, nats_server.url, f"{PREFIX}.nftables.host-a.cell-9", stderr
             ) as seen:
                 events = seen.events
                 await seen.wait_for(lambda: len(events) >= 1)
@@ -82,4 +82,4 @@ async def test_nftables_readings_arrive_on_their_subject(
     total = sum(e["data"]["output"]["deltas"]["counters"][rules.rx]["packets"] for e in events[1:])
     assert total == 6
     assert all(e["data"]["output"]["deltas"]["reset"] is False for e in events[1:])
-    assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
+    assert [e["cellosseq"] for e in events] == list(range(1, len(events) + 1))

@@ -22,22 +22,22 @@ def reading(sequences: SequenceRegistry, cell: str, probe: str = "cgroup") -> Cl
 
 
 def test_in_order_and_confirmed_batches_leave() -> None:
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id="host-a")
     outbox = Outbox(PREFIX, sequences.boot_id, max_events=10, max_bytes=1 << 20)
     events = [reading(sequences, "a") for _ in range(5)]
     for event in events:
         assert outbox.put(event) == []
     batch = outbox.batch(3)
-    assert [orjson.loads(e.payload)["sequence"] for e in batch] == ["1", "2", "3"]
-    assert batch[0].subject == "p.v1.cgroup.a"
+    assert [orjson.loads(e.payload)["cellosseq"] for e in batch] == [1, 2, 3]
+    assert batch[0].subject == "p.v1.cgroup.host-a.a"
     assert batch[0].payload == events[0].to_json()  # serialised once, re-sent as is
     outbox.confirm(batch)
     assert len(outbox) == 2
-    assert [orjson.loads(e.payload)["sequence"] for e in outbox.batch(10)] == ["4", "5"]
+    assert [orjson.loads(e.payload)["cellosseq"] for e in outbox.batch(10)] == [4, 5]
 
 
 def test_a_full_buffer_drops_the_oldest_and_declares_exactly_them() -> None:
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id="host-a")
     outbox = Outbox(PREFIX, sequences.boot_id, max_events=4, max_bytes=1 << 20)
     for _ in range(3):
         outbox.put(reading(sequences, "a"))
@@ -67,13 +67,13 @@ def test_a_full_buffer_drops_the_oldest_and_declares_exactly_them() -> None:
     gap = gaps[2]
     assert gap["type"] == "dev.cellos.events.cell.observability.host.v1.gap"
     assert gap["cellosagentboot"] == sequences.boot_id
-    assert "sequence" not in gap
+    assert "cellosseq" not in gap
     assert gap["data"]["dropped"] == 2
     assert gap["data"]["reason"] == "buffer_full"
     assert gap["data"]["runId"] == "run-a"
     assert gap["data"]["probeSource"] == "host.cgroup"
     # what is left plus what was declared is every sequence, once
-    kept = {(e["data"]["cellId"], int(e["sequence"])) for e in readings}
+    kept = {(e["data"]["cellId"], e["cellosseq"]) for e in readings}
     declared = {
         (g["data"]["cellId"], seq)
         for g in gaps
@@ -84,18 +84,18 @@ def test_a_full_buffer_drops_the_oldest_and_declares_exactly_them() -> None:
 
 
 def test_the_byte_bound_holds() -> None:
-    sequences = SequenceRegistry()
-    size = len(reading(SequenceRegistry(), "a").to_json())
+    sequences = SequenceRegistry(host_id="host-a")
+    size = len(reading(SequenceRegistry(host_id="host-a"), "a").to_json())
     outbox = Outbox(PREFIX, sequences.boot_id, max_events=1000, max_bytes=size * 3 + 2)
     for _ in range(10):
         outbox.put(reading(sequences, "a"))
-    assert outbox.bytes <= size * 3 + 2  # sequence "10" is a byte longer than "1"
+    assert outbox.bytes <= size * 3 + 2  # cellosseq 10 is a byte longer than 1
     assert len(outbox) == 3
     assert outbox.dropped == 7
 
 
 def test_entries_dropped_while_a_batch_was_in_flight_are_not_confirmed_twice() -> None:
-    sequences = SequenceRegistry()
+    sequences = SequenceRegistry(host_id="host-a")
     outbox = Outbox(PREFIX, sequences.boot_id, max_events=3, max_bytes=1 << 20)
     for _ in range(3):
         outbox.put(reading(sequences, "a"))
@@ -103,15 +103,15 @@ def test_entries_dropped_while_a_batch_was_in_flight_are_not_confirmed_twice() -
     for _ in range(2):
         outbox.put(reading(sequences, "a"))  # a#1, a#2 pushed out meanwhile
     outbox.confirm(in_flight)
-    left = [orjson.loads(e.payload)["sequence"] for e in outbox.batch(10)]
-    assert left == ["3", "4", "5"]
+    left = [orjson.loads(e.payload)["cellosseq"] for e in outbox.batch(10)]
+    assert left == [3, 4, 5]
 
 
 def test_an_entry_pushed_out_while_its_batch_is_in_flight_is_lost_only_if_the_batch_fails() -> None:
     """The batch being published may still arrive: declaring its pushed-out entries
     at once named readings that did arrive (a gap over delivered sequences)."""
     for outcome in ("confirmed", "failed"):
-        sequences = SequenceRegistry()
+        sequences = SequenceRegistry(host_id="host-a")
         outbox = Outbox(PREFIX, sequences.boot_id, max_events=3, max_bytes=1 << 20)
         for _ in range(3):
             outbox.put(reading(sequences, "a"))

@@ -101,7 +101,7 @@ async def test_structured_json_matches_the_contract() -> None:
     event = orjson.loads(sink.events[0].to_json())
     assert list(event) == [
         "specversion", "id", "source", "type", "datacontenttype", "time",
-        "sequence", "cellosagentboot", "data",
+        "subject", "dataschema", "cellosseq", "cellosagentboot", "data",
     ]  # fmt: skip
     assert event["specversion"] == "1.0"
     assert event["id"].startswith("urn:cellos:event:")
@@ -111,7 +111,10 @@ async def test_structured_json_matches_the_contract() -> None:
     assert event["datacontenttype"] == "application/json"
     assert RFC3339_MS.fullmatch(event["time"])
     assert event["time"] == event["data"]["hostReceivedAt"]
-    assert event["sequence"] == "1"
+    assert event["cellosseq"] == 1
+    assert event["subject"] == "cell-1"
+    assert event["dataschema"] == "urn:cellos:schema:host.v1.cgroup:1"
+    assert event["data"]["hostId"] == sequences.host_id
     assert event["cellosagentboot"] == sequences.boot_id
     assert "traceparent" not in event
     # the probe source is kept as given; only the type strips `host.`
@@ -130,13 +133,13 @@ async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> No
     await emit_reading(sink, b, ProbeReading("host.cgroup", {}, {}), sequences)
     await emit_reading(sink, a, ProbeReading("host.tap_link", {}, {}), sequences)
     await emit_reading(sink, a, ProbeReading("host.cgroup", {}, {}), sequences)
-    seen = [(e.data["cellId"], e.data["probeSource"], e.kind, e.sequence) for e in sink.events]
+    seen = [(e.data["cellId"], e.data["probeSource"], e.kind, e.cellosseq) for e in sink.events]
     assert seen == [
-        ("cell-a", "host.cgroup", "cgroup", "1"),
-        ("cell-a", "host.cgroup", "probe_error", "2"),
-        ("cell-b", "host.cgroup", "cgroup", "1"),
-        ("cell-a", "host.tap_link", "tap_link", "1"),
-        ("cell-a", "host.cgroup", "cgroup", "3"),
+        ("cell-a", "host.cgroup", "cgroup", 1),
+        ("cell-a", "host.cgroup", "probe_error", 2),
+        ("cell-b", "host.cgroup", "cgroup", 1),
+        ("cell-a", "host.tap_link", "tap_link", 1),
+        ("cell-a", "host.cgroup", "cgroup", 3),
     ]
     assert {e.cellosagentboot for e in sink.events} == {sequences.boot_id}
 
@@ -149,12 +152,13 @@ def test_probe_error_envelope_shape_and_subject() -> None:
         build_host_probe_envelope(ctx, ProbeReading("host.cgroup", {}, {}), sequences)
     env = build_probe_error_envelope(ctx, "host.cgroup", {"cgroup_path": "x"}, error, sequences)
     assert env.type == "dev.cellos.events.cell.observability.host.v1.probe_error"
-    assert env.subject("p.v1") == "p.v1.probe_error.cell-1"
+    assert env.nats_subject("p.v1") == f"p.v1.probe_error.{sequences.host_id}.cell-1"
+    assert env.subject == "cell-1"
     assert env.data["error"] == {"kind": "io", "message": "cgroup directory does not exist: x"}
     assert env.data["probeSource"] == "host.cgroup"
     assert env.data["inputs"] == {"cgroup_path": "x"}
     assert "output" not in env.data
-    assert env.sequence == "4"
+    assert env.cellosseq == 4
 
 
 def test_event_ids_are_distinct_random_uuids_across_threads() -> None:

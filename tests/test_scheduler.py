@@ -177,7 +177,7 @@ async def test_a_hung_probe_times_out_and_delays_nobody(
     second = sorted(round(at - origin, 6) for at, _ in sink.events if at - origin >= 1.0)
     assert second[0] == 1.0
     assert prober.tick_stats.overruns == 0
-    assert [e.sequence for _, e in sink.events if e.data["cellId"] == "hung"].count("2") == 2
+    assert [e.cellosseq for _, e in sink.events if e.data["cellId"] == "hung"].count(2) == 2
 
 
 async def test_a_sink_that_takes_events_without_waiting_gets_every_probe_event_so() -> None:

@@ -88,7 +88,7 @@ async def test_sighup_adds_removes_and_refuses_broken_configs(
 
     sequences: dict[str, list[int]] = defaultdict(list)
     for event in collector.events:
-        sequences[event["data"]["cellId"]].append(int(event["sequence"]))
+        sequences[event["data"]["cellId"]].append(event["cellosseq"])
     for cell, seen in sequences.items():
         assert seen == list(range(1, len(seen) + 1)), cell  # a never restarted its count
     assert len({e["cellosagentboot"] for e in collector.events}) == 1

@@ -130,7 +130,7 @@ async def test_two_shards_publish_every_cell_once_with_their_own_boot(
     # each cell from one process (one boot), its sequence whole from 1
     assert all(len(boots) == 1 for boots in boots_of.values())
     for cell in CELLS:
-        sequences = [int(e["sequence"]) for e in collector.of(cell, ".cgroup")]
+        sequences = [e["cellosseq"] for e in collector.of(cell, ".cgroup")]
         assert sequences == list(range(1, len(sequences) + 1))
     # two processes, two boots, each with its own share
     shard_boots = {boot for boots in boots_of.values() for boot in boots}

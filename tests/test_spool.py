@@ -14,11 +14,11 @@ from tests.test_outbox import reading
 PREFIX = "p.v1"
 
 
-def sequence_of(entries: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+def sequence_of(entries: list) -> list[tuple[str, int | str]]:  # type: ignore[type-arg]
     out = []
     for entry in entries:
         event = orjson.loads(entry.payload)
-        out.append((event["data"]["cellId"], event.get("sequence", "gap")))
+        out.append((event["data"]["cellId"], event.get("cellosseq", "gap")))
     return out
 
 
@@ -33,7 +33,7 @@ def test_confirmed_records_go_and_the_rest_survive_a_restart(tmp_path: Path) -> 
     assert [e.payload for e in first] == [e.to_json() for e in events[:4]]
     spool.confirm(first)
     second = spool.batch(3)  # read but never confirmed: the daemon is killed here
-    assert sequence_of(second) == [("a", "5"), ("a", "6"), ("a", "7")]
+    assert sequence_of(second) == [("a", 5), ("a", 6), ("a", 7)]
     del spool  # no close(): as after kill -9
 
     restarted = SpoolOutbox(tmp_path, PREFIX, SequenceRegistry().boot_id, max_bytes=1 << 24)
@@ -63,7 +63,7 @@ def test_a_torn_record_from_a_crash_mid_write_is_cut(tmp_path: Path) -> None:
     restarted = SpoolOutbox(tmp_path, PREFIX, sequences.boot_id, max_bytes=1 << 24)
     assert restarted.recovered == 3
     assert segment.stat().st_size == size
-    assert sequence_of(restarted.batch(10)) == [("a", "1"), ("a", "2"), ("a", "3")]
+    assert sequence_of(restarted.batch(10)) == [("a", 1), ("a", 2), ("a", 3)]
 
 
 def test_confirmed_segments_are_deleted_so_the_spool_does_not_grow(tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def test_overflow_drops_the_oldest_segment_and_declares_it(tmp_path: Path) -> No
         first, last = gap["data"]["firstSequence"], gap["data"]["lastSequence"]
         assert gap["data"]["dropped"] == last - first + 1
         declared |= {(gap["data"]["cellId"], n) for n in range(first, last + 1)}
-    kept = {(e["data"]["cellId"], int(e["sequence"])) for e in events if "sequence" in e}
+    kept = {(e["data"]["cellId"], e["cellosseq"]) for e in events if "cellosseq" in e}
     assert kept.isdisjoint(declared)
     assert kept | declared == {(c, n) for c in ("a", "b") for n in range(1, 61)}
     assert len(declared) == spool.dropped
@@ -125,7 +125,7 @@ def test_gap_events_are_carried_forward_not_dropped(tmp_path: Path) -> None:
     for gap in (e for e in events if e["type"].endswith(".gap")):
         first, last = gap["data"]["firstSequence"], gap["data"]["lastSequence"]
         declared |= set(range(first, last + 1))
-    kept = {int(e["sequence"]) for e in events if "sequence" in e}
+    kept = {e["cellosseq"] for e in events if "cellosseq" in e}
     assert kept | declared == set(range(1, 91))
     assert os.listdir(tmp_path)
 
@@ -158,7 +158,7 @@ def test_records_in_flight_when_their_segment_is_dropped_are_not_declared_if_the
     tmp_path: Path,
 ) -> None:
     spool, in_flight, _ = _overflow_while_in_flight(tmp_path)
-    assert sequence_of(in_flight) == [("a", "1"), ("a", "2"), ("a", "3")]
+    assert sequence_of(in_flight) == [("a", 1), ("a", 2), ("a", 3)]
     spool.confirm(in_flight)  # they arrived
     spool.seal_gaps()
     rest = spool.batch(1000)

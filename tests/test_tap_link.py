@@ -365,7 +365,7 @@ async def test_tap_deleted_and_recreated_while_the_daemon_runs() -> None:
                 handle.stop()
             # the neighbour in the same namespace never noticed
             assert {e.type for e in sink.of("cell-2")} == {TAP_TYPE}
-            sequences = [int(e.sequence or 0) for e in sink.of("cell-1")]
+            sequences = [(e.cellosseq or 0) for e in sink.of("cell-1")]
             assert sequences == list(range(1, len(sequences) + 1))
         finally:
             delete_tap(tap, ns, missing_ok=True)

@@ -20,7 +20,7 @@ async def test_tap_link_readings_arrive_on_their_subject(
     with network_namespace(ns) as path, tap_device(tap, ns):
         config = tmp_path / "cellos-probed.toml"
         config.write_text(
-            "[daemon]\ntick_seconds = 0.2\n"
+            "[daemon]\ntick_seconds = 0.2\nhost_id = \"host-a\"\n"
             f'[nats]\nservers = ["{nats_server.url}"]\n'
             '[[cell]]\nid = "cell-7"\nrun_id = "run-7"\nspec_signature_hash = "sha256:77"\n'
             f'netns = "{path}"\n[cell.tap_link]\ninterface = "{tap}"\n'
@@ -28,7 +28,7 @@ async def test_tap_link_readings_arrive_on_their_subject(
         stderr = tmp_path / "daemon.log"
         with trio.fail_after(30):
             async with daemon_with_subscriber(
-                config, nats_server.url, f"{PREFIX}.tap_link.cell-7", stderr
+                config, nats_server.url, f"{PREFIX}.tap_link.host-a.cell-7", stderr
             ) as seen:
                 events = seen.events
                 await seen.wait_for(lambda: len(events) >= 1)
@@ -65,4 +65,4 @@ async def test_tap_link_readings_arrive_on_their_subject(
             "admin_up": True,
         }
     ]
-    assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
+    assert [e["cellosseq"] for e in events] == list(range(1, len(events) + 1))

@@ -21,14 +21,15 @@ from tests.test_delivery import write_config as write_delivery_config
 T = "dev.cellos.events.cell.observability.host.v1"
 
 
-def reading(seq: int, cell: str = "a", boot: str = "b1") -> dict[str, object]:
-    return {"type": f"{T}.cgroup", "sequence": str(seq), "cellosagentboot": boot,
-            "data": {"cellId": cell, "probeSource": "host.cgroup"}}  # fmt: skip
+def reading(seq: int, cell: str = "a", boot: str = "b1", host: str = "h") -> dict[str, object]:
+    return {"type": f"{T}.cgroup", "cellosseq": seq, "cellosagentboot": boot,
+            "data": {"cellId": cell, "hostId": host, "probeSource": "host.cgroup"}}  # fmt: skip
 
 
 def gap(first: int, last: int, cell: str = "a", boot: str = "b1") -> dict[str, object]:
     return {"type": f"{T}.gap", "cellosagentboot": boot,
-            "data": {"cellId": cell, "probeSource": "host.cgroup", "firstSequence": first,
+            "data": {"cellId": cell, "hostId": "h", "probeSource": "host.cgroup",
+                     "firstSequence": first,
                      "lastSequence": last, "dropped": last - first + 1}}  # fmt: skip
 
 
@@ -65,11 +66,27 @@ def test_a_live_subscription_starts_where_it_joined_and_boots_are_separate() -> 
     assert check.ok
 
 
+def test_hosts_are_accounted_apart_even_with_one_cell_id_and_boot() -> None:
+    # cell ids are unique per host only: host h2's reading 2 does not fill h1's hole
+    check = Completeness(from_start=True)
+    for event in (reading(1, host="h1"), reading(3, host="h1"), reading(2, host="h2")):
+        check.add(event)
+    rows = {row.key[1]: row for row in check.rows()}
+    assert rows["h1"].undeclared == [2]
+    assert rows["h2"].undeclared == [1]
+    assert not check.ok
+    # a sequence sent as a string (0.1.0's `sequence`) is not a cellosseq
+    legacy = Completeness()
+    legacy.add({"type": f"{T}.cgroup", "sequence": "1", "data": {"cellId": "a"}})
+    assert legacy.rows() == []
+    assert legacy.other == 1
+
+
 async def test_agent_events_carry_the_daemons_figures(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.toml", tmp_path, ["gone"])
     path.write_text(
         path.read_text().replace(
-            "[daemon]\n", "[daemon]\nagent_event_every_ticks = 3\nhost_id = 'host-a'\n"
+            "[daemon]\n", "[daemon]\nagent_event_every_ticks = 3\n"
         )
     )
     sink = RunnableSink()
@@ -86,8 +103,9 @@ async def test_agent_events_carry_the_daemons_figures(tmp_path: Path) -> None:
     agents = [e for e in sink.events if e.kind == "agent"]
     first = agents[0]
     assert first.type == f"{T}.agent"
-    assert first.subject(T) == f"{T}.agent.host-a"
-    assert first.sequence is None
+    assert first.nats_subject(T) == f"{T}.agent.host-a"
+    assert first.subject == "host-a"
+    assert first.cellosseq is None
     assert first.data["hostId"] == "host-a"
     assert first.data["ticks"] == 3
     assert first.data["probeErrors"] == 3  # the cell's cgroup does not exist
