@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml setup.py cellos_probed/probes/_fc_sum.c tools
 	bash tools/apt-install.sh $(APT_PACKAGES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# a per-version build of the extension left by 0.1.0 would load before the abi3 one
+	rm -f cellos_probed/probes/_fc_sum.cpython-*.so
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

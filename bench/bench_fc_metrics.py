@@ -32,18 +32,19 @@ from cellos_probed.cloudevent import CloudEvent  # noqa: E402
 from cellos_probed.config import parse_config  # noqa: E402
 from cellos_probed.daemon import Prober  # noqa: E402
 from cellos_probed.probes import SequenceRegistry  # noqa: E402
+from cellos_probed.sinks import EventSink  # noqa: E402
 from testbed.fc_emulator import jail_paths  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class CountingSink:
+class CountingSink(EventSink):
     def __init__(self) -> None:
         self.readings = 0
         self.errors = 0
         self.messages: dict[str, int] = {}
 
-    async def emit(self, event: CloudEvent) -> None:
+    def emit_nowait(self, event: CloudEvent) -> None:
         if event.type.endswith(".probe_error"):
             self.errors += 1
             message = event.data["error"]["message"]

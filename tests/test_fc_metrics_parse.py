@@ -12,7 +12,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cellos_probed.probes import fc_metrics_parse
+from cellos_probed.probes import _fc_sum, fc_metrics_parse
 from cellos_probed.probes.fc_metrics_parse import (
     TIMESTAMP_KEY,
     LineSplitter,
@@ -20,7 +20,7 @@ from cellos_probed.probes.fc_metrics_parse import (
     MetricsReading,
     decode_labels,
     is_gauge,
-    merge,
+    merge_into,
     parse_line,
     split_labels,
 )
@@ -158,7 +158,9 @@ def test_merge_sums_counters_keeps_latest_gauges_and_changes_nothing() -> None:
     first = json.loads(line(1, 10, 2, (5, 50, 100)))
     second = json.loads(line(2, 4, 3, (5, 70, 30)))
     kept = copy.deepcopy((first, second))
-    total = merge(merge(None, first), second)
+    total: dict[str, Any] = {}
+    merge_into(total, first)
+    merge_into(total, second)
     assert (first, second) == kept
     assert total == {
         "api_server": {"process_startup_time_us": 9},
@@ -244,7 +246,7 @@ def test_a_one_line_reading_counts_its_lost_lines_and_its_totals_at_once() -> No
     assert two.totals["logger"]["missed_metrics_count"] == 3
 
 
-# -- a reading's first line added from its text (add_line): the readings of the ordinary path
+# -- lines summed text to text (add_text): the readings of parsing and merging each line
 
 
 def emulator_records(rng: random.Random) -> list[bytes]:
@@ -311,41 +313,35 @@ def assert_same_readings(fast: MetricsReading, slow: MetricsReading) -> None:
 
 
 class Counting:
-    """``add_line`` (or ``add_text``), counting the lines it took."""
+    """``add_text``, counting the lines it took."""
 
-    def __init__(self, name: str = "add_line") -> None:
-        self.real = getattr(fc_metrics_parse, name)
-        assert self.real is not None
+    def __init__(self) -> None:
         self.taken = 0
 
-    def __call__(self, *args: Any) -> Any:
-        assert self.real is not None
-        got = self.real(*args)
+    def __call__(self, layout: bytes, totals: bytes, line: bytes) -> Any:
+        got = _fc_sum.add_text(layout, totals, line)
         self.taken += got is not None
         return got
 
 
+def refuse(layout: bytes, totals: bytes, line: bytes) -> None:
+    """An ``add_text`` that takes no line: every line parsed and merged as objects."""
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**64), path=st.sampled_from(["add_text", "add_line"]))
-def test_readings_are_the_same_with_and_without_the_fast_paths(seed: int, path: str) -> None:
-    """Totals kept as text (add_text), or as objects a line's text is added into
-    (add_line), give every reading exactly as parsing and merging each line does."""
+@given(seed=st.integers(0, 2**64))
+def test_readings_are_the_same_with_and_without_the_text_path(seed: int) -> None:
+    """Totals kept as text (add_text) give every reading exactly as parsing and
+    merging each line does."""
     rng = random.Random(seed)
     records = emulator_records(rng)
     fast, slow = MetricsAccumulator(), MetricsAccumulator()
-    counting = Counting(path)
-    other = "add_line" if path == "add_text" else "add_text"
+    counting = Counting()
 
     def feed(chunk: bytes) -> None:
-        with (
-            patch.object(fc_metrics_parse, path, counting),
-            patch.object(fc_metrics_parse, other, None),
-        ):
+        with patch.object(fc_metrics_parse, "add_text", counting):
             completed = fast.feed(chunk)
-        with (
-            patch.object(fc_metrics_parse, "add_line", None),
-            patch.object(fc_metrics_parse, "add_text", None),
-        ):
+        with patch.object(fc_metrics_parse, "add_text", refuse):
             assert slow.feed(chunk) == completed
         assert fast.records == slow.records
 
@@ -374,7 +370,7 @@ def test_readings_are_the_same_with_and_without_the_fast_paths(seed: int, path: 
     compare()
 
 
-def test_add_line_keeps_the_parse_of_a_line_delta_text_cannot_cut() -> None:
+def test_add_text_keeps_the_parse_of_a_line_delta_text_cannot_cut() -> None:
     base = orjson.loads(line(1, 10, 0, (1, 2, 3), missed=1))
     nested = copy.deepcopy(base)
     nested["net_eth0"]["utc_timestamp_ms"] = 5  # the text cut would be wrong
@@ -384,11 +380,8 @@ def test_add_line_keeps_the_parse_of_a_line_delta_text_cannot_cut() -> None:
     ]:
         fast, slow = MetricsAccumulator(), MetricsAccumulator()
         counting = Counting()
-        for accumulator, add in ((fast, counting), (slow, None)):
-            with (
-                patch.object(fc_metrics_parse, "add_line", add),
-                patch.object(fc_metrics_parse, "add_text", None),
-            ):
+        for accumulator, add in ((fast, counting), (slow, refuse)):
+            with patch.object(fc_metrics_parse, "add_text", add):
                 accumulator.feed(orjson.dumps(first) + b"\n")
                 accumulator.take_reading_json()
                 accumulator.feed(orjson.dumps(second) + b"\n")
@@ -399,26 +392,6 @@ def test_add_line_keeps_the_parse_of_a_line_delta_text_cannot_cut() -> None:
         assert_same_readings(fast.take_reading_json(), slow.take_reading_json())
 
 
-def test_add_line_is_tried_on_a_reading_s_first_line_only() -> None:
-    counting = Counting()
-    accumulator = MetricsAccumulator()
-    with (
-        patch.object(fc_metrics_parse, "add_line", counting),
-        patch.object(fc_metrics_parse, "add_text", None),
-    ):
-        accumulator.feed(line(1, 10, 0, (1, 1, 1)) + b"\n")  # the first: the totals are empty
-        assert counting.taken == 0
-        accumulator.take_reading()
-        accumulator.feed(
-            b"\0\0" + line(2, 5, 0, (1, 1, 1)) + b"\n" + line(3, 7, 0, (1, 1, 1)) + b"\n"
-        )
-        assert counting.taken == 1  # the second line of the reading is parsed and summed
-        reading = accumulator.take_reading()
-    assert (reading.lines, reading.utc_timestamp_ms) == (2, 3)
-    assert reading.delta["net_eth0"]["rx_bytes_count"] == 12
-    assert reading.totals["net_eth0"]["rx_bytes_count"] == 22
-
-
 def test_a_reading_of_several_lines_keeps_the_totals_as_text() -> None:
     """Every VMM's own 60 s timer adds a second line to a reading now and then: the
     totals stay text (only the delta is summed as objects), and the reading is the
@@ -426,10 +399,7 @@ def test_a_reading_of_several_lines_keeps_the_totals_as_text() -> None:
     fast, slow = MetricsAccumulator(), MetricsAccumulator()
     first = line(1, 10, 0, (1, 2, 3)) + b"\n"
     pair = line(2, 5, 1, (1, 1, 1)) + b"\n" + line(3, 7, 0, (2, 2, 2)) + b"\n"
-    with (
-        patch.object(fc_metrics_parse, "add_line", None),
-        patch.object(fc_metrics_parse, "add_text", None),
-    ):
+    with patch.object(fc_metrics_parse, "add_text", refuse):
         slow.feed(first)
         expected = [slow.take_reading_json()]
         slow.feed(pair)
@@ -487,17 +457,14 @@ def test_lines_with_labels_are_summed_by_the_fast_path_and_name_them() -> None:
     # emit_id set from the second line on (a restart with PUT /metrics, say)
     records = [texts[0] + b"\n", *(labelled(text) + b"\n" for text in texts[1:])]
     chunks = [records[0], records[1], b"".join(records[2:5]), b"".join(records[5:])]
-    counting = Counting("add_text")
+    counting = Counting()
     fast, slow = MetricsAccumulator(), MetricsAccumulator()
     fast_readings, slow_readings = [], []
     with patch.object(fc_metrics_parse, "add_text", counting):
         for chunk in chunks:
             fast.feed(chunk)
             fast_readings.append(fast.take_reading_json())
-    with (
-        patch.object(fc_metrics_parse, "add_line", None),
-        patch.object(fc_metrics_parse, "add_text", None),
-    ):
+    with patch.object(fc_metrics_parse, "add_text", refuse):
         for chunk in chunks:
             slow.feed(chunk)
             slow_readings.append(slow.take_reading_json())

@@ -1,14 +1,11 @@
-"""The C ``merge_into`` (``_fc_sum.c``) against its specification, ``merge_into_reference``.
+"""The C summing (``_fc_sum.c``) against its specification, tests/fc_sum_reference.py.
 
-Results are compared leaf by leaf with their types (``True == 1``), key order
-included; errors by type and message; the gauge caches too. The C function is
-called with its configuration spelt out, the reference with the module
-globals it reads patched to match (a fresh gauge cache, the same limit).
-
-``add_line`` (a line's text added in C) is held to ``orjson.loads`` of the
-line and the reference where it takes a line, and to leaving everything
-untouched where it does not; which lines it must take and must refuse is
-tested too.
+``merge_into`` is held to ``merge_into_reference`` called with the same
+configuration: results compared leaf by leaf with their types (``True == 1``),
+key order included; errors by type and message; the gauge caches too.
+``add_text`` (totals kept as JSON text) is held to ``orjson.loads`` of the
+totals and the line, the reference, and ``orjson.dumps``, where it takes a
+line; which lines it must take and must refuse is tested too.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import random
 import re
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 from unittest.mock import patch
@@ -36,9 +32,9 @@ from cellos_probed.probes.fc_metrics_parse import (
     MetricsAccumulator,
     is_gauge,
     merge_into,
-    merge_into_reference,
 )
 from testbed.fc_emulator.metrics import VmMetrics
+from tests.fc_sum_reference import merge_into_reference
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Tree = dict[Any, Any]
@@ -61,18 +57,21 @@ def c_merge(
     return partial(_fc_sum.merge_into, cache, is_gauge, p._AGG_GAUGES, limit)
 
 
-@contextmanager
-def reference_config(
-    limit: int = p._GAUGE_CACHE_LIMIT, is_gauge: Callable[[str, str], object] | None = None
-) -> Iterator[dict[Any, Any]]:
-    """The reference's globals for a test: a new gauge cache (yielded), ``limit``, ``is_gauge``."""
-    cache: dict[Any, Any] = {}
-    with (
-        patch.object(p, "_section_gauges", cache),
-        patch.object(p, "_GAUGE_CACHE_LIMIT", limit),
-        patch.object(p, "is_gauge", is_gauge or p.is_gauge),
-    ):
-        yield cache
+def ref_merge(
+    cache: dict[Any, Any],
+    limit: int = p._GAUGE_CACHE_LIMIT,
+    is_gauge: Callable[[str, str], object] = p.is_gauge,
+) -> Merge:
+    return partial(merge_into_reference, cache, is_gauge, p._AGG_GAUGES, limit)
+
+
+def reference(total: Tree, new: Tree) -> None:
+    """The reference with the module's configuration (a cache of its own)."""
+    ref_merge({})(total, new)
+
+
+def refuse_text(layout: bytes, totals: bytes, line: bytes) -> None:
+    """An ``add_text`` that takes no line: every line parsed and merged."""
 
 
 def assert_same(a: Any, b: Any, path: str = "") -> None:
@@ -216,14 +215,14 @@ def test_c_merge_is_the_reference(stream: tuple[Tree, list[Tree]], limit: int) -
     start, news = stream
     ref_total, c_total = copy.deepcopy(start), copy.deepcopy(start)
     c_cache: dict[Any, Any] = {}
-    with reference_config(limit) as ref_cache:
-        for new in news:
-            snapshot = copy.deepcopy(new)
-            expected = outcome(merge_into_reference, ref_total, new)
-            assert outcome(c_merge(c_cache, limit), c_total, new) == expected
-            assert_same(c_total, ref_total)
-            assert_same(c_cache, ref_cache)
-            assert_same(new, snapshot)
+    ref_cache: dict[Any, Any] = {}
+    for new in news:
+        snapshot = copy.deepcopy(new)
+        expected = outcome(ref_merge(ref_cache, limit), ref_total, new)
+        assert outcome(c_merge(c_cache, limit), c_total, new) == expected
+        assert_same(c_total, ref_total)
+        assert_same(c_cache, ref_cache)
+        assert_same(new, snapshot)
     assert len(c_cache) <= limit
 
 
@@ -274,14 +273,14 @@ def test_c_merge_is_the_reference_on_real_shapes(rng: random.Random, limit: int)
     ref_total: Tree = {}
     c_total: Tree = {}
     c_cache: dict[Any, Any] = {}
-    with reference_config(limit) as ref_cache:
-        for new in news:
-            snapshot = copy.deepcopy(new)
-            merge_into_reference(ref_total, new)
-            c_merge(c_cache, limit)(c_total, new)
-            assert_same(c_total, ref_total)
-            assert_same(c_cache, ref_cache)
-            assert_same(new, snapshot)
+    ref_cache: dict[Any, Any] = {}
+    for new in news:
+        snapshot = copy.deepcopy(new)
+        ref_merge(ref_cache, limit)(ref_total, new)
+        c_merge(c_cache, limit)(c_total, new)
+        assert_same(c_total, ref_total)
+        assert_same(c_cache, ref_cache)
+        assert_same(new, snapshot)
 
 
 @FUZZ
@@ -309,11 +308,12 @@ def test_real_lines_and_readings_are_the_reference() -> None:
     ref_total: Tree = {}
     c_total: Tree = {}
     for new in news:
-        merge_into_reference(ref_total, new)
+        reference(ref_total, new)
         merge_into(c_total, new)
         assert_same(c_total, ref_total)
     assert TIMESTAMP_KEY not in c_total
-    # the accumulator's readings, bytes for bytes, with two lines per reading at times,
+    # the accumulator's readings, bytes for bytes, against one that sums every line by
+    # the reference (add_text refusing all), with two lines per reading at times,
     # two objects on one line (a newline lost to a full pipe), and lines with Firecracker
     # main's id and properties (never summed)
     lines = [orjson.dumps(new) for new in realistic_lines(30, seed=8)]
@@ -325,9 +325,9 @@ def test_real_lines_and_readings_are_the_reference() -> None:
     stream[7] = lines[7] + stream[8]
     stream[8] = b""
     readings = []
-    for merge in (merge_into_reference, merge_into):
+    for merge, text in ((reference, refuse_text), (merge_into, p.add_text)):
         accumulator = MetricsAccumulator()
-        with patch.object(p, "merge_into", merge):
+        with patch.multiple(p, merge_into=merge, add_text=text):
             got = []
             for i in range(0, len(stream), 3):
                 accumulator.feed(stream[i])
@@ -364,8 +364,7 @@ def test_real_lines_and_readings_are_the_reference() -> None:
 )
 def test_only_exact_ints_and_dicts_are_added(total: Tree, new: Tree) -> None:
     ref_total, c_total = copy.deepcopy(total), copy.deepcopy(total)
-    with reference_config():
-        merge_into_reference(ref_total, new)
+    reference(ref_total, new)
     c_merge({})(c_total, new)
     assert_same(c_total, ref_total)
 
@@ -385,12 +384,12 @@ def test_gauge_cache_is_filled_like_the_reference_and_bounded() -> None:
     c_cache: dict[Any, Any] = {}
     ref_total: Tree = {}
     c_total: Tree = {}
-    with reference_config(limit=4) as ref_cache:
-        for new in [*known, *known, *devices, *devices, *devices]:
-            merge_into_reference(ref_total, new)
-            c_merge(c_cache, limit=4)(c_total, new)
-            assert_same(c_total, ref_total)
-            assert_same(c_cache, ref_cache)
+    ref_cache: dict[Any, Any] = {}
+    for new in [*known, *known, *devices, *devices, *devices]:
+        ref_merge(ref_cache, limit=4)(ref_total, new)
+        c_merge(c_cache, limit=4)(c_total, new)
+        assert_same(c_total, ref_total)
+        assert_same(c_cache, ref_cache)
     assert list(c_cache) == ["signals", "latencies_us", "net_tap0", "net_tap1"]
     assert c_cache["signals"] == {f: p.is_gauge("signals", f) for f in line["signals"]}
     assert c_cache["latencies_us"] == {f: True for f in line["latencies_us"]}
@@ -440,7 +439,7 @@ def test_no_reference_leaks() -> None:
     keys = {key: key for key in line["net_eth0"]}  # the key objects themselves
     watched = [
         keys["rx_bytes_count"],  # summed
-        keys["tx_count"],  # 0 added: nothing stored
+        keys["tx_count"],  # 0 added
         keys["tap_write_agg"],
         line["net_eth0"],
         line["net_eth0"]["rx_bytes_count"],
@@ -489,11 +488,11 @@ def test_is_gauge_raising_propagates_and_leaves_what_the_reference_leaves() -> N
     new = {"vmm": {"panic_count": 1}, "signals": {"sigsegv": 1, "sigpipe": 2, "sigbus": 1}}
     ref_total, c_total = copy.deepcopy(total), copy.deepcopy(total)
     c_cache: dict[Any, Any] = {}
-    with reference_config(is_gauge=boom) as ref_cache:
-        with pytest.raises(Boom, match="signals/sigpipe"):
-            merge_into_reference(ref_total, new)
-        with pytest.raises(Boom, match="signals/sigpipe"):
-            c_merge(c_cache, is_gauge=boom)(c_total, new)
+    ref_cache: dict[Any, Any] = {}
+    with pytest.raises(Boom, match="signals/sigpipe"):
+        ref_merge(ref_cache, is_gauge=boom)(ref_total, new)
+    with pytest.raises(Boom, match="signals/sigpipe"):
+        c_merge(c_cache, is_gauge=boom)(c_total, new)
     assert_same(c_total, ref_total)
     assert_same(c_cache, ref_cache)
     # nothing is left half-done: fields before the error merged, the rest as they were
@@ -530,27 +529,26 @@ def test_odd_gauge_answers_are_taken_for_their_truth() -> None:
         new = {"net": {"a": 10, "b": 20}}
         ref_total, c_total = copy.deepcopy(total), copy.deepcopy(total)
         c_cache: dict[Any, Any] = {}
+        ref_cache: dict[Any, Any] = {}
 
         def answering(section: str, field: str, answer: object = answer) -> object:
             return answer
 
-        with reference_config(is_gauge=answering) as ref_cache:
-            for _ in range(2):  # the second time from the cache
-                expected = outcome(merge_into_reference, ref_total, new)
-                assert outcome(c_merge(c_cache, is_gauge=answering), c_total, new) == expected
-                assert_same(c_total, ref_total)
-                assert c_cache == ref_cache
+        for _ in range(2):  # the second time from the cache
+            expected = outcome(ref_merge(ref_cache, is_gauge=answering), ref_total, new)
+            assert outcome(c_merge(c_cache, is_gauge=answering), c_total, new) == expected
+            assert_same(c_total, ref_total)
+            assert c_cache == ref_cache
 
 
 def test_a_none_cache_entry_is_a_missing_one() -> None:
     c_cache: dict[Any, Any] = {"net": None}
     ref_total: Tree = {"net": {"a": 1}}
     c_total: Tree = {"net": {"a": 1}}
-    with reference_config() as ref_cache:
-        ref_cache["net"] = None
-        merge_into_reference(ref_total, {"net": {"a": 2}})
-        c_merge(c_cache)(c_total, {"net": {"a": 2}})
-        assert_same(c_cache, ref_cache)
+    ref_cache: dict[Any, Any] = {"net": None}
+    ref_merge(ref_cache)(ref_total, {"net": {"a": 2}})
+    c_merge(c_cache)(c_total, {"net": {"a": 2}})
+    assert_same(c_cache, ref_cache)
     assert_same(c_total, ref_total)
     assert c_cache == {"net": {"a": False}}
 
@@ -567,11 +565,7 @@ def test_is_gauge_changing_the_total_meanwhile_is_overwritten_as_in_the_referenc
                 return False
 
             new = {"net": {"a": value, "b": 0}}
-            if merge == "reference":
-                with reference_config(is_gauge=meddling):
-                    merge_into_reference(total, new)
-            else:
-                c_merge({}, is_gauge=meddling)(total, new)
+            (ref_merge if merge == "reference" else c_merge)({}, is_gauge=meddling)(total, new)
             results.append(total)
         assert results[0] == results[1] == {"net": {"a": 5 + value, "b": 0}}
 
@@ -580,8 +574,7 @@ def test_a_total_merged_into_itself_doubles_as_in_the_reference() -> None:
     line = realistic_lines(1, seed=4)[0]
     line["id"] = "vm"
     ref_total, c_total = copy.deepcopy(line), copy.deepcopy(line)
-    with reference_config():
-        merge_into_reference(ref_total, ref_total)
+    reference(ref_total, ref_total)
     c_merge({})(c_total, c_total)
     assert_same(c_total, ref_total)
     assert c_total["net_eth0"]["rx_bytes_count"] == 2 * line["net_eth0"]["rx_bytes_count"]
@@ -644,11 +637,8 @@ def test_hostile_keys_and_changes_during_the_merge_fail_as_the_reference_does() 
         for merge in ("reference", "c"):
             new = copy.deepcopy(line)
             mine = copy.deepcopy(total)
-            if merge == "reference":
-                with reference_config(is_gauge=gauge):
-                    results.append((outcome(merge_into_reference, mine, new), mine, new))
-            else:
-                results.append((outcome(c_merge({}, is_gauge=gauge), mine, new), mine, new))
+            merging = (ref_merge if merge == "reference" else c_merge)({}, is_gauge=gauge)
+            results.append((outcome(merging, mine, new), mine, new))
         (ref_error, ref_total, ref_new), (c_error, c_total, c_new) = results
         assert ref_error is not None
         assert c_error == ref_error
@@ -657,25 +647,14 @@ def test_hostile_keys_and_changes_during_the_merge_fail_as_the_reference_does() 
             assert_same(c_new, ref_new)
 
 
-# -- add_line: a line's text added into totals of its shape, held to orjson.loads + the reference
-
-AddLine = Callable[[Tree, bytes], "tuple[int, int] | None"]
-
-
-def c_add(
-    cache: dict[Any, Any],
-    limit: int = p._GAUGE_CACHE_LIMIT,
-    is_gauge: Callable[[str, str], object] = p.is_gauge,
-    agg_gauges: Any = p._AGG_GAUGES,
-) -> AddLine:
-    return partial(_fc_sum.add_line, cache, is_gauge, agg_gauges, limit)
+# -- add_text: totals kept as their JSON text
 
 
 def reference_add(total: Tree, line: bytes) -> tuple[int, int]:
-    """What add_line does with a line it takes (run inside reference_config)."""
+    """What add_text does with a line it takes, on the totals as objects."""
     found = orjson.loads(line)
     timestamp = found.pop(TIMESTAMP_KEY)
-    merge_into_reference(total, found)
+    reference(total, found)
     return timestamp, p._missed(found)
 
 
@@ -690,7 +669,7 @@ def loaded(line: bytes) -> Tree | None:
     return None
 
 
-#: device sets: Firecracker's defaults, two of each, and more nodes than add_line's C stack array
+#: device sets: Firecracker's defaults, two of each, and six of each
 SHAPES: list[dict[str, tuple[str, ...]]] = [
     {},
     {"nets": ("eth0", "eth1"), "blocks": ("rootfs", "data")},
@@ -966,453 +945,6 @@ def mutation(kind: str, rng: random.Random, template: Tree) -> Mutation:
     return lambda total, line: (renamed(total, path, old, odd_key), line)
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    rng=st.randoms(use_true_random=False),
-    kind=st.sampled_from(MUST_TAKE + MUST_REFUSE),
-    shape=st.sampled_from(range(len(SHAPES))),
-    limit=st.sampled_from([0, 5, 100_000]),
-)
-def test_add_line_is_the_parse_and_the_reference_or_nothing(
-    rng: random.Random, kind: str, shape: int, limit: int
-) -> None:
-    pool = LINE_POOL[shape]
-    start = rng.randint(1, 3)
-    template = orjson.loads(pool[0])
-    change = mutation(kind, rng, template)
-    with reference_config():
-        total: Tree = {}
-        for line in pool[:start]:
-            reference_add(total, line)
-    total, _ = change(total, pool[0])
-    c_total, ref_total = copy.deepcopy(total), copy.deepcopy(total)
-    c_cache: dict[Any, Any] = {}
-    taken = []
-    with reference_config(limit) as ref_cache:
-        for original in pool[start : start + rng.randint(1, 3)]:
-            _, line = change(orjson.loads(original), original)  # the line's part only
-            before, cache_before = copy.deepcopy(c_total), copy.deepcopy(c_cache)
-            got = c_add(c_cache, limit)(c_total, line)
-            taken.append(got is not None)
-            if got is None:
-                assert_same(c_total, before)
-                assert_same(c_cache, cache_before)
-                found = loaded(line)
-                if found is not None:  # the ordinary path, to go on in step
-                    merge_into_reference(ref_total, copy.deepcopy(found))
-                    c_merge(c_cache, limit)(c_total, found)
-            else:
-                assert loaded(line) is not None
-                expected = reference_add(ref_total, line)
-                assert got == expected
-                assert [type(x) for x in got] == [int, int]
-            assert_same(c_total, ref_total)
-            assert_same(c_cache, ref_cache)
-    if kind in MUST_TAKE:
-        assert all(taken), kind
-    else:
-        assert not taken[0], kind  # later lines may fit the totals the first one reshaped
-
-
-def test_add_line_takes_every_emulator_line_and_returns_its_timestamp_and_loss() -> None:
-    for pool in LINE_POOL:
-        c_cache: dict[Any, Any] = {}
-        ref_total: Tree = {}
-        with reference_config() as ref_cache:
-            reference_add(ref_total, pool[0])
-            c_total = copy.deepcopy(ref_total)
-            for i, line in enumerate(pool[1:], 1):
-                obj = orjson.loads(line)
-                obj["logger"]["missed_metrics_count"] = i
-                line = orjson.dumps(obj)
-                assert c_add(c_cache)(c_total, line) == (obj[TIMESTAMP_KEY], i)
-                reference_add(ref_total, line)
-                assert_same(c_total, ref_total)
-                assert_same(c_cache, ref_cache)
-        assert c_total["net_eth0"]["rx_bytes_count"] > 0
-
-
-@pytest.mark.parametrize(
-    ("number", "value"),
-    [
-        (b"0", 0),
-        (b"7", 7),
-        (b"-7", -7),
-        (b"18446744073709551615", 2**64 - 1),
-        (b"-9223372036854775808", -(2**63)),
-        (b"9223372036854775808", 2**63),
-        (b"18446744073709551616", None),  # orjson: a float
-        (b"-9223372036854775809", None),
-        (b"184467440737095516150", None),
-        (b"-0", None),  # orjson: 0; refused all the same
-        (b"01", None),
-        (b"00", None),
-        (b"-", None),
-        (b"1.0", None),
-        (b"1e2", None),
-        (b"true", None),
-        (b"null", None),
-        (b'"1"', None),
-    ],
-)
-def test_add_line_integers_are_orjsons_ints(number: bytes, value: int | None) -> None:
-    templates = [b'{"utc_timestamp_ms":1,"s":{"a":%s,"b":0}}']
-    templates += [b'{"utc_timestamp_ms":%s,"s":{"a":1,"b":0}}']  # the timestamp too
-    for template in templates:
-        line = template % number
-        total: Tree = {"s": {"a": 10**30, "b": 5}}
-        got = c_add({})(total, line)
-        if value is None:
-            assert got is None
-            assert total == {"s": {"a": 10**30, "b": 5}}
-            continue
-        with reference_config():
-            expected: Tree = {"s": {"a": 10**30, "b": 5}}
-            assert got == reference_add(expected, line)
-        assert_same(total, expected)
-
-
-def test_add_line_refuses_what_is_not_exactly_the_totals_shape() -> None:
-    line = b'{"utc_timestamp_ms":1,"s":{"a":1,"g":{"sum_us":2,"min_us":3}}}'
-    add = c_add({})
-    good: Tree = {"s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}}
-    totals: list[Tree] = [
-        {},
-        {"s": {"a": 1, "g": {"sum_us": 1}}},
-        {"s": {"a": 1, "g": {"sum_us": 1, "min_us": 9, "max_us": 1}}},
-        {"s": {"a": 1}},
-        {"s": {"g": {"sum_us": 1, "min_us": 9}, "a": 1}},
-        {"s": {"a": 1, "g": {"min_us": 9, "sum_us": 1}}},
-        {"s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}, "t": {}},
-        {"t": {}, "s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}},
-        {"s": {"a": True, "g": {"sum_us": 1, "min_us": 9}}},
-        {"s": {"a": 1, "g": 5}},
-        {"s": DictSub(a=1, g={"sum_us": 1, "min_us": 9})},
-        {TIMESTAMP_KEY: {}, "s": {"a": 1, "g": {"sum_us": 1, "min_us": 9}}},
-    ]
-    for total in totals:
-        snapshot = copy.deepcopy(total)
-        assert add(total, line) is None, total
-        assert_same(total, snapshot)
-    assert add(good, line) == (1, 0)
-    assert good == {"s": {"a": 2, "g": {"sum_us": 3, "min_us": 3}}}
-    # keys of totals the line cannot spell without an escape: orjson would read another key
-    # (or refuse the line) where the bytes are the same
-    odd_keys = ['a"b', "a\\", "a\x01", "\n", 'rx_"bytes_count_long', "rx_bytes_\\count_long"]
-    odd_keys += ["rx_bytes_count_lon\x1f", "rx_\tbytes_count_long", "rx_bytes_count_long_name\\"]
-    for key, text in [(key, key.encode()) for key in odd_keys]:
-        odd_total: Tree = {"s": {key: 1}}
-        assert add(odd_total, b'{"utc_timestamp_ms":1,"s":{"' + text + b'":1}}') is None, key
-        assert odd_total == {"s": {key: 1}}
-    # the timestamp alone, or a line that is not an object at all
-    assert add({"s": {}}, b'{"utc_timestamp_ms":1}') is None
-    assert add({"s": {}}, b'{"utc_timestamp_ms":1,"s":{}}') == (1, 0)
-    for odd in (b"", b"{", b"[]", b'{"utc_timestamp_ms":1,}', b'{"utc_timestamp_ms":1,"s":{},}'):
-        assert add({"s": {}}, odd) is None
-
-
-def test_add_line_reads_gauge_answers_from_a_cache_in_any_order() -> None:
-    line = b'{"utc_timestamp_ms":1,"s":{"a":1,"b":2,"c":3,"d":4}}'
-    caches: list[dict[Any, Any]] = [
-        {"s": {"a": True, "b": False, "c": True, "d": False}},  # the fields' order
-        {"s": {"b": False, "a": True, "d": False, "c": True}},
-        {"s": {"a": True, "x": True, "c": True, "d": False}},  # b missing: asked, appended
-        {"s": {"a": 1, "b": "", "c": [0], "d": None}},  # answers taken for their truth
-        {"s": {"a": True, StrSub("b"): False, "c": True, "d": False}},
-        {"s": {0: True, "a": True, "b": False, "c": True, "d": False}},
-    ]
-    for cache in caches:
-        asked: list[str] = []
-
-        def answer(section: str, field: str, asked: list[str] = asked) -> bool:
-            asked.append(field)
-            return field in "ac"
-
-        total: Tree = {"s": {"a": 10, "b": 10, "c": 10, "d": 10}}
-        ref_total = copy.deepcopy(total)
-        c_cache = copy.deepcopy(cache)
-        with reference_config(is_gauge=answer) as ref_cache:
-            ref_cache.update(copy.deepcopy(cache))
-            reference_add(ref_total, line)
-            ref_asked, asked[:] = asked[:], []
-            assert c_add(c_cache, is_gauge=answer)(total, line) == (1, 0)
-        assert asked == ref_asked
-        assert_same(total, ref_total)
-        assert_same(c_cache, ref_cache)
-
-
-def test_public_add_line_binds_the_module_configuration() -> None:
-    assert isinstance(p.add_line, partial)
-    assert p.add_line.func is _fc_sum.add_line
-    assert p.add_line.args[0] is p._section_gauges
-    assert p.add_line.args[1:] == (p.is_gauge, p._AGG_GAUGES, p._GAUGE_CACHE_LIMIT)
-    assert not p.add_line.keywords
-
-
-def test_add_line_wrong_argument_types_are_type_errors() -> None:
-    add = _fc_sum.add_line
-    line = b'{"utc_timestamp_ms":1,"s":{"a":1}}'
-    calls: list[Callable[[], object]] = [
-        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, {"s": {"a": 1}}, bytearray(line)),  # type: ignore[arg-type]
-        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, {"s": {"a": 1}}, line.decode()),  # type: ignore[arg-type]
-        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, DictSub(s={"a": 1}), line),
-        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, None, line),  # type: ignore[arg-type]
-        lambda: add([], p.is_gauge, p._AGG_GAUGES, 1, {}, line),  # type: ignore[arg-type]
-        lambda: add({}, None, p._AGG_GAUGES, 1, {}, line),  # type: ignore[arg-type]
-        lambda: add({}, p.is_gauge, p._AGG_GAUGES, "1", {}, line),  # type: ignore[arg-type]
-        lambda: add({}, p.is_gauge, p._AGG_GAUGES, 1, {}),  # type: ignore[call-arg]
-        lambda: p.add_line({}, line, line),  # type: ignore[misc, call-arg]
-        lambda: _fc_sum.add_line(
-            {"s": [True]},  # type: ignore[dict-item]
-            p.is_gauge,
-            p._AGG_GAUGES,
-            1,
-            {"s": {"a": 1}},
-            line,
-        ),
-    ]
-    for call in calls:
-        with pytest.raises(TypeError):
-            call()
-
-
-def meddlers() -> list[tuple[str, Callable[[Tree], Callable[[str, str], object]]]]:
-    """is_gauge answers that change the totals being added into, each made for one total."""
-
-    def make(
-        action: Callable[[Tree, str, str], None],
-    ) -> Callable[[Tree], Callable[[str, str], object]]:
-        def bind(total: Tree) -> Callable[[str, str], object]:
-            def answer(section: str, field: str) -> object:
-                action(total, section, field)
-                return is_gauge(section, field)  # not p.is_gauge: the reference's is this
-
-            return answer
-
-        return bind
-
-    def overwrite(total: Tree, section: str, field: str) -> None:
-        if type(total.get(section)) is dict:
-            total[section][field] = 999
-
-    def drop_next_field(total: Tree, section: str, field: str) -> None:
-        out = total.get(section)
-        if type(out) is dict:
-            names = list(out)
-            if field in names and names.index(field) + 1 < len(names):
-                del out[names[names.index(field) + 1]]
-
-    def drop_section(total: Tree, section: str, field: str) -> None:
-        total.pop(section, None)
-
-    def int_next_section(total: Tree, section: str, field: str) -> None:
-        names = list(total)
-        if section in names and names.index(section) + 1 < len(names):
-            total[names[names.index(section) + 1]] = 5
-
-    def clear(total: Tree, section: str, field: str) -> None:
-        total.clear()
-
-    def agg_to_int(total: Tree, section: str, field: str) -> None:
-        out = total.get(section)
-        if type(out) is dict:
-            for name, value in list(out.items()):
-                if type(value) is dict:
-                    out[name] = 1
-
-    def grow(total: Tree, section: str, field: str) -> None:
-        out = total.get(section)
-        if type(out) is dict:
-            for i in range(20):
-                out[f"grown_{field}_{i}"] = i
-        total[f"new_{section}"] = {"x": 1}
-
-    def reenter(total: Tree, section: str, field: str) -> None:
-        if field == "bb":  # add_line into the same total, from inside add_line
-            _fc_sum.add_line({}, is_gauge, p._AGG_GAUGES, 0, total, MEDDLED_LINE)
-
-    return [
-        (name, make(action))
-        for name, action in [
-            ("overwrite", overwrite),
-            ("drop_next_field", drop_next_field),
-            ("drop_section", drop_section),
-            ("int_next_section", int_next_section),
-            ("clear", clear),
-            ("agg_to_int", agg_to_int),
-            ("grow", grow),
-            ("reenter", reenter),
-        ]
-    ]
-
-
-def fresh_keys(tree: Tree) -> Tree:
-    """A deep copy of ``tree`` whose keys are new str objects, held by it alone."""
-    return {
-        key.encode().decode(): fresh_keys(value) if type(value) is dict else value
-        for key, value in tree.items()
-    }
-
-
-def result_of(add: AddLine, total: Tree, line: bytes) -> object:
-    try:
-        return add(total, line)
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-
-
-MEDDLED_TOTAL: Tree = {
-    "sec": {"aa": 5, "bb": 0, "gg": {"sum_us": 1, "min_us": 2}, "cc": 7},
-    "tab": {"aa": 1, "hh": {"sum_us": 3, "max_us": 4}, "bb": 2},
-    "uni": {"zz": 0},
-}
-MEDDLED_LINE = (
-    b'{"utc_timestamp_ms":9,"sec":{"aa":1,"bb":0,"gg":{"sum_us":5,"min_us":1},"cc":0},'
-    b'"tab":{"aa":0,"hh":{"sum_us":0,"max_us":9},"bb":3},"uni":{"zz":4}}'
-)
-
-
-@pytest.mark.parametrize(("name", "meddler"), meddlers())
-@pytest.mark.parametrize("limit", [0, 100])
-def test_add_line_follows_the_reference_when_is_gauge_changes_the_totals(
-    name: str, meddler: Callable[[Tree], Callable[[str, str], object]], limit: int
-) -> None:
-    # keys of their own: one dropped from the total is freed, and must not be used after
-    ref_total, c_total = fresh_keys(MEDDLED_TOTAL), fresh_keys(MEDDLED_TOTAL)
-    c_cache: dict[Any, Any] = {}
-    with reference_config(limit, is_gauge=meddler(ref_total)) as ref_cache:
-        expected = result_of(reference_add, ref_total, MEDDLED_LINE)
-        got = result_of(c_add(c_cache, limit, meddler(c_total)), c_total, MEDDLED_LINE)
-    assert got == expected
-    assert name != "grow" or "new_sec" in c_total  # it did meddle
-    assert_same(c_total, ref_total)
-    assert_same(c_cache, ref_cache)
-
-
-def test_add_line_follows_the_reference_when_agg_gauges_changes_the_totals() -> None:
-    class Meddling:
-        def __init__(self, total: Tree) -> None:
-            self.total = total
-
-        def __contains__(self, sub: object) -> bool:
-            for section in self.total.values():
-                if type(section) is dict:
-                    section.pop("cc", None)  # a later field
-                    if type(section.get("gg")) is dict:
-                        section["gg"]["max_us"] = 77  # the agg itself grows
-            return sub in AGG_GAUGES
-
-    AGG_GAUGES = p._AGG_GAUGES  # what the reference reads is patched below
-    ref_total, c_total = copy.deepcopy(MEDDLED_TOTAL), copy.deepcopy(MEDDLED_TOTAL)
-    with reference_config() as ref_cache, patch.object(p, "_AGG_GAUGES", Meddling(ref_total)):
-        expected = reference_add(ref_total, MEDDLED_LINE)
-    c_cache: dict[Any, Any] = {}
-    assert c_add(c_cache, agg_gauges=Meddling(c_total))(c_total, MEDDLED_LINE) == expected
-    assert_same(c_total, ref_total)
-    assert_same(c_cache, ref_cache)
-
-
-def test_add_line_is_gauge_raising_propagates_and_leaves_what_the_reference_leaves() -> None:
-    line = (
-        b'{"utc_timestamp_ms":1,"vmm":{"panic_count":1},'
-        b'"signals":{"sigsegv":1,"sigpipe":2,"sigbus":1}}'
-    )
-    total = {"vmm": {"panic_count": 0}, "signals": {"sigsegv": 1, "sigpipe": 5, "sigbus": 0}}
-    ref_total, c_total = copy.deepcopy(total), copy.deepcopy(total)
-    c_cache: dict[Any, Any] = {}
-    with reference_config(is_gauge=boom) as ref_cache:
-        with pytest.raises(Boom, match="signals/sigpipe"):
-            reference_add(ref_total, line)
-        with pytest.raises(Boom, match="signals/sigpipe"):
-            c_add(c_cache, is_gauge=boom)(c_total, line)
-    assert_same(c_total, ref_total)
-    assert_same(c_cache, ref_cache)
-    assert c_total == {
-        "vmm": {"panic_count": 1},
-        "signals": {"sigsegv": 1, "sigpipe": 5, "sigbus": 0},
-    }
-    assert c_add(c_cache)(c_total, line) == (1, 0)  # and with a working is_gauge, on from there
-    assert c_total["signals"] == {"sigsegv": 1, "sigpipe": 7, "sigbus": 1}
-
-
-def test_add_line_no_reference_leaks() -> None:
-    lines = emulator_lines(3, seed=11, devices=SHAPES[2])  # more nodes than the stack array
-    small = emulator_lines(3, seed=12, devices=SHAPES[0])
-    cache: dict[Any, Any] = {}
-    big_total: Tree = {}
-    small_total: Tree = {}
-    with reference_config():
-        reference_add(big_total, lines[0])
-        reference_add(small_total, small[0])
-    # a total each add keeps bounded: the same line added, then taken back out
-    undo = {}
-    for name, line in (("big", lines[1]), ("small", small[1])):
-        obj = orjson.loads(line)
-        for path in leaf_paths(obj):
-            if type(at(obj, path)) is int and not p.is_gauge(path[0], path[1], *path[2:3]):
-                obj = set_at(obj, path, -at(obj, path))
-        undo[name] = orjson.dumps(obj)
-    # counters the lines add 0 to: the total's int objects (shared with kept) stay, untouched
-    added = orjson.loads(lines[1])
-    kept: dict[Path, int] = {}
-    for path in leaf_paths(added):
-        counter = not p.is_gauge(path[0], path[1], *path[2:3])
-        if counter and at(added, path) == 0 and len(kept) < 30:
-            kept[path] = 10**15 + len(kept)
-            big_total = set_at(big_total, path, kept[path])
-    assert len(kept) >= 10
-    surrogate: Tree = {"s": {"\ud800": 1}}
-    meddled: Tree = copy.deepcopy(MEDDLED_TOTAL)
-    refused = [lines[1] + b" ", lines[1][:-100], lines[1].replace(b":0,", b":0.0,", 1)]
-    assert p.add_line is not None
-    adders = [c_add(cache), c_add({}, limit=0), p.add_line]
-    overwriting = c_add({}, limit=0, is_gauge=meddlers()[0][1](meddled))
-
-    def round_() -> None:
-        for add in adders:
-            assert add(big_total, lines[1]) is not None
-            assert add(big_total, undo["big"]) is not None
-            assert add(small_total, small[1]) is not None
-            assert add(small_total, undo["small"]) is not None
-            for line in refused:
-                assert add(big_total, line) is None
-            assert add(surrogate, b'{"utc_timestamp_ms":1,"s":{"x":1}}') is None
-        meddled.clear()
-        meddled.update(copy.deepcopy(MEDDLED_TOTAL))
-        assert overwriting(meddled, MEDDLED_LINE) == (9, 0)  # the look-up path, keys from the text
-
-    for _ in range(2):
-        round_()
-    snapshot = copy.deepcopy(big_total)
-    watched = [
-        *big_total,  # the key objects
-        *big_total["net_eth0"],
-        big_total["net_eth0"],
-        big_total["net_eth0"]["tap_write_agg"],
-        *kept.values(),
-        big_total["latencies_us"],
-        lines[1],
-        cache["net_eth0"],
-        p.is_gauge,
-        p._AGG_GAUGES,
-    ]
-    gc.collect()
-    counts = [sys.getrefcount(obj) for obj in watched]
-    objects = len(gc.get_objects())
-    blocks = sys.getallocatedblocks()
-    for _ in range(100_000 // (len(adders) * 8)):
-        round_()
-    gc.collect()
-    assert [sys.getrefcount(obj) for obj in watched] == counts
-    assert len(gc.get_objects()) <= objects + 10
-    assert sys.getallocatedblocks() <= blocks + 100
-    assert big_total == snapshot
-    assert all(at(big_total, path) is value for path, value in kept.items())
-
-
-# -- add_text: totals kept as their JSON text ------------------------------------------
-
-
 def shape_of(tree: Any) -> Any:
     """Keys in order, nested: what add_text compares between the totals and a line."""
     if type(tree) is not dict:
@@ -1441,8 +973,7 @@ def text_must_take(total: Tree, line: bytes) -> bool:
     if not all(type(at(found, path)) is int for path in leaf_paths(found)):
         return False
     merged = copy.deepcopy(total)
-    with reference_config():
-        merge_into_reference(merged, found)
+    reference(merged, found)
     return all(-(2**63) <= at(merged, path) <= 2**64 - 1 for path in leaf_paths(merged))
 
 
@@ -1460,10 +991,9 @@ def test_add_text_is_the_parse_and_the_reference_or_nothing(
     pool = LINE_POOL[shape]
     start = rng.randint(1, 3)
     change = mutation(kind, rng, orjson.loads(pool[0]))
-    with reference_config():
-        total: Tree = {}
-        for line in pool[:start]:
-            reference_add(total, line)
+    total: Tree = {}
+    for line in pool[:start]:
+        reference_add(total, line)
     total, _ = change(total, pool[0])
     try:
         text = orjson.dumps(total)
@@ -1486,8 +1016,7 @@ def test_add_text_is_the_parse_and_the_reference_or_nothing(
         if got is None:
             if found is None:
                 continue
-            with reference_config():  # the ordinary path; the text is made again from it
-                merge_into_reference(total, found)
+            reference(total, found)  # the ordinary path; the text is made again from it
             try:
                 text = orjson.dumps(total)
             except TypeError:
@@ -1497,8 +1026,7 @@ def test_add_text_is_the_parse_and_the_reference_or_nothing(
                 return
             layout = new_layout
             continue
-        with reference_config():
-            expected = reference_add(total, line)
+        expected = reference_add(total, line)
         assert got == (orjson.dumps(total), *expected)
         assert [type(x) for x in got] == [bytes, int, int]
         text = got[0]
@@ -1535,6 +1063,45 @@ def test_add_text_sums_exactly_within_64_bits(
         assert got is None
     else:
         assert got == (orjson.dumps({"s": {"a": after, "z": 0}}), 5, 0)
+
+
+@pytest.mark.parametrize(
+    ("number", "value"),
+    [
+        (b"0", 0),
+        (b"7", 7),
+        (b"-7", -7),
+        (b"18446744073709551615", 2**64 - 1),
+        (b"-9223372036854775808", -(2**63)),
+        (b"9223372036854775808", 2**63),
+        (b"18446744073709551616", None),  # orjson: a float
+        (b"-9223372036854775809", None),
+        (b"184467440737095516150", None),
+        (b"-0", None),  # orjson: 0; refused all the same
+        (b"01", None),
+        (b"00", None),
+        (b"-", None),
+        (b"1.0", None),
+        (b"1e2", None),
+        (b"true", None),
+        (b"null", None),
+        (b'"1"', None),
+    ],
+)
+def test_add_text_integers_are_orjsons_ints(number: bytes, value: int | None) -> None:
+    totals = b'{"s":{"a":0,"b":5}}'
+    for line in (
+        b'{"utc_timestamp_ms":1,"s":{"a":%s,"b":0}}' % number,
+        b'{"utc_timestamp_ms":%s,"s":{"a":1,"b":0}}' % number,  # the timestamp too
+    ):
+        got = _fc_sum.add_text(b"\0\0", totals, line)
+        if value is None:
+            assert got is None
+            continue
+        expected: Tree = {"s": {"a": 0, "b": 5}}
+        timestamp, missed = reference_add(expected, line)
+        assert got == (orjson.dumps(expected), timestamp, missed)
+        assert value in (timestamp, expected["s"]["a"])
 
 
 def test_add_text_returns_the_line_s_timestamp_and_loss() -> None:
@@ -1592,8 +1159,7 @@ def test_add_text_wrong_argument_types_are_type_errors() -> None:
 def test_add_text_no_reference_leaks() -> None:
     lines = emulator_lines(3, seed=21, devices=SHAPES[2])
     total: Tree = {}
-    with reference_config():
-        reference_add(total, lines[0])
+    reference_add(total, lines[0])
     layout = p.text_layout(total)
     assert layout is not None
     text = orjson.dumps(total)
@@ -1615,3 +1181,19 @@ def test_add_text_no_reference_leaks() -> None:
     gc.collect()
     assert [sys.getrefcount(x) for x in (layout, text, lines[1])] == refs
     assert sys.getallocatedblocks() - blocks < 50
+
+
+# -- the extension itself
+
+
+def test_the_extension_is_built_for_the_stable_abi() -> None:
+    """Built with Py_LIMITED_API: it cannot read CPython-internal fields (a dict's
+    version tag, gone in 3.12), and one build serves every CPython from 3.11 on."""
+    assert _fc_sum.__file__ is not None
+    assert _fc_sum.__file__.endswith(".abi3.so")
+
+
+def test_the_extension_sums_text_to_text_and_objects_only() -> None:
+    """One function a step: totals kept as text (add_text), deltas and lines that do not
+    fit the text as objects (merge_into)."""
+    assert {name for name in dir(_fc_sum) if not name.startswith("_")} == {"add_text", "merge_into"}

@@ -282,112 +282,23 @@ def decode_labels(labels: bytes | dict[str, Any] | None) -> dict[str, Any] | Non
     return named or None
 
 
-def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` plus one line (or one sum of lines) ``new``, as a new object.
-
-    Counters add, gauges and anything not an integer take ``new``'s value
-    (the accumulator takes ``id`` and ``properties`` out of a line first).
-    Neither argument is changed, so a published sum is never altered
-    afterwards. ``utc_timestamp_ms`` is not summed.
-    """
-    out: dict[str, Any] = {} if old is None else dict(old)
-    for section, values in new.items():
-        if section == TIMESTAMP_KEY:
-            continue
-        before = out.get(section)
-        if isinstance(values, dict) and isinstance(before, dict):
-            out[section] = _merge_section(section, before, values)
-        else:
-            out[section] = values
-    return out
-
-
-def merge_into_reference(total: dict[str, Any], new: dict[str, Any]) -> None:
-    """Add one line (or one sum of lines) ``new`` into ``total``, in place.
-
-    The same rules as :func:`merge`, without building a new object per
-    section: at a thousand VMs the copies were most of the probe's time and
-    of the allocator's churn. ``total`` takes copies of sections it did not
-    have, so ``new`` is never changed by a later merge into ``total``.
-
-    The specification of :func:`merge_into`, which is this in C
-    (``_fc_sum.c``); tests/test_fc_sum.py holds the two to the same results.
-    """
-    for section, values in new.items():
-        if section == TIMESTAMP_KEY:
-            continue
-        before = total.get(section)
-        if type(values) is dict:
-            if type(before) is dict:
-                _merge_section_into_reference(section, before, values)
-            else:
-                total[section] = {
-                    field: dict(value) if type(value) is dict else value
-                    for field, value in values.items()
-                }
-        else:
-            total[section] = values
-
-
-def _merge_section_into_reference(section: str, out: dict[str, Any], new: dict[str, Any]) -> None:
-    gauges = _section_gauges.get(section)
-    if gauges is None:
-        gauges = {}
-        if len(_section_gauges) < _GAUGE_CACHE_LIMIT:
-            _section_gauges[section] = gauges
-    for field, value in new.items():
-        before = out.get(field)
-        kind = type(value)
-        if kind is int:
-            if type(before) is int:
-                gauge = gauges.get(field)
-                if gauge is None:
-                    gauge = gauges[field] = is_gauge(section, field)
-                if not gauge:
-                    value = before + value
-            out[field] = value
-        elif kind is dict:
-            if type(before) is dict:
-                for sub, number in value.items():
-                    earlier = before.get(sub)
-                    if type(number) is int and type(earlier) is int and sub not in _AGG_GAUGES:
-                        before[sub] = earlier + number
-                    else:
-                        before[sub] = number
-            else:
-                out[field] = dict(value)
-        else:
-            out[field] = value
-
-
 #: per section, each field's "is it a gauge" answer: one dict lookup per leaf on the hot path
 _section_gauges: dict[str, dict[str, bool]] = {}
 
-#: :func:`merge_into_reference` in C, ~5x faster: ``merge_into(total, new)``. The
-#: gauge cache, ``is_gauge`` and the limits are bound here, once (rebinding
-#: these module names later does not reach it).
+#: ``merge_into(total, new)``: a parsed line (or a sum of lines) ``new`` added into
+#: ``total``, in place, in C (``_fc_sum.c``). Counters add; gauges and anything not an
+#: int take ``new``'s value; ``utc_timestamp_ms`` is not summed; ``total`` takes copies
+#: of the sections it lacks, so ``new`` is never changed by a later merge into it. The
+#: gauge cache, ``is_gauge`` and the limits are bound here, once.
 merge_into: Callable[[dict[str, Any], dict[str, Any]], None] = partial(
     _fc_sum.merge_into, _section_gauges, is_gauge, _AGG_GAUGES, _GAUGE_CACHE_LIMIT
 )
 
-#: ``add_line(total, line)``: a whole line's TEXT added into ``total`` in C, with
-#: the effect of ``merge_into(total, orjson.loads(line))`` (the timestamp left
-#: out) but no parse and no objects (~3x faster), when the line is Firecracker's
-#: compact form shaped exactly as ``total`` (its sections, fields and their
-#: order): then ``(utc_timestamp_ms, logger.missed_metrics_count or 0)``; else
-#: None, ``total`` untouched. Bound as merge_into is. :meth:`MetricsAccumulator.feed`
-#: tries it on a reading's first line; None (tests) turns that off.
-add_line: Callable[[dict[str, Any], bytes], tuple[int, int] | None] | None = partial(
-    _fc_sum.add_line, _section_gauges, is_gauge, _AGG_GAUGES, _GAUGE_CACHE_LIMIT
-)
-
-
-#: ``add_text(layout, totals_text, line)``: a whole line added into totals kept as
-#: their JSON, text to text (``_fc_sum.c``): the new text, the line's timestamp
-#: and its missed count, or None when the line (or a sum) does not fit the text;
-#: :class:`MetricsAccumulator` keeps its totals as text while it can. None (tests)
-#: turns that off.
-add_text: Callable[[bytes, bytes, bytes], tuple[bytes, int, int] | None] | None = _fc_sum.add_text
+#: ``add_text(layout, totals_text, line)``: a whole line added into totals kept as their
+#: JSON, text to text, in C: the new text, the line's timestamp and its missed count, or
+#: None when the line (or a sum) does not fit the text and :func:`merge_into` takes it.
+#: The two are held to one Python reference (tests/fc_sum_reference.py).
+add_text = _fc_sum.add_text
 
 
 def text_layout(totals: dict[str, Any]) -> bytes | None:
@@ -408,38 +319,6 @@ def text_layout(totals: dict[str, Any]) -> bytes | None:
             else:
                 return None
     return bytes(flags)
-
-
-def _merge_section(section: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    gauges = _section_gauges.get(section)
-    if gauges is None:
-        gauges = {}
-        if len(_section_gauges) < _GAUGE_CACHE_LIMIT:  # device ids are few; stay bounded anyway
-            _section_gauges[section] = gauges
-    out = dict(old)
-    for field, value in new.items():
-        before = out.get(field)
-        kind = type(value)
-        if kind is int:
-            if type(before) is int:
-                gauge = gauges.get(field)
-                if gauge is None:
-                    gauge = gauges[field] = is_gauge(section, field)
-                out[field] = value if gauge else before + value
-            else:
-                out[field] = value
-        elif kind is dict and type(before) is dict:
-            agg = dict(before)
-            for sub, number in value.items():
-                earlier = agg.get(sub)
-                if type(number) is int and type(earlier) is int and sub not in _AGG_GAUGES:
-                    agg[sub] = earlier + number
-                else:
-                    agg[sub] = number
-            out[field] = agg
-        else:
-            out[field] = value
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,19 +374,16 @@ class MetricsAccumulator:
 
     Each line is added into the totals as it is read, and of the reading's
     own sum (its ``delta``) only the line's text is kept while it is one
-    line (nearly always): a round drains every VMM's stream before asking
-    for the flush, and holding each VMM's line as parsed objects until its
-    answer came cost ~30 MB at a thousand VMs whenever their own 60 s flush
-    timers fired together, memory the heap then kept.
+    line (nearly always): holding each VMM's line as parsed objects until
+    its answer came cost memory the heap then kept (docs/performance.md).
 
     From the first reading on, the totals themselves are kept as their JSON
     text, and a line shaped as they are is summed into them text to text
-    (:func:`add_text`): each reading publishes the totals' text as it is.
-    Summing into ~300 int objects per VM and serialising them again every
-    tick was ~24 us a VM at a thousand VMs (cold objects scattered over the
-    heap); text to text it is one pass over two contiguous buffers. Any
-    other line takes the totals back as objects (exact Python ints), and
-    the next reading makes the text again.
+    (:func:`add_text`): each reading publishes the totals' text as it is,
+    never walked as objects nor serialised again. Any other line (and a
+    reading's delta of several lines) is parsed and summed as objects
+    (:func:`merge_into`, exact Python ints); totals taken back as objects
+    are made text again by the next reading.
     """
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
@@ -572,28 +448,18 @@ class MetricsAccumulator:
             timestamp = line_timestamp(body)
             if timestamp is None or not accept(timestamp):
                 return False
-        text_fast = add_text
-        if self._totals_text is not None and text_fast is not None:
-            summed = text_fast(self._layout, self._totals_text, body)
+        if self._totals_text is not None:
+            summed = add_text(self._layout, self._totals_text, body)
             if summed is not None:
                 self._totals_text = summed[0]
                 if self._lines == 0:
                     self._added(body, labels, summed[1], summed[2])
-                else:  # a reading's further line: only its delta needs the objects
-                    # (the totals stay text: a thousand VMMs' 60 s timers firing
-                    # together turned every VM's totals into objects at once, and
-                    # the heap kept the peak: RSS +7 % over the soak, measured)
+                else:  # a reading's further line: only its delta needs the objects (the
+                    # totals stay text: all VMMs' 60 s timers firing together would turn
+                    # every VM's totals into objects at once, a peak the heap keeps)
                     self.records += 1
                     self._add(orjson.loads(body), None, labels, totals_added=True)
                 return True
-        fast = add_line
-        if self._lines == 0 and fast is not None:
-            totals = self._dict_totals()
-            if totals:
-                added = fast(totals, body)
-                if added is not None:
-                    self._added(body, labels, *added)
-                    return True
         objects, torn = parse_line(body)
         whole = not torn and len(objects) == 1
         if accept is not None and not whole:
@@ -613,7 +479,7 @@ class MetricsAccumulator:
         return True
 
     def _added(self, line: bytes, labels: bytes | None, timestamp: int, missed: int) -> None:
-        """A reading's first line, whole, which :func:`add_line` added into the totals.
+        """A reading's first line, whole, which :func:`add_text` added into the totals.
 
         The rest of what :meth:`_add` does with a first line: counted, its
         timestamp and its text (or, for a line :func:`delta_text` does not
@@ -719,9 +585,9 @@ class MetricsAccumulator:
     def _totals_json(self) -> bytes:
         """The totals' JSON; from now on kept as that text if :func:`add_text` can sum it.
 
-        Kept as text, a line is summed into them text to text (~3x faster than
-        into objects, and no serialising afterwards). A sum beyond 64 bits
-        stays as objects, exact (reported at the limit, see dumps_saturated).
+        Kept as text, a line is summed into them text to text, and they are
+        not serialised again. A sum beyond 64 bits stays as objects, exact
+        (reported at the limit, see dumps_saturated).
         """
         if self._totals_text is not None:
             return self._totals_text
@@ -729,7 +595,7 @@ class MetricsAccumulator:
             text = orjson.dumps(self._totals)
         except TypeError:
             return dumps_saturated(self._totals)
-        layout = None if add_text is None else text_layout(self._totals)
+        layout = text_layout(self._totals)
         if layout is not None:
             self._totals_text, self._layout, self._totals = text, layout, {}
         return text
