@@ -1,3 +1,3 @@
 """cellos-probed: the host-side witness of Firecracker microVM cells."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
