@@ -543,6 +543,7 @@ def collect_figures(prober: Prober, sink: EventSink) -> dict[str, Any]:
             connected=delivery.connected,
             spooled=delivery.spooled,
             spoolBytes=delivery.spool_bytes,
+            permissionViolations=delivery.permission_violations,
         )
     return figures
 
@@ -587,6 +588,13 @@ class StatusReport:
                 f"{figures['published']} published, {figures['buffered']} held, "
                 f"{figures['spooled']} spooled, {figures['dropped']} dropped, "
                 f"{figures['reconnects']} reconnects"
+            )
+        refusing = self.sink.statistics().refusing
+        if refusing is not None:
+            parts.append(
+                f"NATS REFUSES {refusing}: {figures['permissionViolations']} permission "
+                f"violations; check [daemon] host_id {self.prober.sequences.host_id!r} "
+                "and the NATS user"
             )
         if self.problem:
             parts.append(self.problem)

@@ -13,8 +13,10 @@ import asyncio
 import concurrent.futures
 import math
 import random
+import re
 import ssl
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -87,6 +89,49 @@ _queue_frames: Callable[[NatsClient, bytes], Coroutine[Any, Any, None]] | None =
 
 class NatsUnavailable(Exception):
     """Publishing failed because no server is reachable right now."""
+
+
+#: the server's words for what the user's permissions refuse; nats-py hands
+#: them to the error callback lowercased, the connection stays up
+_VIOLATION: Final = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"')
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A publish or a subscription the server refused for the NATS user's permissions."""
+
+    operation: str  # "publish" or "subscription"
+    #: as we sent it where we know it (an event's subject), else as nats-py reported it
+    subject: str
+
+    def __str__(self) -> str:
+        return f'{self.operation} to "{self.subject}"'
+
+
+class PublishRefused(NatsUnavailable):
+    """A JetStream batch failed and the server refused some of it for the user's permissions."""
+
+    def __init__(self, message: str, violations: list[Violation]) -> None:
+        super().__init__(message)
+        self.violations = violations
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What became of a published batch (the other events were confirmed)."""
+
+    #: indices of events larger than the server accepts: not sent
+    too_large: list[int]
+    #: indices of events the server refused to take from this user (core NATS): not delivered
+    refused: list[int]
+    #: every permission violation the server reported since the previous batch
+    violations: list[Violation]
+
+
+def host_inbox(host_id: str) -> str:
+    """The reply-subject prefix of ``host_id``'s daemon: one NATS user per host may be
+    allowed to subscribe to its own (config/nats-authorization.example.conf)."""
+    return f"_INBOX.cellos-probed.{host_id}"
 
 
 class AsyncioThread:
@@ -209,16 +254,24 @@ def connect_options(settings: NatsSettings) -> dict[str, Any]:
 class NatsPublisher:
     """A nats-py connection owned by an asyncio thread, fed batches from trio.
 
-    Core mode publishes and confirms a batch with one flush round trip
-    (at-most-once past a crash, at-least-once across reconnects). JetStream
+    Core mode publishes and confirms a batch with flush round trips
+    (at-most-once past a crash, at-least-once across reconnects); what the
+    server refused for the user's permissions is named, not confirmed. JetStream
     mode waits for every PubAck, with ``Nats-Msg-Id`` set to the event id, so
     a retried batch (same bytes, same ids) is stored once within the
     stream's duplicate window.
     """
 
-    def __init__(self, settings: NatsSettings, *, flush_timeout: int = 5) -> None:
+    def __init__(
+        self, settings: NatsSettings, *, host_id: str | None = None, flush_timeout: int = 5
+    ) -> None:
         self.settings = settings
+        #: JetStream acknowledgements and API replies come under it (nats-py's
+        #: default, ``_INBOX``, without a host)
+        self.inbox_prefix = None if host_id is None else host_inbox(host_id)
         self._flush_timeout = flush_timeout
+        #: what the server refused since the last batch took them (asyncio side)
+        self._violations: list[Violation] = []
         self._thread = AsyncioThread("cellos-nats")
         self._nc: NatsClient | None = None
         self._js: Any = None
@@ -243,10 +296,19 @@ class NatsPublisher:
             self.state.on_change("reconnected")
 
         async def error(exc: Exception) -> None:
+            # nats-py reads the server's -ERRs in order, so a batch's are all
+            # in once a round trip sent after it is answered
+            violation = _VIOLATION.search(str(exc))
+            if violation is not None:
+                self._violations.append(Violation(violation[1], violation[2]))
+                return
             self.state.last_error = f"{type(exc).__name__}: {exc}"
 
+        options = connect_options(self.settings)
+        if self.inbox_prefix is not None:
+            options["inbox_prefix"] = self.inbox_prefix
         self._nc = await nats.connect(
-            **connect_options(self.settings),
+            **options,
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
@@ -266,7 +328,7 @@ class NatsPublisher:
         self.state.connected = True
         connected.set()
 
-    async def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> list[int]:
+    async def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> BatchResult:
         connected = self._connected
         if connected is None or self._nc is None or not connected.is_set():
             raise NatsUnavailable("not connected to any NATS server")
@@ -275,30 +337,56 @@ class NatsPublisher:
         # The server closes a connection that sends more than its max_payload
         # (headers included): such an event is never sent, its index returned.
         limit = nc.max_payload
-        refused = [
+        too_large = [
             index
             for index, (_, payload, msg_id) in enumerate(batch)
             if _HEADER_LEN + len(payload) + (0 if jetstream is None else len(msg_id) + 15) > limit
         ]
-        if refused:
-            skip = set(refused)
-            batch = [item for index, item in enumerate(batch) if index not in skip]
+        sent = batch
+        if too_large:
+            skip = set(too_large)
+            sent = [item for index, item in enumerate(batch) if index not in skip]
         if jetstream is not None:
-            await self._publish_jetstream(batch, jetstream)
-        elif _queue_frames is not None:
-            for subject, payload, _ in batch:
-                # one by one: nats-py joins its queue into one write anyway, and a
-                # joined batch here (megabytes, a fresh mapping each) was a second copy
-                for piece in hpub_pieces(subject, payload):
-                    await _queue_frames(nc, piece)
-            # A PING/PONG round trip: the server has processed everything before it.
-            await nc.flush(timeout=self._flush_timeout)
+            try:
+                await self._publish_jetstream(sent, jetstream)
+            except Exception as exc:
+                violations = self._take_violations(batch)
+                if violations:  # why no acknowledgement came
+                    raise PublishRefused(f"{type(exc).__name__}: {exc}", violations) from None
+                raise
+            violations = self._take_violations(batch)
+            refused: list[int] = []
         else:
-            for subject, payload, _ in batch:
-                await nc.publish(subject, payload, headers=NATS_HEADERS)
+            if _queue_frames is not None:
+                for subject, payload, _ in sent:
+                    # one by one: nats-py joins its queue into one write anyway, and a
+                    # joined batch here (megabytes, a fresh mapping each) was a second copy
+                    for piece in hpub_pieces(subject, payload):
+                        await _queue_frames(nc, piece)
+            else:
+                for subject, payload, _ in sent:
+                    await nc.publish(subject, payload, headers=NATS_HEADERS)
+            # nats-py writes a flush's PING straight to the socket, ahead of the
+            # frames its flusher task has not written yet (that task runs while
+            # the first PONG is awaited): the second round trip is the one the
+            # server answers after processing the batch, and after any -ERR for it.
             await nc.flush(timeout=self._flush_timeout)
-        self.state.published += len(batch)
-        return refused
+            await nc.flush(timeout=self._flush_timeout)
+            violations = self._take_violations(batch)
+            refused = _refused_indices(batch, violations, set(too_large))
+        self.state.published += len(sent) - len(refused)
+        return BatchResult(too_large, refused, violations)
+
+    def _take_violations(self, batch: Sequence[tuple[str, bytes, str]]) -> list[Violation]:
+        """The violations reported since the last call, with the batch's subjects as sent."""
+        violations, self._violations = self._violations, []
+        if not violations:
+            return violations
+        as_sent = {subject.lower(): subject for subject, _, _ in batch}
+        return [
+            Violation(item.operation, as_sent.get(item.subject, item.subject))
+            for item in violations
+        ]
 
     async def _ensure_stream(self, jetstream: JetStreamSettings) -> None:
         if self._stream_ready or not jetstream.create_stream:
@@ -350,11 +438,13 @@ class NatsPublisher:
         self._thread.start()
         self._connect_task = self._thread.submit(self._connect())
 
-    async def publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> list[int]:
+    async def publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> BatchResult:
         """Publish ``(subject, payload, event id)`` items; raises unless all were confirmed.
 
-        Returns the indices of items larger than the server accepts: those
-        were not sent (sending one would cost the connection), the rest were.
+        Items larger than the server accepts are not sent (sending one would
+        cost the connection); in core NATS, items the server refused for the
+        user's permissions were not delivered: the result names both. With
+        JetStream a refusal fails the batch (:class:`PublishRefused`).
         """
         try:
             return await wait_future(self._thread.submit(self._publish_batch(list(batch))))
@@ -374,6 +464,22 @@ class NatsPublisher:
             except Exception as exc:
                 log.debug("nats close failed", error=repr(exc))
         await trio.to_thread.run_sync(self._thread.stop)
+
+
+def _refused_indices(
+    batch: Sequence[tuple[str, bytes, str]], violations: list[Violation], unsent: set[int]
+) -> list[int]:
+    """The items of ``batch`` the server refused: one per publish violation of their
+    subject (compared lowercased, as nats-py reports it)."""
+    left = Counter(item.subject.lower() for item in violations if item.operation == "publish")
+    refused = []
+    if left:
+        for index, (subject, _, _) in enumerate(batch):
+            key = subject.lower()
+            if left[key] > 0 and index not in unsent:
+                left[key] -= 1
+                refused.append(index)
+    return refused
 
 
 @dataclass(frozen=True, slots=True)

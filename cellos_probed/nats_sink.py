@@ -16,12 +16,16 @@ import trio
 
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import BufferSettings, NatsSettings, SpoolSettings
-from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable
+from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable, PublishRefused, Violation
 from cellos_probed.outbox import GapRange, Outbox, OutboxEntry
 from cellos_probed.sinks import EventSink, SinkStatistics
 from cellos_probed.spool import SpoolOutbox
 
 log = structlog.get_logger("cellos_probed.nats_sink")
+
+#: the gap reason of readings the server refused to take from this NATS user
+PERMISSION_DENIED = "permission_denied"
+REFUSED = "NATS refuses this host's events: check [daemon] host_id and the NATS user"
 
 
 def _log_dropped(gaps: list[GapRange]) -> None:
@@ -41,6 +45,7 @@ class _Counts:
     published: int = 0
     gaps: int = 0
     publish_failures: int = 0
+    permission_violations: int = 0
 
 
 class NatsSink(EventSink):
@@ -51,10 +56,14 @@ class NatsSink(EventSink):
         *,
         buffer: BufferSettings | None = None,
         spool: SpoolSettings | None = None,
+        host_id: str | None = None,
         batch_size: int = 500,
         retry_seconds: float = 0.25,
     ) -> None:
+        """``host_id``: [daemon] host_id, which names the connection's reply inbox
+        (``nats_bridge.host_inbox``) and the refusals logged."""
         self.settings = settings
+        self.host_id = host_id
         self.outbox: Outbox | SpoolOutbox
         if spool is not None:
             self.outbox = SpoolOutbox(
@@ -71,7 +80,12 @@ class NatsSink(EventSink):
         self._counts = _Counts()
         self._batch_size = batch_size
         self._retry_seconds = retry_seconds
-        self._publisher = NatsPublisher(settings)
+        self._publisher = NatsPublisher(settings, host_id=host_id)
+        #: while the server refuses: its last refusal, the subjects refused
+        #: (lowercased, as nats-py reports them) and the operations logged
+        self._refusing: Violation | None = None
+        self._refused: set[str] = set()
+        self._logged: set[str] = set()
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -98,6 +112,8 @@ class NatsSink(EventSink):
             spool_bytes=outbox.bytes if isinstance(outbox, SpoolOutbox) else 0,
             reconnects=self._publisher.state.reconnects,
             connected=self._publisher.state.connected,
+            permission_violations=counts.permission_violations,
+            refusing=None if self._refusing is None else str(self._refusing),
         )
 
     def emit_nowait(self, event: CloudEvent) -> None:
@@ -154,8 +170,9 @@ class NatsSink(EventSink):
         old = self._publisher
         self.settings = settings
         self.outbox.subject_prefix = settings.subject_prefix
-        self._publisher = NatsPublisher(settings)
+        self._publisher = NatsPublisher(settings, host_id=self.host_id)
         self._publisher.state.on_change = self._state_changed
+        self._stop_refusing()  # other credentials: a refusal now is news
         self._publisher.start()
         if self._nursery is not None:
             self._nursery.start_soon(old.aclose)
@@ -170,6 +187,8 @@ class NatsSink(EventSink):
                 self._wakeup = trio.Event()
             for gap in self.outbox.seal_gaps():
                 self._counts.gaps += 1
+                if gap.reason == PERMISSION_DENIED:
+                    continue  # the refusal is logged once, not a line per cell and tick
                 log.warning(
                     "declaring dropped readings",
                     cell=gap.attribution["cellId"],
@@ -182,10 +201,12 @@ class NatsSink(EventSink):
             if not batch:
                 continue
             try:
-                refused = await self._publisher.publish_batch(
+                result = await self._publisher.publish_batch(
                     [(e.subject, e.payload, e.msg_id) for e in batch]
                 )
             except NatsUnavailable as exc:
+                if isinstance(exc, PublishRefused):
+                    self._note_violations(exc.violations)
                 self._counts.publish_failures += 1
                 _log_dropped(self.outbox.batch_failed())
                 if not failing:
@@ -196,10 +217,63 @@ class NatsSink(EventSink):
             if failing:
                 log.info("publishing again", held=len(self.outbox))
                 failing = False
-            if refused:
-                self._refuse([batch[index] for index in refused])
+            if result.too_large:
+                self._refuse([batch[index] for index in result.too_large])
+            if result.refused:
+                # core NATS: the server dropped them; counted and declared (a gap
+                # event, on the same host's subjects, may well be refused too)
+                self.outbox.reject([batch[index] for index in result.refused], PERMISSION_DENIED)
+            self._note_violations(result.violations, batch)
             self.outbox.confirm(batch)
-            self._counts.published += len(batch) - len(refused)
+            self._counts.published += len(batch) - len(result.too_large) - len(result.refused)
+
+    def _note_violations(
+        self, violations: list[Violation], delivered: list[OutboxEntry] | None = None
+    ) -> None:
+        """Count the server's refusals and log each kind once, until it takes this
+        host's events again (``delivered``: a batch it confirmed)."""
+        if violations:
+            self._counts.permission_violations += len(violations)
+            self._refused.update(item.subject.lower() for item in violations)
+            self._refusing = violations[-1]
+            new: dict[str, Violation] = {}
+            for item in violations:
+                if item.operation not in self._logged:
+                    new.setdefault(item.operation, item)
+            if new:
+                self._logged.update(new)
+                if "subscription" in new:
+                    # nats-py keeps a refused subscription as if it stood: only a
+                    # new connection asks for it again
+                    events = "held; once fixed, restart the daemon"
+                elif self.settings.jetstream is not None:
+                    events = "held and retried"
+                else:
+                    events = "dropped, counted and declared"
+                log.error(
+                    REFUSED,
+                    host=self.host_id,
+                    refused="; ".join(str(item) for item in new.values()),
+                    events=events,
+                )
+            return
+        if self._refusing is None or delivered is None:
+            return
+        # taken again: a JetStream batch was acknowledged whole, or core NATS
+        # took a subject it had refused (not merely others it never refused)
+        if self.settings.jetstream is not None or any(
+            entry.subject.lower() in self._refused for entry in delivered
+        ):
+            log.info(
+                "NATS takes this host's events again",
+                permission_violations=self._counts.permission_violations,
+            )
+            self._stop_refusing()
+
+    def _stop_refusing(self) -> None:
+        self._refusing = None
+        self._refused.clear()
+        self._logged.clear()
 
     def _refuse(self, entries: list[OutboxEntry]) -> None:
         """Events the server will never take (over its max_payload): declared, not retried.

@@ -39,6 +39,11 @@ class SinkStatistics:
     spool_bytes: int = 0
     reconnects: int = 0
     connected: bool | None = None
+    #: publishes and subscriptions the server refused for the NATS user's permissions
+    #: (a held JetStream event counts at each attempt)
+    permission_violations: int = 0
+    #: while the server refuses: its last refusal, e.g. ``publish to "<subject>"``
+    refusing: str | None = None
 
 
 class EventSink(ABC):

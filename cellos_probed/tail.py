@@ -172,10 +172,12 @@ async def run_verify(
     settings: NatsSettings | None = None,
     stop: trio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
+    probe: str | None = None,
 ) -> Completeness:
     """Listen ``duration`` seconds or until ``stop`` is set (or read ``stream`` whole)
-    and account for every sequence the server sent before the end."""
-    completeness = Completeness(from_start=stream is not None)
+    and account for every ``cellosseq`` the server sent before the end (of ``probe``
+    only, if given: subscribe ``subject`` to every kind, its errors and gaps too)."""
+    completeness = Completeness(from_start=stream is not None, probe=probe)
     stop = stop if stop is not None else trio.Event()
 
     def account(message: ReceivedMessage) -> None:

@@ -46,6 +46,9 @@ class Completeness:
     """Feed it every event of a stream; ``from_start`` when the stream holds them all."""
 
     from_start: bool = False
+    #: only this probe's events count (short name); its readings, errors and gaps
+    #: arrive on three kinds of subject, so the filter is on ``probeSource``
+    probe: str | None = None
     seen: dict[Key, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     declared: dict[Key, set[int]] = field(default_factory=lambda: defaultdict(set))
     other: int = 0
@@ -54,6 +57,10 @@ class Completeness:
         kind = str(event.get("type", "")).rsplit(".", 1)[-1]
         data = event.get("data") or {}
         boot = str(event.get("cellosagentboot", "?"))
+        if self.probe is not None and (
+            str(data.get("probeSource", "")).removeprefix("host.") != self.probe
+        ):
+            return
         key = (
             boot,
             str(data.get("hostId")),

@@ -75,6 +75,7 @@ def test_a_frame_queued_in_pieces_is_the_same_bytes_and_a_big_payload_is_not_cop
         assert len(pieces) == 1
 
 
+@pytest.mark.made_up_readings
 @needs_nats
 @pytest.mark.parametrize("frames", ["queued frames", "nc.publish"])
 async def test_batches_arrive_in_order_with_the_structured_header(
@@ -103,6 +104,7 @@ async def test_batches_arrive_in_order_with_the_structured_header(
     assert sink.outbox.dropped == 0
 
 
+@pytest.mark.made_up_readings
 @needs_nats
 async def test_events_are_held_while_the_server_is_down_and_sent_on_reconnect(
     tmp_path: Path,
@@ -134,6 +136,7 @@ async def test_events_are_held_while_the_server_is_down_and_sent_on_reconnect(
     assert sink.outbox.dropped == 0
 
 
+@pytest.mark.made_up_readings
 @needs_nats
 async def test_new_nats_settings_reconnect_without_dropping_what_is_held(
     tmp_path: Path,
@@ -178,11 +181,11 @@ async def test_an_event_over_the_servers_max_payload_is_not_sent_and_the_rest_ar
             async with open_subscription([nats_server.url], f"{PREFIX}.>") as messages:
                 await up.wait()
                 huge = b"x" * (1024 * 1024)  # nats-server's default max_payload is 1 MiB
-                refused = await publisher.publish_batch(
+                result = await publisher.publish_batch(
                     [(f"{PREFIX}.cgroup.a", b"{}", "1"), (f"{PREFIX}.cgroup.b", huge, "2"),
                      (f"{PREFIX}.cgroup.c", b"{}", "3")]
                 )  # fmt: skip
-                assert refused == [1]
+                assert result.too_large == [1]
                 assert publisher.state.connected
                 assert [(await messages.receive()).subject for _ in range(2)] == [
                     f"{PREFIX}.cgroup.a", f"{PREFIX}.cgroup.c",
@@ -191,6 +194,7 @@ async def test_an_event_over_the_servers_max_payload_is_not_sent_and_the_rest_ar
         await publisher.aclose()
 
 
+@pytest.mark.made_up_readings
 @needs_nats
 @pytest.mark.parametrize("outbox", ["memory", "spool"])
 async def test_a_reading_the_server_cannot_take_is_declared_as_a_gap_and_nothing_stalls(

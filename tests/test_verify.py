@@ -82,6 +82,19 @@ def test_hosts_are_accounted_apart_even_with_one_cell_id_and_boot() -> None:
     assert legacy.other == 1
 
 
+def test_a_probe_filter_keeps_that_probes_errors_and_gaps_in_its_count() -> None:
+    # readings 1, 3 and the probe_error 2 of cgroup; a tap_link reading is not counted
+    check = Completeness(from_start=True, probe="cgroup")
+    error = {**reading(2), "type": f"{T}.probe_error"}
+    tap = {**reading(1), "data": {"cellId": "a", "hostId": "h", "probeSource": "host.tap_link"}}
+    for event in (reading(1), error, reading(3), tap, gap(4, 5)):
+        check.add(event)
+    (row,) = check.rows()
+    assert row.key[3] == "host.cgroup"
+    assert (row.received, row.holes, row.declared) == (3, [4, 5], [4, 5])
+    assert check.ok
+
+
 async def test_agent_events_carry_the_daemons_figures(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.toml", tmp_path, ["gone"])
     path.write_text(
