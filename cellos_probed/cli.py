@@ -12,6 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import orjson
 import structlog
 import trio
 
@@ -23,6 +24,7 @@ from cellos_probed.config import (
     ConfigError,
     load_config,
 )
+from cellos_probed.schemas import EVENT_KINDS, all_schemas, load_schema
 from cellos_probed.shard import Shard
 
 EXIT_OK = 0
@@ -125,6 +127,16 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="with --verify: seconds to listen (core NATS), or at most to read a stream",
     )
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of an event type's data (all of them without TYPE)",
+        description="Print the JSON Schema (2020-12) of TYPE's data, the schema whose $id its "
+        "events carry as dataschema, whole (the common definitions embedded); without TYPE, "
+        "every type's, as one JSON object keyed by type.",
+    )
+    schema.add_argument("type", nargs="?", choices=EVENT_KINDS, metavar="TYPE",
+                        help=f"one of {', '.join(EVENT_KINDS)}")  # fmt: skip
     return parser
 
 
@@ -174,7 +186,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if shard is not None:
         config = shard.select(config)
     sequences = SequenceRegistry(host_id=config.daemon.host_id)
-    sink = NatsSink(config.nats, sequences.boot_id, buffer=config.buffer, spool=config.spool)
+    sink = NatsSink(
+        config.nats,
+        sequences.boot_id,
+        buffer=config.buffer,
+        spool=config.spool,
+        host_id=config.daemon.host_id,
+    )
 
     limit = fd_limit.raise_to_hard_limit(len(config.cells))
     if not limit.enough:
@@ -208,6 +226,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    printed = all_schemas() if args.type is None else load_schema(args.type)
+    sys.stdout.buffer.write(orjson.dumps(printed, option=orjson.OPT_INDENT_2) + b"\n")
+    return EXIT_OK
+
+
 def _cmd_tail(args: argparse.Namespace) -> int:
     from cellos_probed.tail import run_tail, run_verify, tail_subject
 
@@ -220,7 +244,9 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         settings = config.nats
     servers = args.server or servers
     prefix = args.prefix or prefix
-    subject = tail_subject(prefix, args.host, args.cell, args.probe)
+    # --verify --probe: the probe's readings, errors and gaps are three kinds of
+    # subject, so every kind is taken and the probe is filtered by its probeSource
+    subject = tail_subject(prefix, args.host, args.cell, None if args.verify else args.probe)
 
     def ready(banner: str) -> Callable[[], None]:
         def subscribed() -> None:
@@ -236,7 +262,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             try:
                 completeness = await run_verify(
                     servers, subject, stream=args.stream, duration=args.duration,
-                    settings=settings, stop=stop, on_ready=ready("verify"),
+                    settings=settings, stop=stop, on_ready=ready("verify"), probe=args.probe,
                 )  # fmt: skip
             except trio.TooSlowError:
                 print(f"cellos-probed: cannot reach NATS at {', '.join(servers)}", file=sys.stderr)
@@ -285,7 +311,13 @@ async def _until_signalled(run: Callable[[trio.Event], Awaitable[T]]) -> T | Non
     return result[0] if result else None
 
 
-_COMMANDS = {"run": _cmd_run, "check-config": _cmd_check, "once": _cmd_once, "tail": _cmd_tail}
+_COMMANDS = {
+    "run": _cmd_run,
+    "check-config": _cmd_check,
+    "once": _cmd_once,
+    "tail": _cmd_tail,
+    "schema": _cmd_schema,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

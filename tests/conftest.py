@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,19 +122,69 @@ async def poll_until(predicate: Callable[[], bool], *, interval: float = 0.05) -
         await trio.sleep(interval)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "made_up_readings: the test's probe readings (and probe errors) carry made-up "
+        "inputs and output: their data is not checked against its schema (the rest of "
+        "each event, and gap and agent events whole, still are)",
+    )
+
+
 @pytest.fixture(autouse=True)
-def captured_events_carry_the_json_of_their_dict(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every event any test captures: its JSON (joined from parts made once, with
-    outputs a probe serialised where it read them) is its dict serialised whole."""
+def events_honour_their_contract(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Every event any test builds, where it is built (``cellos_probed.events``: what
+    sinks, the outbox and the spool carry), honours its contract
+    (``tests/event_contract.py``): its data valid against the schema its ``dataschema``
+    names, the whole valid against the official CloudEvents schema and read alike by
+    the CloudEvents SDK. A probe's event's JSON (joined from parts made once, with
+    outputs serialised where they were read) is its dict serialised whole, when it is
+    built and when a sink captures it. A broken event raises where it is built, and
+    fails the test at its end too, should the code under test swallow the error."""
     import orjson
 
+    from cellos_probed import events
     from cellos_probed.cloudevent import CloudEvent
     from cellos_probed.probes import CapturingSink
+    from tests.event_contract import check_event
 
-    real = CapturingSink.emit_nowait  # emit() goes through it too
+    made_up = request.node.get_closest_marker("made_up_readings") is not None
+    broken: list[str] = []
 
-    def checked(self: CapturingSink, event: CloudEvent) -> None:
+    def check(payload: bytes) -> None:
+        try:
+            check_event(payload, made_up_readings=made_up)
+        except Exception as exc:  # a ContractError, or what the CloudEvents SDK refused
+            broken.append(f"{type(exc).__name__}: {exc}")
+            raise
+
+    stream_event = events.EventStream.event
+    envelope = events._envelope
+
+    def checked_stream_event(self: events.EventStream, *args: Any, **kwargs: Any) -> CloudEvent:
+        event = stream_event(self, *args, **kwargs)
+        payload = event.to_json()
+        assert payload == orjson.dumps(event.to_dict()), payload[:300]
+        check(payload)
+        return event
+
+    def checked_envelope(*args: Any, **kwargs: Any) -> CloudEvent:
+        event = envelope(*args, **kwargs)
+        check(orjson.dumps(event.to_dict()))
+        return event
+
+    monkeypatch.setattr(events.EventStream, "event", checked_stream_event)
+    monkeypatch.setattr(events, "_envelope", checked_envelope)
+
+    captured = CapturingSink.emit_nowait  # emit() goes through it too
+
+    def checked_capture(self: CapturingSink, event: CloudEvent) -> None:
         assert event.to_json() == orjson.dumps(event.to_dict()), event.to_json()[:300]
-        real(self, event)
+        captured(self, event)
 
-    monkeypatch.setattr(CapturingSink, "emit_nowait", checked)
+    monkeypatch.setattr(CapturingSink, "emit_nowait", checked_capture)
+    yield
+    if broken:
+        pytest.fail(f"{len(broken)} event(s) broke their contract; the first: {broken[0]}")

@@ -100,6 +100,7 @@ def ctx_cell(expected: dict[str, Any]) -> str:
     return str(expected["data"]["cellId"])
 
 
+@pytest.mark.made_up_readings
 @settings(max_examples=300, deadline=None)
 @given(
     cell=names,
@@ -140,6 +141,7 @@ def test_a_reading_joined_from_parts_is_the_envelope_serialised_whole(
     assert orjson.loads(event.to_json())["id"] == event.id
 
 
+@pytest.mark.made_up_readings
 @settings(max_examples=200, deadline=None)
 @given(output=objects, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=4))
 def test_an_output_given_as_pieces_of_its_json_is_joined_into_the_same_bytes(
@@ -156,6 +158,7 @@ def test_an_output_given_as_pieces_of_its_json_is_joined_into_the_same_bytes(
     assert orjson.loads(event.to_json())["data"]["output"] == output
 
 
+@pytest.mark.made_up_readings
 @settings(max_examples=200, deadline=None)
 @given(
     cell=names,
@@ -206,6 +209,7 @@ def test_a_probe_error_joined_from_parts_is_the_envelope_serialised_whole(
     assert built.cellosseq == 3
 
 
+@pytest.mark.made_up_readings
 @pytest.mark.trio
 async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> None:
     sink = CapturingSink()
@@ -238,6 +242,7 @@ async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> No
         assert orjson.loads(event.to_json())["data"]["hostReceivedAt"] == event.time
 
 
+@pytest.mark.made_up_readings
 @pytest.mark.trio
 async def test_a_new_run_of_a_cell_is_attributed_at_once_and_its_sequence_goes_on() -> None:
     """A reload that gives the cell a new run: the parts made once are made again."""
@@ -273,6 +278,7 @@ async def test_an_unknown_probe_is_refused_before_any_sequence_is_spent() -> Non
     assert sink.events == []
 
 
+@pytest.mark.made_up_readings
 @pytest.mark.trio
 async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
     sequences = SequenceRegistry(host_id=HOST)
@@ -302,6 +308,7 @@ async def test_the_outbox_sends_the_joined_json_and_accounts_for_it() -> None:
     )
 
 
+@pytest.mark.made_up_readings
 @pytest.mark.trio
 async def test_an_output_serialised_by_its_probe_is_embedded_as_it_is() -> None:
     sink = CapturingSink()

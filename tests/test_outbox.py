@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.outbox import Outbox
@@ -12,6 +13,9 @@ from cellos_probed.probes import (
     SequenceRegistry,
     build_host_probe_envelope,
 )
+
+#: readings with made-up inputs and output: what is checked here is the outbox and its gaps
+pytestmark = pytest.mark.made_up_readings
 
 PREFIX = "p.v1"
 

@@ -44,6 +44,7 @@ def test_f1b_stub_types_match_adr0006_shape() -> None:
     assert cell_observability_host_tap_v1_type() == f"{prefix}.tap_link"
 
 
+@pytest.mark.made_up_readings
 def test_build_envelope_carries_attribution_fields() -> None:
     ctx = ProbeContext("cell-1", "run-7", "sha256:abcd")
     reading = ProbeReading(
@@ -66,6 +67,7 @@ def test_build_envelope_carries_attribution_fields() -> None:
     assert isinstance(data["hostReceivedAt"], str)
 
 
+@pytest.mark.made_up_readings
 async def test_emit_reading_stamps_host_received_at_and_dispatches() -> None:
     sink = CapturingSink()
     ctx = ProbeContext("cell-1", "run-7", "sha256:abcd")
@@ -93,6 +95,7 @@ def test_unknown_probe_is_a_parse_error_not_a_guessed_type() -> None:
         build_host_probe_envelope(ctx, ProbeReading("host.disk", {}, {}))
 
 
+@pytest.mark.made_up_readings
 async def test_structured_json_matches_the_contract() -> None:
     sink = CapturingSink()
     sequences = SequenceRegistry()
@@ -123,6 +126,7 @@ async def test_structured_json_matches_the_contract() -> None:
     assert event["data"]["output"] == {"a": 1}
 
 
+@pytest.mark.made_up_readings
 async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> None:
     sink = CapturingSink()
     sequences = SequenceRegistry()
@@ -144,6 +148,7 @@ async def test_readings_and_errors_share_one_sequence_per_cell_and_probe() -> No
     assert {e.cellosagentboot for e in sink.events} == {sequences.boot_id}
 
 
+@pytest.mark.made_up_readings
 def test_probe_error_envelope_shape_and_subject() -> None:
     ctx = ProbeContext("cell-1", "run-7", "sha256:abcd")
     error = ProbeIoError("cgroup directory does not exist: x")

@@ -132,6 +132,7 @@ def config_with(cells: list[str]) -> Config:
     )
 
 
+@pytest.mark.made_up_readings
 async def test_a_hung_probe_times_out_and_delays_nobody(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -180,6 +181,7 @@ async def test_a_hung_probe_times_out_and_delays_nobody(
     assert [e.cellosseq for _, e in sink.events if e.data["cellId"] == "hung"].count(2) == 2
 
 
+@pytest.mark.made_up_readings
 async def test_a_sink_that_takes_events_without_waiting_gets_every_probe_event_so() -> None:
     class NoWaitSink(EventSink):
         def __init__(self) -> None:

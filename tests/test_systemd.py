@@ -183,6 +183,7 @@ class WedgingProbe(HostProbe):
             results[i] = ProbeReading("host.cgroup", {}, {})
 
 
+@pytest.mark.made_up_readings
 async def test_daemon_notifies_ready_watchdog_reload_and_stop(tmp_path: Path) -> None:
     for cell in ("a", "b"):
         FakeCgroup(tmp_path / cell).write()
