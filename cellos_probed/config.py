@@ -48,19 +48,6 @@ BUILT_PROBES: Final = ("cgroup", "tap_link", "nftables", "fc_metrics")
 #: each is refused as such. A feature that lands deletes its entries here
 #: and adds its fields to the dataclasses below.
 NOT_SUPPORTED_YET: Final[dict[str, str]] = {
-    **{
-        f"{table}.{probe}.every_ticks": "reading a probe every N ticks"
-        for table in ("probes", "cell")
-        for probe in BUILT_PROBES
-    },
-    **{
-        f"{table}.fc_metrics.{key}": feature
-        for table in ("probes", "cell")
-        for key, feature in (
-            ("totals_every", "fc_metrics totals every Nth reading"),
-            ("sections", "a choice of fc_metrics sections"),
-        )
-    },
     "nats.jetstream.domain": "publishing to a JetStream domain",
     "metrics.textfile": "the daemon's Prometheus textfile",
     "metrics.listen": "the daemon's Prometheus endpoint",
@@ -136,13 +123,15 @@ def _number(
     return {_KEY: _Key("a number", (int, float), check, default_from)}
 
 
-def _integer(low: int, high: int) -> dict[str, _Key]:
+def _integer(
+    low: int, high: int, default_from: Callable[[Mapping[str, Any]], Any] | None = None
+) -> dict[str, _Key]:
     def check(value: int) -> int:
         if not low <= value <= high:
             raise _Invalid(f"must be between {low} and {high}, got {value}")
         return value
 
-    return {_KEY: _Key("an integer", (int,), check)}
+    return {_KEY: _Key("an integer", (int,), check, default_from)}
 
 
 def _boolean() -> dict[str, _Key]:
@@ -203,6 +192,20 @@ def default_host_id() -> str:
     """The host name made a NATS subject token (dots and the like become ``_``)."""
     token = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:128]
     return token or "localhost"
+
+
+#: the context key under which a cell's probe table finds its ``[probes.<name>]`` values
+_PROBE_DEFAULTS: Final = "probe_defaults"
+
+
+def _probe_default(name: str, fallback: Any) -> Callable[[Mapping[str, Any]], Any]:
+    """A per-cell key's default: the ``[probes.<probe>]`` table's value, else ``fallback``."""
+    return lambda known: known.get(_PROBE_DEFAULTS, {}).get(name, fallback)
+
+
+#: how often a probe is read, in base ticks (``[probes.<name>]`` and per cell)
+_EVERY_TICKS: Final = _integer(1, 1_000_000, _probe_default("every_ticks", 1))
+_FC_SECTION: Final = re.compile(r"[A-Za-z0-9_]{1,128}")
 
 
 def _half_the_tick(known: Mapping[str, Any]) -> float:
@@ -301,11 +304,13 @@ class CgroupProbeConfig:
     #: [paths] cgroup_root: opens walk down from it refusing symlinks
     #: (None: only the directory's own name is checked)
     root: Path | None = None
+    every_ticks: int = field(default=1, metadata=_EVERY_TICKS)
 
 
 @dataclass(frozen=True, slots=True)
 class TapLinkProbeConfig:
     interface: str = field(metadata=_string(_IFNAME, "{value!r} is not a valid interface name"))
+    every_ticks: int = field(default=1, metadata=_EVERY_TICKS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +330,7 @@ class NftablesProbeConfig:
     chain: str | None = field(
         default=None, metadata=_string(_NFT_NAME, "{value!r} is not a valid nftables chain name")
     )
+    every_ticks: int = field(default=1, metadata=_EVERY_TICKS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +341,44 @@ class FcMetricsProbeConfig:
     metrics_path_resolved: Path
     #: [paths] jail_root: opens walk down from it refusing symlinks (None: not checked)
     root: Path | None = None
+    every_ticks: int = field(default=1, metadata=_EVERY_TICKS)
+    #: ``totals`` in every Nth reading (and the first after a reconnect or a new instance)
+    totals_every: int = field(
+        default=1, metadata=_integer(1, 1_000_000, _probe_default("totals_every", 1))
+    )
+    #: the top-level sections kept in ``delta`` and ``totals`` (None: all)
+    sections: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_strings(
+            _FC_SECTION,
+            "{value!r} is not a Firecracker metrics section name",
+            twice="lists a section twice",
+            default_from=_probe_default("sections", None),
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeDefaults:
+    """``[probes.<name>]``: what every cell's probe of that name takes unless its own
+    table says otherwise."""
+
+    every_ticks: int = field(default=1, metadata=_integer(1, 1_000_000))
+
+
+@dataclass(frozen=True, slots=True)
+class FcMetricsDefaults(ProbeDefaults):
+    """``[probes.fc_metrics]``: besides ``every_ticks``, the Firecracker volume keys."""
+
+    totals_every: int = field(default=1, metadata=_integer(1, 1_000_000))
+    sections: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_strings(
+            _FC_SECTION,
+            "{value!r} is not a Firecracker metrics section name",
+            twice="lists a section twice",
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +524,7 @@ class _Loader:
     def __init__(self, file: str) -> None:
         self.file = file
         self._real_roots: dict[Path, str] = {}
+        self._defaults: dict[str, dict[str, Any]] = {}
 
     def real_root(self, root: Path) -> str:
         """``root`` with its symlinks resolved, once per load (thousands of cells share it)."""
@@ -498,9 +543,26 @@ class _Loader:
         buffer = _plain(BufferSettings, top.section("buffer"))
         spool_table = top.table("spool")
         spool = None if spool_table is None else _plain(SpoolSettings, spool_table)
+        self._defaults = self._probe_defaults(top.section("probes"))
         cells = tuple(self._cells(top, paths))
         top.finish()
         return Config(self.file, daemon, paths, nats, cells, buffer, spool)
+
+    def _probe_defaults(self, table: _Table) -> dict[str, dict[str, Any]]:
+        """Each ``[probes.<name>]`` table's values, by probe; a name not a probe is unknown."""
+        defaults: dict[str, dict[str, Any]] = {}
+        for name in BUILT_PROBES:
+            probe_table = table.table(name)
+            if probe_table is not None:
+                schema = FcMetricsDefaults if name == "fc_metrics" else ProbeDefaults
+                defaults[name] = probe_table.read(schema)
+                probe_table.finish()
+        table.finish()
+        return defaults
+
+    def _read_probe(self, table: _Table, schema: type[_T], name: str) -> dict[str, Any]:
+        """A cell's ``[cell.<name>]`` keys, the ``[probes.<name>]`` values as defaults."""
+        return table.read(schema, **{_PROBE_DEFAULTS: self._defaults.get(name, {})})
 
     def _daemon(self, table: _Table) -> DaemonSettings:
         daemon = _plain(DaemonSettings, table)
@@ -565,12 +627,17 @@ class _Loader:
             yield cell
 
     def _tap_link(self, table: _Table | None) -> TapLinkProbeConfig | None:
-        return None if table is None else _plain(TapLinkProbeConfig, table)
+        if table is None:
+            return None
+        values = self._read_probe(table, TapLinkProbeConfig, "tap_link")
+        table.finish()
+        return TapLinkProbeConfig(**values)
 
     def _nftables(self, table: _Table | None) -> NftablesProbeConfig | None:
         if table is None:
             return None
-        nftables = _plain(NftablesProbeConfig, table)
+        nftables = NftablesProbeConfig(**self._read_probe(table, NftablesProbeConfig, "nftables"))
+        table.finish()
         if not nftables.counters and nftables.chain is None:
             raise table.error(None, "needs `counters`, `chain`, or both")
         return nftables
@@ -578,7 +645,7 @@ class _Loader:
     def _fc_metrics(self, table: _Table | None, paths: PathRoots) -> FcMetricsProbeConfig | None:
         if table is None:
             return None
-        values = table.read(FcMetricsProbeConfig)
+        values = self._read_probe(table, FcMetricsProbeConfig, "fc_metrics")
         root = paths.jail_root
 
         def resolved(name: str) -> Path:
@@ -593,7 +660,7 @@ class _Loader:
     def _cgroup(self, table: _Table | None, paths: PathRoots) -> CgroupProbeConfig | None:
         if table is None:
             return None
-        values = table.read(CgroupProbeConfig)
+        values = self._read_probe(table, CgroupProbeConfig, "cgroup")
         root = paths.cgroup_root
         if root is None:
             raise table.error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,14 +136,6 @@ FC_CELL = (
     f"{ROOTS}[[cell]]\n{CELL}[cell.fc_metrics]\napi_socket = 'a.sock'\nmetrics_path = 'm.fifo'\n"
 )
 UNBUILT = [
-    ("[probes.fc_metrics]\nevery_ticks = 10\n", None, "probes.fc_metrics.every_ticks"),
-    ("[probes.cgroup]\nevery_ticks = 5\n", None, "probes.cgroup.every_ticks"),
-    ("[probes.fc_metrics]\ntotals_every = 10\n", None, "probes.fc_metrics.totals_every"),
-    ("[probes.fc_metrics]\nsections = ['vmm']\n", None, "probes.fc_metrics.sections"),
-    (FC_CELL + "every_ticks = 10\n", "cell-1", "cell.fc_metrics.every_ticks"),
-    (FC_CELL + "totals_every = 10\n", "cell-1", "cell.fc_metrics.totals_every"),
-    (FC_CELL + "sections = ['vmm']\n", "cell-1", "cell.fc_metrics.sections"),
-    (f"{ROOTS}[[cell]]\n{CELL}[cell.tap_link]\ninterface = 't'\nevery_ticks = 2\n", "cell-1", "cell.tap_link.every_ticks"),
     ("[nats.jetstream]\ndomain = 'host-a'\n", None, "nats.jetstream.domain"),
     ("[metrics]\ntextfile = '/var/lib/prometheus/node-exporter/cellos_probed.prom'\n", None, "metrics.textfile"),
     ("[metrics]\nlisten = '127.0.0.1:9817'\n", None, "metrics.listen"),
@@ -167,7 +160,50 @@ def test_a_key_of_a_feature_not_built_yet_is_refused_as_such(
 
 def test_empty_tables_of_features_not_built_yet_are_accepted() -> None:
     """Nothing in them is ignored: the features are off until a key is set."""
-    assert parse_config("[metrics]\n[probes.fc_metrics]\n").cells == ()
+    assert parse_config("[metrics]\n").cells == ()
+
+
+def test_probe_defaults_apply_to_every_cell_and_a_cell_overrides_them() -> None:
+    config = parse_config(
+        "[probes.fc_metrics]\nevery_ticks = 10\ntotals_every = 5\nsections = ['vmm', 'vcpu']\n"
+        "[probes.cgroup]\nevery_ticks = 2\n"
+        f"{FC_CELL}"
+        f"[[cell]]\nid = 'cell-2'\nrun_id = 'r'\nspec_signature_hash = 'h'\n"
+        "[cell.fc_metrics]\napi_socket = 'b.sock'\nmetrics_path = 'n.fifo'\n"
+        "every_ticks = 3\nsections = ['net_eth0']\n"
+        "[cell.tap_link]\ninterface = 't'\n"
+    )
+    first, second = config.cells
+    assert first.fc_metrics is not None
+    assert second.fc_metrics is not None
+    assert (first.fc_metrics.every_ticks, first.fc_metrics.totals_every) == (10, 5)
+    assert first.fc_metrics.sections == ("vmm", "vcpu")
+    assert (second.fc_metrics.every_ticks, second.fc_metrics.totals_every) == (3, 5)
+    assert second.fc_metrics.sections == ("net_eth0",)
+    assert second.tap_link is not None
+    assert second.tap_link.every_ticks == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[probes.disk]\nevery_ticks = 2\n", "key 'probes.disk': unknown key"),
+        ("[probes.cgroup]\ntotals_every = 2\n", "key 'probes.cgroup.totals_every': unknown key"),
+        (
+            "[probes.cgroup]\nevery_ticks = 0\n",
+            "key 'probes.cgroup.every_ticks': must be between 1",
+        ),
+        ("[probes.fc_metrics]\nsections = ['a.b']\n", "is not a Firecracker metrics section name"),
+        ("[probes.fc_metrics]\nsections = ['vmm', 'vmm']\n", "lists a section twice"),
+        (
+            FC_CELL + "totals_every = 'x'\n",
+            "cell 'cell-1': key 'cell.fc_metrics.totals_every': must be an integer",
+        ),
+    ],
+)
+def test_probe_cadence_and_volume_keys_are_checked(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(text, "f.toml")
 
 
 def test_every_default_is_the_dataclass_default() -> None:
