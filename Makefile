@@ -7,8 +7,12 @@ PY := $(VENV)/bin/python
 # iproute2 gives `ip` for test set-up; iputils-ping generates test traffic;
 # python3-venv lets `make deb` build its virtualenv for Debian's python3;
 # gcc and python3-dev (the Python headers) compile the required C extension
-# cellos_probed/probes/_fc_sum.c (the metrics summing) at install time.
-APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping python3-venv gcc python3-dev
+# cellos_probed/probes/_fc_sum.c (the metrics summing) at install time;
+# prometheus-node-exporter reads the daemon's [metrics] textfile in the tests
+# (and is the bench's peer), and prometheus gives `promtool check metrics`
+# (where systemd runs, apt also starts their services: disable them if unwanted).
+APT_PACKAGES := libnftables1 nftables iproute2 iputils-ping python3-venv gcc python3-dev \
+	prometheus-node-exporter prometheus
 
 .PHONY: setup test lint demo clean check-config deb fuzz bench soak
 

@@ -17,10 +17,17 @@ for a fixed number of ticks, removes everything, and reports:
   each, as the daemon does on cgroup2 (the floor itself opens them, as the
   issue defines it), and the daemon's ratio to that;
 - a peer: node_exporter's netclass collector scraping the same TAPs, its CPU
-  per scrape next to our tap_link cost per tick.
+  per scrape next to our tap_link cost per tick;
+- bytes: per kind of event (the subject's token after the prefix: each probe,
+  agent, probe_error, gap) and for the host, the bytes per tick on the wire
+  (each message's HPUB frame as the daemon sends it: see bench/subscriber.py)
+  and in payloads, and the median and p99 event (payload) size.
 
 Results: bench/results/<name>.json, bench/results/<name>.md, bench/results/<name>.png.
 Usage: python bench/bench_daemon.py [--n 100,500,1000,2000] [--ticks 30] [--soak SECONDS]
+Environment: BENCH_N, BENCH_TICKS, BENCH_NAME, BENCH_SHARDS, BENCH_TIMEOUT, BENCH_PROFILE,
+BENCH_FC_TOTALS_EVERY (``--fc-totals-every``: ``[probes.fc_metrics] totals_every`` in the
+bench's config; unset, the daemon's default).
 """
 
 from __future__ import annotations
@@ -76,6 +83,47 @@ def percentile(ordered: list[float], fraction: float) -> float:
     if not ordered:
         return 0.0
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def histogram_percentile(counts: dict[int, int], fraction: float) -> int:
+    """:func:`percentile` of the values a ``{value: count}`` histogram holds."""
+    total = sum(counts.values())
+    rank = min(total - 1, int(fraction * total))
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen > rank:
+            return value
+    raise ValueError("an empty histogram has no percentile")
+
+
+def bytes_per_tick(volume: list[dict[str, dict[str, Any]]], ticks: float) -> dict[str, Any]:
+    """The subscriber's sizes of the measured ticks (``volume``: theirs, each by kind),
+    per tick: ``ticks`` of them (with shards, the entries over the processes)."""
+    wire: dict[str, int] = {}
+    sizes: dict[str, dict[int, int]] = {}
+    for kinds in volume:
+        for kind, tally in kinds.items():
+            wire[kind] = wire.get(kind, 0) + tally["wire"]
+            histogram = sizes.setdefault(kind, {})
+            for size, count in tally["sizes"].items():
+                histogram[int(size)] = histogram.get(int(size), 0) + count
+    by_kind = {
+        kind: {
+            "events_per_tick": sum(histogram.values()) / ticks,
+            "wire_bytes_per_tick": wire[kind] / ticks,
+            "payload_bytes_per_tick": sum(s * c for s, c in histogram.items()) / ticks,
+            "event_bytes_p50": histogram_percentile(histogram, 0.50),
+            "event_bytes_p99": histogram_percentile(histogram, 0.99),
+        }
+        for kind, histogram in sorted(sizes.items())
+    }
+    return {
+        "ticks": ticks,
+        "wire_bytes_per_tick": sum(k["wire_bytes_per_tick"] for k in by_kind.values()),
+        "payload_bytes_per_tick": sum(k["payload_bytes_per_tick"] for k in by_kind.values()),
+        "by_kind": by_kind,
+    }
 
 
 def rss_growth_pct(samples: list[int]) -> float:
@@ -169,6 +217,7 @@ def emulated_vms(workdir: Path, n: int) -> Iterator[list[dict[str, str]] | None]
 def write_config(
     path: Path, n: int, *, cgroup_parent: Path, netns: Path, taps: list[str],
     vms: list[dict[str, str]] | None, jail: Path, nats_url: str, ticks: int,
+    fc_totals_every: int | None,
 ) -> None:  # fmt: skip
     text = (
         f"[daemon]\ntick_seconds = 1.0\nprobe_timeout_seconds = {PROBE_TIMEOUT}\n"
@@ -178,6 +227,8 @@ def write_config(
         f'[paths]\ncgroup_root = "{cgroup_parent}"\njail_root = "{jail}"\n'
         f'[nats]\nservers = ["{nats_url}"]\n'
     )
+    if fc_totals_every is not None:
+        text += f"[probes.fc_metrics]\ntotals_every = {fc_totals_every}\n"
     for i in range(n):
         text += (
             f'[[cell]]\nid = "c{i}"\nrun_id = "bench"\nspec_signature_hash = "sha256:bench"\n'
@@ -275,6 +326,8 @@ def run_daemon(
                 raise RuntimeError(f"daemon exited: {text}")
     cpu1, t1 = cpu(), time.monotonic()
     peak = sum(rss_kib(daemon.pid, "VmHWM") for daemon in daemons)
+    # bytes are counted over `ticks` whole ticks from the warm-up's end: one more ends them
+    time.sleep(1.0)
     for daemon in daemons:
         daemon.send_signal(signal.SIGTERM)
     for daemon in daemons:
@@ -304,6 +357,13 @@ def run_daemon(
         if stamp_seconds(figures["hostReceivedAt"]) >= wall0:
             durations.append(figures["lastTickDurationMs"])
     ordered = sorted(durations)
+    # the bytes of the first `ticks` measured ticks of each process: an agent event
+    # ends its tick's messages (the subscriber's volume[i] ends with agent[i])
+    measured = [
+        index
+        for index, figures in enumerate(sub["agent"])
+        if stamp_seconds(figures["hostReceivedAt"]) >= wall0
+    ][: ticks * shards]
     elapsed_ticks = (t1 - t0) / 1.0
     return {
         "processes": shards,
@@ -334,6 +394,7 @@ def run_daemon(
         "probe_errors_by_probe": sub.get("probe_errors", {}),
         #: by the cell's tick (its sequence, 1 = the first): at start-up only, or all along
         "probe_errors_by_tick": sub.get("probe_error_ticks", {}),
+        "bytes": bytes_per_tick([sub["volume"][i] for i in measured], len(measured) / shards),
     }
 
 
@@ -443,7 +504,7 @@ def run_node_exporter(netns_name: str, netns: Path, scrapes: int) -> dict[str, A
         exporter.wait(10)
 
 
-def bench_one(n: int, ticks: int) -> dict[str, Any]:
+def bench_one(n: int, ticks: int, fc_totals_every: int | None) -> dict[str, Any]:
     say(f"N={n}: building {n} cells")
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cellos-bench-")))
@@ -459,7 +520,8 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         stack.callback(server.stop)
         config = workdir / "bench.toml"
         write_config(config, n, cgroup_parent=cgroup_parent, netns=netns, taps=taps, vms=vms,
-                     jail=workdir / "jail", nats_url=server.url, ticks=ticks)  # fmt: skip
+                     jail=workdir / "jail", nats_url=server.url, ticks=ticks,
+                     fc_totals_every=fc_totals_every)  # fmt: skip
         strip_unbuilt(config)
         probes = sorted(supported_probes() & {"cgroup", "tap_link", "nftables", "fc_metrics"})
         if vms is None:
@@ -499,6 +561,8 @@ def bench_one(n: int, ticks: int) -> dict[str, Any]:
         "n": n,
         "ticks": ticks,
         "probes": probes,
+        # [probes.fc_metrics] totals_every; None: the daemon's default
+        "fc_totals_every": fc_totals_every,
         "daemon": daemon,
         "floor": floor,
         "ratio_to_floor": daemon["cpu_seconds_per_tick"] / max(1e-9, floor["cpu_seconds_per_tick"]),
@@ -541,6 +605,45 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"{d['events_per_second']:.0f} | {d['lost']} | {d['probe_errors']} | {peer_text} | "
             f"{alone_text} |"
         )
+    return head + "\n".join(rows) + "\n"
+
+
+#: the kinds with columns of their own in the bytes table; the others (agent,
+#: probe_error, gap) are summed in one
+BYTES_COLUMNS = ("fc_metrics", "cgroup", "tap_link", "nftables")
+
+
+def bytes_markdown(results: list[dict[str, Any]]) -> str:
+    """Bytes per tick (KB = 1,000 bytes) on the wire by kind and for the host, and
+    each probe's median and p99 event size."""
+    head = (
+        "| N | fc_metrics totals_every | host KB/tick on the wire | "
+        + " | ".join(f"{kind} KB/tick | {kind} event p50 / p99 B" for kind in BYTES_COLUMNS)
+        + " | other kinds KB/tick |\n"
+        + "|---" * (4 + 2 * len(BYTES_COLUMNS))
+        + "|\n"
+    )
+    rows = []
+    for r in results:
+        figures = r["daemon"]["bytes"]
+        cells = [
+            str(r["n"]),
+            "default" if r["fc_totals_every"] is None else str(r["fc_totals_every"]),
+            f"{figures['wire_bytes_per_tick'] / 1000:,.1f}",
+        ]
+        other = figures["wire_bytes_per_tick"]
+        for kind in BYTES_COLUMNS:
+            mine = figures["by_kind"].get(kind)
+            if mine is None:
+                cells += ["n/a", "n/a"]
+                continue
+            other -= mine["wire_bytes_per_tick"]
+            cells += [
+                f"{mine['wire_bytes_per_tick'] / 1000:,.1f}",
+                f"{mine['event_bytes_p50']:,} / {mine['event_bytes_p99']:,}",
+            ]
+        cells.append(f"{other / 1000:,.1f}")
+        rows.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -594,6 +697,16 @@ def give_the_units_open_file_limit() -> None:
         )
 
 
+def at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default=os.environ.get("BENCH_N", "100,500,1000,2000"))
@@ -603,6 +716,12 @@ def main() -> int:
         "--soak", type=int, default=0, help="seconds at N=1000 (RSS must stay flat)"
     )
     parser.add_argument("--soak-n", type=int, default=1000, help="cells for --soak")
+    parser.add_argument(
+        "--fc-totals-every",
+        type=at_least_one,
+        default=os.environ.get("BENCH_FC_TOTALS_EVERY"),
+        help="[probes.fc_metrics] totals_every in the bench's config (default: the daemon's)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (namespaces, TAPs, nftables, cgroups)", file=sys.stderr)
@@ -611,13 +730,13 @@ def main() -> int:
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     if args.soak:
-        results = [bench_one(args.soak_n, args.soak)]
+        results = [bench_one(args.soak_n, args.soak, args.fc_totals_every)]
         name = f"{args.name}-soak" if args.soak_n == 1000 else f"{args.name}-soak-{args.soak_n}"
     else:
-        results = [bench_one(int(n), args.ticks) for n in args.n.split(",")]
+        results = [bench_one(int(n), args.ticks, args.fc_totals_every) for n in args.n.split(",")]
         name = args.name
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
+    table = markdown(results) + "\n" + bytes_markdown(results)
     (out / f"{name}.md").write_text(table)
     if len(results) > 1:
         plot(results, out / f"{name}.png")

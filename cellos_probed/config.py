@@ -13,6 +13,7 @@ their existing components are followed.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -47,11 +48,7 @@ BUILT_PROBES: Final = ("cgroup", "tap_link", "nftables", "fc_metrics")
 #: Keys of the contract whose feature is not built yet, with that feature:
 #: each is refused as such. A feature that lands deletes its entries here
 #: and adds its fields to the dataclasses below.
-NOT_SUPPORTED_YET: Final[dict[str, str]] = {
-    "nats.jetstream.domain": "publishing to a JetStream domain",
-    "metrics.textfile": "the daemon's Prometheus textfile",
-    "metrics.listen": "the daemon's Prometheus endpoint",
-}
+NOT_SUPPORTED_YET: Final[dict[str, str]] = {}
 
 
 class ConfigError(Exception):
@@ -257,6 +254,11 @@ class JetStreamSettings:
     replicas: int = field(default=1, metadata=_integer(1, 5))
     duplicate_window_seconds: float = field(default=120.0, metadata=_number(0.1, 86_400.0))
     ack_timeout_seconds: float = field(default=2.0, metadata=_number(0.01, 600.0))
+    #: a leaf node's JetStream: the API calls go to $JS.<domain>.API, one subject token
+    domain: str | None = field(
+        default=None,
+        metadata=_string(SUBJECT_TOKEN, "must be one NATS subject token: [A-Za-z0-9_-]{{1,128}}"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +297,74 @@ class BufferSettings:
 class SpoolSettings:
     path: Path = field(metadata=_path())
     max_bytes: int = field(default=1 << 30, metadata=_integer(1 << 20, 1 << 44))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A loopback address and port: where the daemon serves ``/metrics``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_LOOPBACK_ONLY: Final = (
+    "must be a loopback address and port (127.0.0.1:PORT or [::1]:PORT): the daemon serves "
+    "/metrics to this host only; [metrics] textfile hands the figures to node_exporter"
+)
+_WRITE_LISTEN: Final = "write 127.0.0.1:PORT or [::1]:PORT"
+
+
+def _loopback(value: str) -> ListenAddress:
+    """``HOST:PORT`` (``[HOST]:PORT`` for IPv6) with HOST a loopback IP address: the
+    figures are this host's business; a name is refused rather than resolved."""
+    if value.startswith("["):
+        host, bracket, port = value[1:].partition("]:")
+        if not bracket:
+            raise _Invalid(f"{value!r} has no port: {_WRITE_LISTEN}")
+    else:
+        host, colon, port = value.rpartition(":")
+        if not colon:
+            raise _Invalid(f"{value!r} has no port: {_WRITE_LISTEN}")
+        if ":" in host:
+            raise _Invalid(f"{value!r}: an IPv6 address goes in brackets: [::1]:PORT")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid(
+            f"{host!r} is not an IP address (names are not resolved): {_WRITE_LISTEN}"
+        ) from None
+    if not address.is_loopback:
+        raise _Invalid(f"{value!r} {_LOOPBACK_ONLY}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise _Invalid(f"the port must be between 1 and 65535, got {port!r}")
+    return ListenAddress(str(address), int(port))
+
+
+def _prom_file(value: str) -> Path:
+    path = Path(os.path.normpath(_text(value, None, "", True)))
+    if value.endswith("/") or path.suffix != ".prom":
+        raise _Invalid(
+            "must end in .prom: node_exporter's textfile collector reads only *.prom files"
+        )
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """``[metrics]``: the daemon's own health in the Prometheus text format; both
+    ways out are off by default (``metrics.py``)."""
+
+    #: rewritten (atomically) every few ticks, for node_exporter's textfile collector
+    textfile: Path | None = field(
+        default=None, metadata={_KEY: _Key("a string", (str,), _prom_file)}
+    )
+    #: ``/metrics`` served here, on loopback only
+    listen: ListenAddress | None = field(
+        default=None, metadata={_KEY: _Key("a string", (str,), _loopback)}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +483,7 @@ class Config:
     cells: tuple[CellConfig, ...]
     buffer: BufferSettings = BufferSettings()
     spool: SpoolSettings | None = None
+    metrics: MetricsSettings = MetricsSettings()
 
 
 class _Table:
@@ -543,10 +614,11 @@ class _Loader:
         buffer = _plain(BufferSettings, top.section("buffer"))
         spool_table = top.table("spool")
         spool = None if spool_table is None else _plain(SpoolSettings, spool_table)
+        metrics = _plain(MetricsSettings, top.section("metrics"))
         self._defaults = self._probe_defaults(top.section("probes"))
         cells = tuple(self._cells(top, paths))
         top.finish()
-        return Config(self.file, daemon, paths, nats, cells, buffer, spool)
+        return Config(self.file, daemon, paths, nats, cells, buffer, spool, metrics)
 
     def _probe_defaults(self, table: _Table) -> dict[str, dict[str, Any]]:
         """Each ``[probes.<name>]`` table's values, by probe; a name not a probe is unknown."""

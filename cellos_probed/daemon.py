@@ -4,8 +4,11 @@ One nursery tree::
 
     run_daemon
     ├── sink.run                 (the NATS flusher)
+    ├── exporter.run             ([metrics] listen: /metrics, metrics.py)
     ├── signals                  (TERM/INT: stop; HUP: reload)
     └── probing
+        ├── run_services          (shared services; the kernel's cgroup file
+        │                          signals, a changed cell read at once: read_now)
         └── run_fixed_tick
             └── each tick: one task per probe group (a probe type and what its
                 cells share), each under probe_timeout
@@ -19,7 +22,8 @@ from __future__ import annotations
 import operator
 import signal
 import time
-from collections.abc import Callable, Hashable, Iterable
+import zlib
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,10 +43,12 @@ from cellos_probed.events import (
     reading_event,
 )
 from cellos_probed.fd_limit import DescriptorBudget, spare_descriptors
+from cellos_probed.kernfs_watch import KernfsWatcher
 from cellos_probed.log import RepeatedErrorFilter, log_subject
+from cellos_probed.metrics import DaemonMetrics, MetricsExporter, ReloadRecord
 from cellos_probed.netns import NamespaceThreads, NetnsPath
 from cellos_probed.probes.base import HostProbe
-from cellos_probed.probes.cgroup import CgroupProbe
+from cellos_probed.probes.cgroup import CgroupProbe, CgroupShared
 from cellos_probed.probes.fc_metrics import FcMetricsProbe
 from cellos_probed.probes.nftables import NftablesProbe, NftTableQueries
 from cellos_probed.probes.tap_link import LinkWatchers, TapLinkProbe
@@ -66,6 +72,8 @@ log = structlog.get_logger("cellos_probed.daemon")
 PREPARE_SECONDS = 10.0
 #: ticks between looking whether a burst left freed heap pages to hand back
 TRIM_EVERY_TICKS = 60
+#: at most this many readings of a cell a tick that the kernel's signals ask for
+SIGNALLED_PER_TICK = 10
 
 
 @dataclass(slots=True)
@@ -90,16 +98,20 @@ class ProbeServices:
 
     def __init__(self, ticks: TickCount) -> None:
         self.ticks = ticks
-        # one thread: kernfs answers from memory, so more threads only fight
-        # over the interpreter lock (docs/performance.md, "cgroup reads")
-        self.file_reads = trio.CapacityLimiter(1)
-        #: every cell's cgroup reads of a tick in a few thread hops of 256 cells;
-        #: a timeout still keeps the chunks read by then
-        self.file_batcher = ThreadBatcher(self.file_reads, chunk_size=256)
         #: Firecracker API rounds (one epoll loop per thread, up to ROUND_SIZE VMs each)
         self.fc_rounds = trio.CapacityLimiter(2)
         #: room under the open-file limit for descriptors kept only to make reads cheaper
         self.kept_descriptors = DescriptorBudget()
+        #: every cell's cgroup reads of a tick in a few thread hops of 256 cells (a
+        #: timeout still keeps the chunks read by then), on one thread: kernfs answers
+        #: from memory, so more threads only fight over the interpreter lock
+        #: (docs/performance.md, "cgroup reads")
+        self.cgroups = CgroupShared(
+            ThreadBatcher(trio.CapacityLimiter(1), chunk_size=256), self.kept_descriptors
+        )
+        #: one inotify descriptor: every cell's cgroup.events and memory.events
+        #: (run by the Prober, which reads a changed cell at once)
+        self.kernfs_watch = KernfsWatcher()
         self.nursery: trio.Nursery | None = None
         #: one rtnetlink link watcher per network namespace, shared by its cells
         self.link_watchers = LinkWatchers(lambda: self.nursery, tick=lambda: ticks.begun)
@@ -124,7 +136,7 @@ def build_probes(cell: CellConfig, shared: ProbeServices, netns_root: Path) -> l
     probes: list[HostProbe] = []
     netns = None if cell.netns_resolved is None else NetnsPath(netns_root, cell.netns_resolved)
     if cell.cgroup is not None:
-        probes.append(CgroupProbe(cell.cgroup, shared.file_batcher, shared.kept_descriptors))
+        probes.append(CgroupProbe(cell.cgroup, shared.cgroups, shared.kernfs_watch.cell(cell.id)))
     if cell.tap_link is not None:
         probes.append(TapLinkProbe(cell.tap_link, cell.netns, netns, shared.link_watchers))
     if cell.nftables is not None:
@@ -132,6 +144,17 @@ def build_probes(cell: CellConfig, shared: ProbeServices, netns_root: Path) -> l
     if cell.fc_metrics is not None:
         probes.append(FcMetricsProbe(cell.fc_metrics, shared.fc_rounds))
     return probes
+
+
+def _cadences(cell: CellConfig) -> dict[str, int]:
+    """How often each of the cell's probes is read, in base ticks, by probe name."""
+    tables = {
+        "cgroup": cell.cgroup,
+        "tap_link": cell.tap_link,
+        "nftables": cell.nftables,
+        "fc_metrics": cell.fc_metrics,
+    }
+    return {name: table.every_ticks for name, table in tables.items() if table is not None}
 
 
 @dataclass
@@ -155,19 +178,47 @@ def make_cell(cell: CellConfig, shared: ProbeServices, netns_root: Path) -> Cell
 class ProbeStats:
     readings: int = 0
     errors: int = 0
-    errors_by_kind: dict[str, int] | None = None
+    #: errors by (probe name, kind)
+    errors_by: dict[tuple[str, str], int] | None = None
 
-    def count_error(self, kind: str) -> None:
+    def count_error(self, kind: str, probe: str) -> None:
         self.errors += 1
-        if self.errors_by_kind is None:
-            self.errors_by_kind = {}
-        self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+        if self.errors_by is None:
+            self.errors_by = {}
+        key = (probe, kind)
+        self.errors_by[key] = self.errors_by.get(key, 0) + 1
+
+    @property
+    def errors_by_kind(self) -> dict[str, int] | None:
+        if self.errors_by is None:
+            return None
+        by_kind: dict[str, int] = {}
+        for (_, kind), count in self.errors_by.items():
+            by_kind[kind] = by_kind.get(kind, 0) + count
+        return by_kind
+
+
+@dataclass(slots=True)
+class ProbeTiming:
+    """A probe type's reads in the last tick that read it, as node_exporter's
+    ``node_scrape_collector_duration_seconds`` and ``_success`` report a collector."""
+
+    #: ``TickCount.begun`` of that tick
+    tick: int
+    #: its slowest group's read: the groups of a tick run side by side
+    seconds: float
+    #: every cell's read succeeded
+    success: bool
 
 
 #: a group of a tick: the probe type and its batch key
 _GroupKey = tuple[type[HostProbe], Hashable]
 #: one cell's probe in a group
 _Job = tuple[Cell, HostProbe]
+#: a tick's groups, each read by one task
+_Groups = dict[_GroupKey, list[_Job]]
+#: the groups of the probes read every N ticks (N = every_ticks), by phase (0 to N - 1)
+_Phases = dict[int, dict[int, _Groups]]
 
 
 def _as_probe_error(exc: Exception) -> ProbeError:
@@ -194,6 +245,9 @@ class Prober:
         self.sequences = sequences
         self.services = services or ProbeServices(TickCount())
         self.ticks = self.services.ticks
+        self.services.kernfs_watch.serve(
+            self.read_now, lambda: self.config.daemon.tick_seconds / SIGNALLED_PER_TICK
+        )
         self.services.kept_descriptors.limit = _room_for_kept_files(config)
         self.cells = {
             cell.id: make_cell(cell, self.services, config.paths.netns_root)
@@ -201,10 +255,14 @@ class Prober:
         }
         self.tick_stats = TickStats()
         self.probe_stats = ProbeStats()
+        #: by probe name (the metrics' per-probe success and duration)
+        self.probe_timings: dict[str, ProbeTiming] = {}
         self._errors = RepeatedErrorFilter()
         self._services: trio.Nursery | None = None
-        #: the probe lists the groups were made from, and the groups (see _probe_groups)
-        self._groups: tuple[list[list[HostProbe]], dict[_GroupKey, list[_Job]]] | None = None
+        #: the probe lists the groups were made from, and the groups (see _phases)
+        self._groups: tuple[list[list[HostProbe]], _Phases] | None = None
+        #: the index of the tick before (None: no tick yet), to read what a skip missed
+        self._previous_index: int | None = None
         #: cells were replaced since the heap was last settled (allocator.settle_long_lived)
         self.reloaded_since_settle = False
         #: the share of the host's cells this process runs (None: all of them)
@@ -217,6 +275,7 @@ class Prober:
         async with trio.open_nursery() as nursery:
             self.services.nursery = nursery
             self._services = nursery
+            await nursery.start(self.services.kernfs_watch.run)
             for cell in self.cells.values():
                 await nursery.start(self._run_cell_background, cell)
             task_status.started()
@@ -265,13 +324,21 @@ class Prober:
                     nursery.start_soon(probe_type.prepare_batch, probes)
 
     async def tick(self, index: int = 0) -> None:
-        """Every cell's probes, once: one task per group of probes that share a
-        resource (a probe type and a batch key), each under the probe timeout, so
-        a resource that hangs only times out the cells that use it."""
+        """The probes due on tick ``index`` (every probe, with ``every_ticks`` 1), once:
+        one task per group of probes that share a resource (a probe type and a batch
+        key), each under the probe timeout, so a resource that hangs only times out
+        the cells that use it."""
         timeout = self.config.daemon.probe_timeout_seconds
+        # the deadlines this tick stands for: its own and those an overrun skipped
+        # since the tick before (``index`` counts them), so that a probe due on a
+        # skipped one is read now rather than a whole cadence later; the first tick
+        # (``once``'s only one) reads every probe
+        previous = self._previous_index
+        span = None if previous is None else max(1, index - previous)
+        self._previous_index = index
         self.ticks.index = index
         self.ticks.begun += 1
-        groups = self._probe_groups()
+        groups = self._probe_groups(index, span)
         self._errors.start_tick()
         async with trio.open_nursery() as nursery:
             for (probe_type, _), members in groups.items():
@@ -283,8 +350,44 @@ class Prober:
                 "more probes failed or recovered this tick than are logged one by one", **held
             )
 
-    def _probe_groups(self) -> dict[_GroupKey, list[_Job]]:
-        """The tick's groups, worked out again only when the cells or their probes change."""
+    def _probe_groups(self, index: int, span: int | None) -> _Groups:
+        """The groups of tick ``index``: the probes whose phase falls on one of the
+        ``span`` deadlines up to and including it (None: every probe)."""
+        due: list[_Groups] = []
+        for every, phases in self._phases().items():
+            if span == 1:  # the usual tick: one phase of each cadence
+                groups = phases.get(index % every)
+                if groups is not None:
+                    due.append(groups)
+            else:
+                due.extend(
+                    groups
+                    for phase, groups in phases.items()
+                    if span is None or (index - phase) % every < span
+                )
+        if len(due) == 1:
+            return due[0]
+        # probes of one batch key read at different cadences are still one batch
+        # on the ticks where they meet
+        merged: _Groups = {}
+        for groups in due:
+            for key, members in groups.items():
+                held = merged.get(key)
+                merged[key] = members if held is None else held + members
+        return merged
+
+    def _phases(self) -> _Phases:
+        """Every tick's groups, worked out again only when the cells or their probes change.
+
+        A probe read every N ticks is read on the ticks whose index modulo N is its
+        cell's phase, a stable hash of the cell's id (as the fc probe's instance
+        refresh phase): N = 10 for a thousand VMs reads a hundred a tick rather
+        than all of them every tenth tick, which would make that tick's CPU, its
+        burst on the wire and its probe timeout those of every-tick reading. The
+        cost: what the cells of one batch share (an nftables table's listing, a
+        namespace's link dump) is read on each tick one of them is due, not once
+        every N.
+        """
         probe_lists = [cell.probes for cell in self.cells.values()]
         cached = self._groups
         if (
@@ -293,23 +396,33 @@ class Prober:
             and all(map(operator.is_, cached[0], probe_lists))
         ):
             return cached[1]
-        groups: dict[_GroupKey, list[_Job]] = {}
+        phases: _Phases = {}
         for cell in self.cells.values():
+            every_ticks = _cadences(cell.config)
+            spread = zlib.crc32(cell.context.cell_id.encode())
             for probe in cell.probes:
+                every = every_ticks.get(probe.probe_name(), 1)
+                groups = phases.setdefault(every, {}).setdefault(spread % every, {})
                 groups.setdefault((type(probe), probe.batch_key()), []).append((cell, probe))
-        self._groups = (probe_lists, groups)
-        return groups
+        self._groups = (probe_lists, phases)
+        return phases
 
     async def _run_group(
-        self, probe_type: type[HostProbe], members: list[_Job], timeout: float
+        self,
+        probe_type: type[HostProbe],
+        members: list[_Job],
+        timeout: float,
+        read: Callable[..., Awaitable[None]] | None = None,
     ) -> None:
         """One group's read, timed and accounted here and only here: a slot the
         probe left empty by the timeout is a timeout, an exception that escaped
-        fails the slots not yet filled."""
+        fails the slots not yet filled. ``read``: a read outside the tick (the
+        type's ``read_batch`` with arguments of its own, see ``read_now``)."""
         results: list[ProbeResult | None] = [None] * len(members)
+        started = trio.current_time()
         with trio.move_on_after(timeout):
             try:
-                await probe_type.read_batch(
+                await (read or probe_type.read_batch)(
                     [(cell.context, probe) for cell, probe in members], results
                 )
             except Exception as exc:
@@ -317,9 +430,43 @@ class Prober:
                 log.exception("batch read raised an unexpected exception")
                 failure = _as_probe_error(exc)
                 results = [failure if r is None else r for r in results]
+        elapsed = trio.current_time() - started
+        errors = self.probe_stats.errors
         emit = self.sink.emit_nowait
         for (cell, probe), result in zip(members, results, strict=True):
             emit(self._event_for(cell, probe, result, timeout))
+        # nothing awaited since `errors`: the errors counted meanwhile are this group's
+        if read is None:  # the tick's figures: a read outside it is not one of them
+            success = self.probe_stats.errors == errors
+            self._time_probe(members[0][1].probe_name(), elapsed, success)
+
+    def _time_probe(self, name: str, seconds: float, success: bool) -> None:
+        """One group's read into its probe type's record of this tick."""
+        timing = self.probe_timings.get(name)
+        if timing is None or timing.tick != self.ticks.begun:
+            self.probe_timings[name] = ProbeTiming(self.ticks.begun, seconds, success)
+        else:  # another group of the type, this tick
+            timing.seconds = max(timing.seconds, seconds)
+            timing.success = timing.success and success
+
+    async def read_now(self, trigger: str, cell_ids: list[str]) -> None:
+        """These cells' cgroups read now, outside the tick: the kernel signalled a
+        change of ``trigger`` (``cgroup.events`` or ``memory.events``; the watcher
+        coalesces, see ``kernfs_watch``). Read, timed and turned into events as a
+        tick's group is, in the same ``cellosseq`` count and deltas. The cgroup
+        probe reads one batch at a time: a tick reading the cgroups is waited for
+        rather than taken as the answer (it may have read this cell before the
+        change), and waits for this read."""
+        members: list[_Job] = [
+            (cell, probe)
+            for cell in filter(None, map(self.cells.get, cell_ids))  # a cell gone since
+            for probe in cell.probes
+            if isinstance(probe, CgroupProbe)
+        ]
+        if members:
+            timeout = self.config.daemon.probe_timeout_seconds
+            read = partial(CgroupProbe.read_batch, trigger=trigger)
+            await self._run_group(CgroupProbe, members, timeout, read)
 
     def _event_for(
         self, cell: Cell, probe: HostProbe, result: ProbeResult | None, timeout: float
@@ -335,7 +482,7 @@ class Prober:
                 log_subject.set((cell_id, name))
                 log.info("probe recovered")
             return reading_event(cell.context, result, self.sequences)
-        self.probe_stats.count_error(result.kind)
+        self.probe_stats.count_error(result.kind, name)
         if self._errors.failed(cell_id, name, str(result)):
             log_subject.set((cell_id, name))
             log.warning("probe failed", kind=result.kind, error=result.message)
@@ -396,6 +543,9 @@ class DaemonHandle:
     sink: EventSink
     stop: Callable[[], None]
     reload: Callable[[], None]
+    exporter: MetricsExporter
+    reloads: ReloadRecord
+    status: StatusReport
 
 
 async def run_daemon(
@@ -422,7 +572,13 @@ async def run_daemon(
     notifier = notifier or Notifier()
     prober = Prober(config, sink, sequences)
     prober.shard = shard
-    status = StatusReport(prober, sink)
+    reloads = ReloadRecord(loaded_at=time.time())
+    # every shard's textfile lands in one node_exporter: its series need the shard's name
+    labels = {} if shard is None or shard.count == 1 else {"shard": shard.label}
+    exporter = MetricsExporter(
+        DaemonMetrics(prober, sink, reloads, labels), config.daemon.tick_seconds
+    )
+    status = StatusReport(prober, sink, exporter)
     stop_requested = trio.Event()
     # capacity 1: reload requests that arrive during a reload fold into one
     reload_send, reload_receive = trio.open_memory_channel[None](1)
@@ -442,6 +598,7 @@ async def run_daemon(
         )
 
     async def after_tick() -> None:
+        exporter.metrics.observe_tick(prober.tick_stats.last_duration)
         if settle_heap and (prober.tick_stats.ticks == 1 or prober.reloaded_since_settle):
             # the cells' state is built now: keep it out of the collector's walks
             prober.reloaded_since_settle = False
@@ -458,12 +615,15 @@ async def run_daemon(
                     sequences.host_id, sequences.boot_id, collect_figures(prober, sink)
                 )
             )
+        exporter.after_tick(prober.tick_stats.ticks)
         # the watchdog is fed only here: a wedged tick loop stops feeding it
         if not notifier.tick_completed(status.line()) and status.due():
             notifier.status(status.line())
 
     async with trio.open_nursery() as root:
         await root.start(sink.run)
+        await root.start(exporter.run)
+        await exporter.apply(config.metrics)
 
         def stop() -> None:
             if stop_requested.is_set():
@@ -490,9 +650,15 @@ async def run_daemon(
                 prober.tick,
                 prober.tick_stats,
             )
-            probing.start_soon(_reloader, prober, config_path, reload_receive, notifier, status)
+            probing.start_soon(
+                partial(_reloader, prober, config_path, reload_receive, notifier, status),
+                reloads,
+                exporter,
+            )
             notifier.ready(status.line())
-            task_status.started(DaemonHandle(prober, sink, stop, reload))
+            task_status.started(
+                DaemonHandle(prober, sink, stop, reload, exporter, reloads, status)
+            )
             await stop_requested.wait()
             log.info("stopping: probing ends, publishing what was read")
             notifier.stopping()
@@ -506,6 +672,7 @@ async def run_daemon(
             readings=prober.probe_stats.readings,
             probe_errors=prober.probe_stats.errors,
         )
+        exporter.write()  # the final figures, what was drained included
         root.cancel_scope.cancel()
     notifier.close()
 
@@ -553,9 +720,12 @@ class StatusReport:
 
     EVERY_SECONDS = 5.0
 
-    def __init__(self, prober: Prober, sink: EventSink) -> None:
+    def __init__(
+        self, prober: Prober, sink: EventSink, exporter: MetricsExporter | None = None
+    ) -> None:
         self.prober = prober
         self.sink = sink
+        self.exporter = exporter
         self.problem: str | None = None
         self._last_at = time.monotonic()
         self._last_events = 0
@@ -598,6 +768,8 @@ class StatusReport:
             )
         if self.problem:
             parts.append(self.problem)
+        if self.exporter is not None and self.exporter.problem:
+            parts.append(self.exporter.problem)
         return "; ".join(parts)
 
 
@@ -623,6 +795,8 @@ async def _reloader(
     requests: trio.MemoryReceiveChannel[None],
     notifier: Notifier,
     status: StatusReport,
+    reloads: ReloadRecord,
+    exporter: MetricsExporter,
 ) -> None:
     async for _ in requests:
         if config_path is None:
@@ -639,6 +813,7 @@ async def _reloader(
                 error=str(exc),
             )
             status.problem = f"RELOAD FAILED (running the previous config): {exc}"
+            reloads.last_successful = False
             notifier.ready(status.line())
             continue
         status.problem = None
@@ -653,5 +828,13 @@ async def _reloader(
             prober.sink.apply_settings(new.nats)
             log.info("reload: the sink takes the new [nats] settings")
         changes = prober.apply(new)
+        # a probe type no cell has now: its last tick's figures are no longer news
+        configured = {name for cell in new.cells for name in cell.probe_names()}
+        for name in set(prober.probe_timings) - configured:
+            del prober.probe_timings[name]
+        await exporter.apply(new.metrics)
+        reloads.generation += 1
+        reloads.last_successful = True
+        reloads.loaded_at = time.time()
         log.info("reloaded", **{k: v for k, v in changes.items() if k != "kept"})
         notifier.ready(status.line())

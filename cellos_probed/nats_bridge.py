@@ -17,12 +17,13 @@ import re
 import ssl
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import nats
+import orjson
 import structlog
 import trio
 from nats.aio.client import Client as NatsClient
@@ -126,6 +127,47 @@ class BatchResult:
     refused: list[int]
     #: every permission violation the server reported since the previous batch
     violations: list[Violation]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFacts:
+    """What re-sending needs to know of the JetStream stream."""
+
+    #: seconds within which the stream drops a repeated ``Nats-Msg-Id``
+    duplicate_window: float
+    #: whether its servers answer direct gets (the last message on a subject)
+    allow_direct: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """The last message a stream holds on a subject, as far as re-sending needs it
+    (``None``: not there, as in a message that is not one of ours)."""
+
+    msg_id: str | None
+    boot: str | None
+    probe_source: str | None
+    sequence: int | None
+
+
+def stored_message(headers: Mapping[str, str] | None, data: bytes | None) -> StoredMessage:
+    """A stored event's ``Nats-Msg-Id``, ``cellosagentboot``, ``data.probeSource`` and
+    ``cellosseq``."""
+    try:
+        event = orjson.loads(data or b"")
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        event = {}
+    body = event.get("data")
+    probe = body.get("probeSource") if isinstance(body, dict) else None
+    boot, sequence = event.get("cellosagentboot"), event.get("cellosseq")
+    return StoredMessage(
+        (headers or {}).get("Nats-Msg-Id"),
+        boot if isinstance(boot, str) else None,
+        probe if isinstance(probe, str) else None,
+        sequence if isinstance(sequence, int) and not isinstance(sequence, bool) else None,
+    )
 
 
 def host_inbox(host_id: str) -> str:
@@ -259,7 +301,8 @@ class NatsPublisher:
     server refused for the user's permissions is named, not confirmed. JetStream
     mode waits for every PubAck, with ``Nats-Msg-Id`` set to the event id, so
     a retried batch (same bytes, same ids) is stored once within the
-    stream's duplicate window.
+    stream's duplicate window; past it, :meth:`last_stored` tells what the
+    stream holds already.
     """
 
     def __init__(
@@ -275,7 +318,8 @@ class NatsPublisher:
         self._thread = AsyncioThread("cellos-nats")
         self._nc: NatsClient | None = None
         self._js: Any = None
-        self._stream_ready = False
+        #: the stream's, asked once (and the stream created, with ``create_stream``)
+        self._facts: StreamFacts | None = None
         self._connected: asyncio.Event | None = None
         self._connect_task: concurrent.futures.Future[None] | None = None
         self.state = ConnectionState()
@@ -313,8 +357,14 @@ class NatsPublisher:
             reconnected_cb=reconnected,
             error_cb=error,
         )
-        if self.settings.jetstream is not None:
-            self._js = self._nc.jetstream(timeout=self.settings.jetstream.ack_timeout_seconds)
+        jetstream = self.settings.jetstream
+        if jetstream is not None:
+            # every JetStream call goes through this context: with a domain, the
+            # stream's API is $JS.<domain>.API (a leaf node's JetStream), wherever
+            # in the leaf-connected system this connection landed
+            self._js = self._nc.jetstream(
+                timeout=jetstream.ack_timeout_seconds, domain=jetstream.domain
+            )
         self._mark_connected(connected)
         self.state.on_change("connected")
 
@@ -328,11 +378,14 @@ class NatsPublisher:
         self.state.connected = True
         connected.set()
 
-    async def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> BatchResult:
+    def _connection(self) -> NatsClient:
         connected = self._connected
         if connected is None or self._nc is None or not connected.is_set():
             raise NatsUnavailable("not connected to any NATS server")
-        nc = self._nc
+        return self._nc
+
+    async def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> BatchResult:
+        nc = self._connection()
         jetstream = self.settings.jetstream
         # The server closes a connection that sends more than its max_payload
         # (headers included): such an event is never sent, its index returned.
@@ -389,25 +442,67 @@ class NatsPublisher:
         ]
 
     async def _ensure_stream(self, jetstream: JetStreamSettings) -> None:
-        if self._stream_ready or not jetstream.create_stream:
-            return
+        if jetstream.create_stream:
+            await self._stream_facts(jetstream)
+
+    async def _stream_facts(self, jetstream: JetStreamSettings) -> StreamFacts:
+        if self._facts is not None:
+            return self._facts
+        self._connection()
         from nats.js.api import StorageType, StreamConfig
         from nats.js.errors import NotFoundError
 
         try:
-            await self._js.stream_info(jetstream.stream)
+            info = await self._js.stream_info(jetstream.stream)
         except NotFoundError:
-            await self._js.add_stream(
+            if not jetstream.create_stream:
+                raise
+            info = await self._js.add_stream(
                 StreamConfig(
                     name=jetstream.stream,
                     subjects=list(jetstream.subjects),
                     storage=StorageType.FILE,
                     num_replicas=jetstream.replicas,
                     duplicate_window=jetstream.duplicate_window_seconds,
+                    # the look-up of what was stored before re-sending past the window
+                    allow_direct=True,
                 )
             )
             log.info("created JetStream stream", stream=jetstream.stream)
-        self._stream_ready = True
+        self._facts = StreamFacts(
+            float(info.config.duplicate_window), bool(info.config.allow_direct)
+        )
+        return self._facts
+
+    async def _last_stored(
+        self, jetstream: JetStreamSettings, subjects: Sequence[str]
+    ) -> dict[str, StoredMessage | None]:
+        self._connection()
+        from nats.js.errors import NotFoundError
+
+        async def last(subject: str) -> StoredMessage | None:
+            try:
+                # $JS.API.DIRECT.GET.<stream>.<subject>: any server holding the stream answers
+                msg = await self._js.get_last_msg(jetstream.stream, subject, direct=True)
+            except NotFoundError:
+                return None
+            return stored_message(msg.headers, msg.data)
+
+        # all at once: one round trip's wait for the lot, each bounded by the API timeout
+        found = await asyncio.gather(
+            *(last(subject) for subject in subjects), return_exceptions=True
+        )
+        failed = next((item for item in found if isinstance(item, BaseException)), None)
+        if failed is not None:
+            violations = self._take_violations(())
+            if violations:
+                raise PublishRefused(f"{type(failed).__name__}: {failed}", violations) from None
+            raise failed
+        return {
+            subject: item
+            for subject, item in zip(subjects, found, strict=True)
+            if not isinstance(item, BaseException)
+        }
 
     async def _publish_jetstream(
         self, batch: Sequence[tuple[str, bytes, str]], jetstream: JetStreamSettings
@@ -446,12 +541,27 @@ class NatsPublisher:
         user's permissions were not delivered: the result names both. With
         JetStream a refusal fails the batch (:class:`PublishRefused`).
         """
+        return await self._on_loop(self._publish_batch(list(batch)))
+
+    async def stream_facts(self, jetstream: JetStreamSettings) -> StreamFacts:
+        """The stream's duplicate window and direct-get setting (asked once)."""
+        return await self._on_loop(self._stream_facts(jetstream))
+
+    async def last_stored(
+        self, jetstream: JetStreamSettings, subjects: Sequence[str]
+    ) -> dict[str, StoredMessage | None]:
+        """The last message the stream holds on each of ``subjects`` (``None``: none),
+        asked all at once; a refusal for the user's permissions is :class:`PublishRefused`."""
+        return await self._on_loop(self._last_stored(jetstream, list(subjects)))
+
+    async def _on_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work`` on the asyncio thread; every failure is :class:`NatsUnavailable`."""
         try:
-            return await wait_future(self._thread.submit(self._publish_batch(list(batch))))
+            return await wait_future(self._thread.submit(work))
         except NatsUnavailable:
             raise
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
-            raise NatsUnavailable("publish cancelled") from None
+            raise NatsUnavailable("cancelled") from None
         except Exception as exc:
             raise NatsUnavailable(f"{type(exc).__name__}: {exc}") from None
 

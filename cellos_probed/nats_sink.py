@@ -5,18 +5,32 @@ up to ``batch_size`` events across to the asyncio thread and removes them
 once the server has confirmed the batch (a flush round trip). While no
 server is reachable, events wait here, in order, within the outbox bounds;
 what the bounds force out is declared by ``gap`` events.
+
+With JetStream, a re-send of what was first sent more than half the stream's
+duplicate window ago (or by an earlier run) asks the stream first for the last
+message it holds on each subject, and leaves out what is there already: past
+the window the stream no longer drops a repeated ``Nats-Msg-Id``.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import orjson
 import structlog
 import trio
 
 from cellos_probed.cloudevent import CloudEvent
 from cellos_probed.config import BufferSettings, NatsSettings, SpoolSettings
-from cellos_probed.nats_bridge import NatsPublisher, NatsUnavailable, PublishRefused, Violation
+from cellos_probed.nats_bridge import (
+    NatsPublisher,
+    NatsUnavailable,
+    PublishRefused,
+    StoredMessage,
+    Violation,
+)
 from cellos_probed.outbox import GapRange, Outbox, OutboxEntry
 from cellos_probed.sinks import EventSink, SinkStatistics
 from cellos_probed.spool import SpoolOutbox
@@ -26,6 +40,49 @@ log = structlog.get_logger("cellos_probed.nats_sink")
 #: the gap reason of readings the server refused to take from this NATS user
 PERMISSION_DENIED = "permission_denied"
 REFUSED = "NATS refuses this host's events: check [daemon] host_id and the NATS user"
+NO_DIRECT_GET = (
+    "the JetStream stream does not allow direct gets: readings re-sent past its duplicate "
+    "window may be stored twice (nats stream edit STREAM --allow-direct, then reload)"
+)
+
+
+def already_stored(
+    batch: Sequence[OutboxEntry], last: Mapping[str, StoredMessage | None]
+) -> list[bool]:
+    """Which entries of ``batch`` the stream holds already, given the last message ``M``
+    it stored on each subject of ``last`` (the other subjects are not judged).
+
+    The stream stores what the daemon sends in the order sent, and the daemon sends
+    from the front of its outbox, again until confirmed: so what comes before ``M``
+    in ``batch`` on its subject was stored too, and so was a reading of ``M``'s boot
+    and probe numbered at or below ``M``'s ``cellosseq`` (a memory outbox puts new gap
+    events in front: ``M`` may have been pushed past the end of this batch).
+    """
+    upto: dict[str, int] = {}
+    for index, entry in enumerate(batch):
+        stored = last.get(entry.subject)
+        if stored is not None and entry.msg_id == stored.msg_id:
+            upto[entry.subject] = index
+    held = []
+    for index, entry in enumerate(batch):
+        stored = last.get(entry.subject)
+        held.append(
+            stored is not None
+            and (index <= upto.get(entry.subject, -1) or _numbered_up_to(entry, stored))
+        )
+    return held
+
+
+def _numbered_up_to(entry: OutboxEntry, stored: StoredMessage) -> bool:
+    if (
+        entry.sequence is None
+        or stored.sequence is None
+        or entry.sequence > stored.sequence
+        or entry.probe_source != stored.probe_source
+    ):
+        return False
+    # the boot is in the payload only; this is read for few entries (those stored)
+    return bool(orjson.loads(entry.payload).get("cellosagentboot") == stored.boot)
 
 
 def _log_dropped(gaps: list[GapRange]) -> None:
@@ -81,6 +138,9 @@ class NatsSink(EventSink):
         self._batch_size = batch_size
         self._retry_seconds = retry_seconds
         self._publisher = NatsPublisher(settings, host_id=host_id)
+        #: per subject: when the stream was asked, and the last message it held on it
+        self._looked_up: dict[str, tuple[float, StoredMessage | None]] = {}
+        self._no_direct_logged = False
         #: while the server refuses: its last refusal, the subjects refused
         #: (lowercased, as nats-py reports them) and the operations logged
         self._refusing: Violation | None = None
@@ -107,6 +167,7 @@ class NatsSink(EventSink):
             acknowledged=counts.published if self.settings.jetstream is not None else 0,
             buffered=len(outbox),
             dropped=outbox.dropped,
+            dropped_by_reason=tuple(sorted(outbox.dropped_by_reason.items())),
             gaps_declared=counts.gaps,
             spooled=len(outbox) if spooled else 0,
             spool_bytes=outbox.bytes if isinstance(outbox, SpoolOutbox) else 0,
@@ -172,6 +233,7 @@ class NatsSink(EventSink):
         self.outbox.subject_prefix = settings.subject_prefix
         self._publisher = NatsPublisher(settings, host_id=self.host_id)
         self._publisher.state.on_change = self._state_changed
+        self._looked_up.clear()  # perhaps another stream
         self._stop_refusing()  # other credentials: a refusal now is news
         self._publisher.start()
         if self._nursery is not None:
@@ -201,8 +263,9 @@ class NatsSink(EventSink):
             if not batch:
                 continue
             try:
+                send = await self._not_stored(batch)
                 result = await self._publisher.publish_batch(
-                    [(e.subject, e.payload, e.msg_id) for e in batch]
+                    [(e.subject, e.payload, e.msg_id) for e in send]
                 )
             except NatsUnavailable as exc:
                 if isinstance(exc, PublishRefused):
@@ -218,14 +281,62 @@ class NatsSink(EventSink):
                 log.info("publishing again", held=len(self.outbox))
                 failing = False
             if result.too_large:
-                self._refuse([batch[index] for index in result.too_large])
+                self._refuse([send[index] for index in result.too_large])
             if result.refused:
                 # core NATS: the server dropped them; counted and declared (a gap
                 # event, on the same host's subjects, may well be refused too)
-                self.outbox.reject([batch[index] for index in result.refused], PERMISSION_DENIED)
-            self._note_violations(result.violations, batch)
-            self.outbox.confirm(batch)
+                self.outbox.reject([send[index] for index in result.refused], PERMISSION_DENIED)
+            self._note_violations(result.violations, send)
+            self.outbox.confirm(batch)  # what was left out is in the stream already
             self._counts.published += len(batch) - len(result.too_large) - len(result.refused)
+
+    async def _not_stored(self, batch: list[OutboxEntry]) -> list[OutboxEntry]:
+        """``batch`` less what the stream holds already (JetStream; see the module's doc).
+
+        One look-up per subject, all at once, and only for re-sends: none while every
+        publish is confirmed. A look-up younger than half the window still tells:
+        what was sent on its subject since then is within the window.
+        """
+        jetstream = self.settings.jetstream
+        if jetstream is None:
+            return batch
+        now = time.monotonic()
+        oldest = now
+        for entry in batch:
+            if entry.first_sent is None:
+                entry.first_sent = now
+            else:
+                oldest = min(oldest, entry.first_sent)
+        if oldest == now:
+            return batch  # a first send
+        facts = await self._publisher.stream_facts(jetstream)
+        # half: a re-send decided now reaches the server well within the window
+        due = now - facts.duplicate_window / 2
+        if oldest > due:
+            return batch
+        if not facts.allow_direct:
+            if not self._no_direct_logged:
+                log.error(NO_DIRECT_GET, stream=jetstream.stream)
+                self._no_direct_logged = True
+            return batch
+        subjects = {e.subject for e in batch if e.first_sent is not None and e.first_sent <= due}
+
+        def known(subject: str) -> bool:
+            looked_up = self._looked_up.get(subject)
+            return looked_up is not None and looked_up[0] > due
+
+        missing = [subject for subject in subjects if not known(subject)]
+        if missing:
+            # what was asked more than half a window ago tells nothing any more
+            self._looked_up = {s: item for s, item in self._looked_up.items() if item[0] > due}
+            asked = time.monotonic()
+            found = await self._publisher.last_stored(jetstream, missing)
+            self._looked_up.update((subject, (asked, found[subject])) for subject in missing)
+        held = already_stored(batch, {subject: self._looked_up[subject][1] for subject in subjects})
+        if not any(held):
+            return batch
+        log.info("already in the stream: not sent again", records=sum(held), looked_up=len(missing))
+        return [entry for entry, stored in zip(batch, held, strict=True) if not stored]
 
     def _note_violations(
         self, violations: list[Violation], delivered: list[OutboxEntry] | None = None

@@ -31,6 +31,9 @@ class OutboxEntry:
     sequence: int | None
     probe_source: str | None
     attribution: dict[str, Any] | None
+    #: monotonic time of its first publish attempt (None: never sent; -inf: maybe
+    #: sent by an earlier run): past the duplicate window a re-send is looked up
+    first_sent: float | None = None
 
 
 _ATTRIBUTION_KEYS = ("cellId", "hostId", "runId", "specSignatureHash")
@@ -76,12 +79,15 @@ class GapTracker:
     def __init__(self, seal: Callable[[GapRange], None]) -> None:
         self._open: dict[tuple[str, str, str], GapRange] = {}
         self._seal = seal
+        #: every drop, by the reason its gap event gives (the Prometheus metrics)
+        self.dropped_by_reason: dict[str, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self._open)
 
     def drop(self, entry: OutboxEntry, reason: str, boot_id: str = "") -> GapRange | None:
         """Record ``entry`` as dropped; the new range if one was opened."""
+        self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + 1
         if entry.sequence is None or entry.attribution is None or entry.probe_source is None:
             return None  # an agent event: the daemon's own figures, superseded by the next
         key = (boot_id, entry.attribution["cellId"], entry.probe_source)
@@ -123,10 +129,17 @@ class Outbox:
         self._in_flight_last = 0
         self._held: list[OutboxEntry] = []
         self.accepted = 0
-        self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._entries) + len(self._sealed)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self._gaps.dropped_by_reason.values())
+
+    @property
+    def dropped_by_reason(self) -> dict[str, int]:
+        return self._gaps.dropped_by_reason
 
     @property
     def bytes(self) -> int:
@@ -152,7 +165,6 @@ class Outbox:
             if victim.serial <= self._in_flight_last:
                 self._held.append(victim)  # being published: lost only if the batch fails
                 continue
-            self.dropped += 1
             gap = self._gaps.drop(victim, "buffer_full")
             if gap is not None:
                 dropped.append(gap)
@@ -164,7 +176,6 @@ class Outbox:
         self._in_flight_last = 0
         lost: list[GapRange] = []
         for victim in held:
-            self.dropped += 1
             gap = self._gaps.drop(victim, "buffer_full")
             if gap is not None:
                 lost.append(gap)
@@ -173,7 +184,6 @@ class Outbox:
     def reject(self, entries: list[OutboxEntry], reason: str) -> None:
         """Count ``entries`` (of a batch about to be confirmed) as dropped for ``reason``."""
         for entry in entries:
-            self.dropped += 1
             self._gaps.drop(entry, reason)
 
     def seal_gaps(self) -> list[GapRange]:

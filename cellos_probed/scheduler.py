@@ -44,7 +44,8 @@ async def run_fixed_tick(
     """Call ``on_tick(index)`` at every deadline until cancelled.
 
     ``index`` counts deadlines, skipped ones included, so it also tells how
-    far into the schedule a tick is. ``after_tick`` runs once the tick's
+    far into the schedule a tick is (the probes' cadences are counted on it,
+    so they stay on the grid through overruns). ``after_tick`` runs once the tick's
     figures are counted (the daemon's own reporting and watchdog).
     """
     deadline = trio.current_time() if first_deadline is None else first_deadline

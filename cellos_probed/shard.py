@@ -8,7 +8,8 @@ the same shard, across restarts and reloads, and the K processes (one
 systemd unit instance each: ``cellos-probed@I-K.service``) together cover
 every cell exactly once. Each process is a whole daemon for its cells: its
 own NATS connection, boot id, sequences and outbox; a spool gets a
-directory per shard so that no two processes share segments.
+directory per shard so that no two processes share segments, and
+``[metrics]`` a textfile and a port per shard.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Final
 
-from cellos_probed.config import Config
+from cellos_probed.config import Config, ConfigError, ListenAddress
 
 _SHAPE: Final = re.compile(r"([0-9]+)/([0-9]+)")
 MAX_SHARDS: Final = 64
@@ -50,9 +51,28 @@ class Shard:
         return zlib.crc32(cell_id.encode()) % self.count == self.index
 
     def select(self, config: Config) -> Config:
-        """``config`` with only this shard's cells (and its own spool directory)."""
-        spool = config.spool
-        if spool is not None and self.count > 1:
-            spool = replace(spool, path=spool.path / f"shard-{self.index}-of-{self.count}")
+        """``config`` with only this shard's cells (and its own spool directory,
+        metrics textfile and metrics port: the shard's index added to the port)."""
+        spool, metrics = config.spool, config.metrics
+        if self.count > 1:
+            suffix = f"shard-{self.index}-of-{self.count}"
+            if spool is not None:
+                spool = replace(spool, path=spool.path / suffix)
+            if metrics.textfile is not None:
+                textfile = metrics.textfile.with_suffix(f".{suffix}.prom")
+                metrics = replace(metrics, textfile=textfile)
+            if metrics.listen is not None:
+                metrics = replace(metrics, listen=self._listen(metrics.listen, config.source))
         cells = tuple(cell for cell in config.cells if self.owns(cell.id))
-        return replace(config, cells=cells, spool=spool)
+        return replace(config, cells=cells, spool=spool, metrics=metrics)
+
+    def _listen(self, listen: ListenAddress, source: str) -> ListenAddress:
+        port = listen.port + self.index
+        if port > 65535:
+            raise ConfigError(
+                f"shard {self.label} listens on port {listen.port} + {self.index}, past 65535: "
+                "choose a lower port",
+                file=source,
+                key="metrics.listen",
+            )
+        return ListenAddress(listen.host, port)

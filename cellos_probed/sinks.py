@@ -34,6 +34,9 @@ class SinkStatistics:
     acknowledged: int = 0
     buffered: int = 0
     dropped: int = 0
+    #: ``dropped`` by the reason its gap event gives (``buffer_full``, ``spool_full``,
+    #: ``too_large``, ``permission_denied``): (reason, count) pairs in reason order
+    dropped_by_reason: tuple[tuple[str, int], ...] = ()
     gaps_declared: int = 0
     spooled: int = 0
     spool_bytes: int = 0

@@ -11,7 +11,8 @@ survives ``kill -9`` of the daemon). The publisher reads from the ``acked``
 cursor, sends, and moves the cursor on confirmation; fully confirmed
 segments are deleted, so the spool does not grow. After a restart the
 unconfirmed records are re-sent with the same bytes and ids (JetStream's
-duplicate window makes that exactly-once). A torn record at the end of a
+duplicate window, and past it a look-up of what the stream holds, make that
+exactly-once: see ``nats_sink``). A torn record at the end of a
 segment (a crash mid-write) is cut off. When ``max_bytes`` is exceeded the
 oldest segment goes and a ``gap`` event names each (boot, cell, probe)
 range it held; gap events themselves are carried forward, never dropped.
@@ -25,6 +26,7 @@ watchdog sees it.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import struct
 import zlib
@@ -114,7 +116,6 @@ class SpoolOutbox:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or max(64 * 1024, min(8 << 20, max_bytes // 8))
         self.accepted = 0
-        self.dropped = 0
         self.recovered = 0
         self._serials = itertools.count(1)
         self._window: deque[SpoolRecord] = deque()
@@ -130,6 +131,9 @@ class SpoolOutbox:
         self._pending = 0
         self._recover()
         self._write_segment = max(self._sizes, default=0) + 1
+        #: segments numbered below it were written by an earlier run, which may have
+        #: sent (and the stream stored) their records without hearing so
+        self._first_own_segment = self._write_segment
         self._write_fd = self._open_segment(self._write_segment)
         # where the next read starts: just past the newest record in the window
         self._read = self._ack
@@ -179,6 +183,14 @@ class SpoolOutbox:
     # --- the Outbox interface ------------------------------------------------
     def __len__(self) -> int:
         return self._pending
+
+    @property
+    def dropped(self) -> int:
+        return sum(self._gaps.dropped_by_reason.values())
+
+    @property
+    def dropped_by_reason(self) -> dict[str, int]:
+        return self._gaps.dropped_by_reason
 
     @property
     def bytes(self) -> int:
@@ -240,7 +252,6 @@ class SpoolOutbox:
         """Count ``entries`` (of a batch about to be confirmed) as dropped for ``reason``."""
         boots = {record.entry.serial: record.boot_id for record in self._window}
         for entry in entries:
-            self.dropped += 1
             self._gaps.drop(entry, reason, boots.get(entry.serial, self.boot_id))
 
     def batch_failed(self) -> list[GapRange]:
@@ -259,7 +270,6 @@ class SpoolOutbox:
                 if entry.subject.startswith(f"{self.subject_prefix}.gap."):
                     self._append(entry, boot)
                 continue
-            self.dropped += 1
             gap = self._gaps.drop(entry, "spool_full", boot)
             if gap is not None:
                 new_gaps.append(gap)
@@ -291,6 +301,8 @@ class SpoolOutbox:
                 records, end = read_segment(self._segment_path(segment), offset, wanted)
                 for record_end, entry, boot in records:
                     entry.serial = next(self._serials)
+                    if segment < self._first_own_segment:
+                        entry.first_sent = -math.inf  # when, if ever, is unknown
                     self._window.append(SpoolRecord(segment, record_end, entry, boot))
                 if records:
                     self._read = (segment, end)

@@ -28,6 +28,12 @@ def _get(tree: Any, *path: str) -> Any:
 
 def _cgroup_figures(output: dict[str, Any]) -> list[str]:
     figures = []
+    trigger = output.get("trigger")
+    if trigger is not None and trigger != "tick":  # read at once, on the kernel's signal
+        figures.append(f"on {trigger}")
+    populated = _get(output, "cgroup_events", "populated")
+    if populated is not None:
+        figures.append(f"populated {populated}")
     usage = _get(output, "deltas", "cpu_stat", "usage_usec")
     if usage is not None:
         figures.append(f"cpu +{usage / 1000:.1f}ms")
@@ -48,6 +54,8 @@ def _cgroup_figures(output: dict[str, Any]) -> list[str]:
         figures.append("RESET")
     if output.get("missing"):
         figures.append(f"missing {len(output['missing'])}")
+    if output.get("final"):
+        figures.append("FINAL")
     return figures
 
 
@@ -59,6 +67,20 @@ def _tap_figures(output: dict[str, Any]) -> list[str]:
     ]
     if output.get("transitions"):
         figures.append(f"transitions {len(output['transitions'])}")
+    # the traffic since the previous reading; the counters themselves on a cell's first
+    moved = _get(output, "deltas", "stats")
+    counters = moved if isinstance(moved, dict) else output.get("stats")
+    if isinstance(counters, dict):
+        sign = "+" if counters is moved else ""
+        for way in ("rx", "tx"):
+            figures.append(
+                f"{way} {sign}{counters.get(f'{way}_bytes')}B/{counters.get(f'{way}_packets')}p"
+            )
+        dropped = [counters.get(f"{way}_dropped") for way in ("rx", "tx")]
+        if counters is moved and any(dropped):
+            figures.append(f"dropped +{dropped[0]}/+{dropped[1]}")
+    if _get(output, "deltas", "reset"):
+        figures.append("RESET")
     return figures
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +41,23 @@ def fc_config(
     tick: float = 1.0,
     timeout: float | None = None,
     transport: str = "fifo",
+    defaults: str = "",
+    cell_table: str = "",
 ) -> Config:
+    """``defaults``: the ``[probes.fc_metrics]`` table's lines; ``cell_table``: lines
+    added to every cell's ``[cell.fc_metrics]``."""
     text = f'[daemon]\ntick_seconds = {tick}\nhost_id = "{HOST}"\n'
     if timeout is not None:
         text += f"probe_timeout_seconds = {timeout}\n"
     text += f'[paths]\njail_root = "{root}"\n'
+    if defaults:
+        text += f"[probes.fc_metrics]\n{defaults}"
     for cell in cells:
         api, metrics = jail_paths(root, cell, transport=transport)
         text += f'[[cell]]\nid = "{cell}"\nrun_id = "run-{cell}"\n'
         text += f'spec_signature_hash = "sha256:{cell}"\n'
         text += f'[cell.fc_metrics]\napi_socket = "{api}"\nmetrics_path = "{metrics}"\n'
+        text += cell_table
     return parse_config(text)
 
 
@@ -79,12 +86,12 @@ def last_output(prober: Prober, cell: str) -> dict[str, Any]:
 
 
 def counters_only(totals: dict[str, Any]) -> dict[tuple[str, ...], int]:
-    """Every counter leaf of a nested line shape, by path."""
+    """Every counter leaf of a nested line shape, by path (an absent ``sum_us`` is 0)."""
     leaves: dict[tuple[str, ...], int] = {}
     for key, section in totals.items():
         for name, value in section.items():
             if isinstance(value, dict):
-                leaves[(key, name, "sum_us")] = value["sum_us"]
+                leaves[(key, name, "sum_us")] = value.get("sum_us", 0)
             elif not is_gauge(kind_of_key(key), name):
                 leaves[(key, name)] = value
     return leaves
@@ -104,6 +111,21 @@ def minus(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
             else:
                 out[key][name] = value - earlier
     return out
+
+
+def published(tree: dict[str, Any], sections: Collection[str] | None = None) -> dict[str, Any]:
+    """What a reading publishes of sums in the line's nested shape (the emulator's
+    ``emitted_totals()``, say): only ``sections`` (None: all), no leaf whose value is
+    0, no object left empty."""
+
+    def kept(value: Any) -> Any:
+        if isinstance(value, dict):
+            inner = {key: kept(item) for key, item in value.items()}
+            return {key: item for key, item in inner.items() if item is not None} or None
+        return None if value == 0 else value
+
+    out = {key: kept(value) for key, value in tree.items() if sections is None or key in sections}
+    return {key: value for key, value in out.items() if value is not None}
 
 
 async def raw_request(socket_path: Path, request: bytes) -> bytes:

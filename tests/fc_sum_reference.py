@@ -1,15 +1,18 @@
-"""The specification of summing Firecracker metrics lines, in Python.
+"""The specification of summing Firecracker metrics lines, and of what a reading
+publishes of the sums, in Python.
 
-Production sums in C (``cellos_probed/probes/_fc_sum.c``): ``merge_into``
-over objects and ``add_text`` over totals kept as JSON text. tests/test_fc_sum.py
-holds both to :func:`merge_into_reference` (``add_text``: this on the parsed
-totals and line, serialised); nothing in production runs it.
+Production does both in C (``cellos_probed/probes/_fc_sum.c``): ``merge_into``
+over objects and ``add_text`` over totals kept as JSON text, held by
+tests/test_fc_sum.py to :func:`merge_into_reference` (``add_text``: this on the
+parsed totals and line, serialised); ``trim`` over a delta's or the totals' JSON
+text, held to :func:`trim_reference` (on the parsed text, serialised). Nothing in
+production runs this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Container
-from typing import Any
+from typing import Any, Final
 
 from cellos_probed.probes.fc_metrics_parse import TIMESTAMP_KEY
 
@@ -86,3 +89,39 @@ def _merge_section(
                 out[field] = dict(value)
         else:
             out[field] = value
+
+
+#: what :func:`_without_zeros` gives for a value left out
+_LEFT_OUT: Final = object()
+
+
+def trim_reference(tree: dict[Any, Any], sections: Container[Any] | None) -> dict[Any, Any]:
+    """What a reading publishes of a delta or the totals ``tree`` (a new dict).
+
+    Only the top-level members named in ``sections`` (None: all); at every
+    depth, no leaf whose value is the integer 0 (a consumer reads an absent
+    leaf as 0: counters and gauges alike) and no object left empty by that (or
+    empty already). ``tree`` itself stays, however empty. Lists are values,
+    kept whole.
+    """
+    out: dict[Any, Any] = {}
+    for key, value in tree.items():
+        if sections is not None and key not in sections:
+            continue
+        kept = _without_zeros(value)
+        if kept is not _LEFT_OUT:
+            out[key] = kept
+    return out
+
+
+def _without_zeros(value: Any) -> Any:
+    if type(value) is dict:
+        kept = {}
+        for key, item in value.items():
+            inner = _without_zeros(item)
+            if inner is not _LEFT_OUT:
+                kept[key] = inner
+        return kept or _LEFT_OUT
+    if type(value) is int and value == 0:
+        return _LEFT_OUT
+    return value

@@ -21,6 +21,7 @@ from cellos_probed.fd_limit import KEPT_PER_CELL, DescriptorBudget
 from cellos_probed.probes import (
     CapturingSink,
     ProbeContext,
+    ProbeError,
     ProbeIoError,
     ProbeParseError,
     ProbeReading,
@@ -28,7 +29,7 @@ from cellos_probed.probes import (
     emit_reading,
 )
 from cellos_probed.probes import cgroup as cgroup_module
-from cellos_probed.probes.cgroup import CGROUP_FILES, CgroupProbe
+from cellos_probed.probes.cgroup import CGROUP_FILES, CgroupProbe, CgroupShared
 from cellos_probed.probes.cgroup_parse import parse_flat_keyed
 from testbed.cgroup_tree import FakeCgroup
 from tests.conftest import needs_root
@@ -40,7 +41,8 @@ BATCHER = ThreadBatcher(trio.CapacityLimiter(2))
 
 
 def probe_for(path: Path, written: str = "cell-1") -> CgroupProbe:
-    return CgroupProbe(CgroupProbeConfig(written, path), ThreadBatcher(trio.CapacityLimiter(2)))
+    shared = CgroupShared(ThreadBatcher(trio.CapacityLimiter(2)))
+    return CgroupProbe(CgroupProbeConfig(written, path), shared)
 
 
 async def read_while_burning_cpu(probe: CgroupProbe, cgroup: Path) -> ProbeReading:
@@ -275,6 +277,51 @@ async def test_a_real_cgroup_removed_and_made_again_is_found_anew(real_cgroup: P
     probe.close()
 
 
+async def read_signalled(probe: CgroupProbe, trigger: str) -> ProbeReading:
+    """A reading the kernel's signal asked for, as the daemon's ``read_now`` takes it."""
+    results: list[ProbeReading | ProbeError | None] = [None]
+    await CgroupProbe.read_batch([(CTX, probe)], results, trigger)
+    assert isinstance(results[0], ProbeReading), results[0]
+    return results[0]
+
+
+async def test_a_reading_says_why_and_a_signalled_one_reads_cgroup_events(tmp_path: Path) -> None:
+    cgroup = FakeCgroup(tmp_path / "cell-1")
+    cgroup.write()
+    probe = probe_for(cgroup.path)
+    tick = await read_one(probe, CTX)
+    assert tick.output["trigger"] == "tick"
+    # the tick does not read cgroup.events: its changes are signalled
+    assert "cgroup_events" not in tick.output
+    assert "cgroup.events" not in tick.inputs["files"] + tick.output["missing"]
+    # a fixture without it: read, and missing
+    signalled = await read_signalled(probe, "memory.events")
+    assert signalled.output["trigger"] == "memory.events"
+    assert signalled.output["missing"] == ["cgroup.events"]
+    populated = []
+    for state in (1, 0, 0, 1, 0):
+        (cgroup.path / "cgroup.events").write_text(f"populated {state}\nfrozen 0\n")
+        reading = await read_signalled(probe, "cgroup.events")
+        assert reading.output["cgroup_events"] == {"populated": state, "frozen": 0}
+        assert reading.inputs["files"][-1] == "cgroup.events"
+        populated.append((state, reading.output.get("final", False)))
+        await read_one(probe, CTX)  # a tick between: it says nothing of populated
+    # final: the first to see 0 after one that saw 1
+    assert populated == [(1, False), (0, True), (0, False), (1, False), (0, True)]
+    assert reading.output["deltas"] == {
+        "memory_events": dict.fromkeys(cgroup.memory_events, 0),
+        "pids_events": {"max": 0},
+        "cpu_stat": dict.fromkeys(cgroup.cpu_stat, 0),
+        "reset": False,
+    }
+    # a file not in the kernel's format: a typed error naming it, not a reading
+    (cgroup.path / "cgroup.events").write_text("populated\n")
+    results: list[ProbeReading | ProbeError | None] = [None]
+    await CgroupProbe.read_batch([(CTX, probe)], results, "cgroup.events")
+    assert isinstance(results[0], ProbeParseError)
+    assert results[0].message == "cgroup.events: line 1: expected 'key value'"
+
+
 async def test_a_reading_s_json_is_made_with_it_and_is_what_its_event_carries(
     tmp_path: Path,
 ) -> None:
@@ -397,8 +444,9 @@ async def test_kept_files_stay_within_the_room_the_open_file_limit_leaves(
 ) -> None:
     """Kept descriptors are an optimisation: without room a cgroup is read by opening."""
     budget = DescriptorBudget(limit=KEPT_PER_CELL)  # room for one cell's files
-    first = CgroupProbe(CgroupProbeConfig("a", real_cgroup), BATCHER, budget)
-    second = CgroupProbe(CgroupProbeConfig("b", real_cgroup), BATCHER, budget)
+    shared = CgroupShared(BATCHER, budget)
+    first = CgroupProbe(CgroupProbeConfig("a", real_cgroup), shared)
+    second = CgroupProbe(CgroupProbeConfig("b", real_cgroup), shared)
     reading_a = await read_one(first, CTX)
     reading_b = await read_one(second, CTX)
     assert reading_a.output["cpu_stat"].keys() == reading_b.output["cpu_stat"].keys()

@@ -135,10 +135,7 @@ def test_a_known_key_of_an_unbuilt_feature_is_refused_as_such(
 FC_CELL = (
     f"{ROOTS}[[cell]]\n{CELL}[cell.fc_metrics]\napi_socket = 'a.sock'\nmetrics_path = 'm.fifo'\n"
 )
-UNBUILT = [
-    ("[nats.jetstream]\ndomain = 'host-a'\n", None, "nats.jetstream.domain"),
-    ("[metrics]\ntextfile = '/var/lib/prometheus/node-exporter/cellos_probed.prom'\n", None, "metrics.textfile"),
-    ("[metrics]\nlisten = '127.0.0.1:9817'\n", None, "metrics.listen"),
+UNBUILT: list[tuple[str, str | None, str]] = [
 ]  # fmt: skip
 
 
@@ -226,6 +223,18 @@ def test_derived_defaults_follow_what_they_derive_from() -> None:
     jetstream = parse_config("[nats]\nsubject_prefix = 'a.b'\n[nats.jetstream]\n").nats.jetstream
     assert jetstream is not None
     assert jetstream.subjects == ("a.b.>",)
+
+
+def test_a_jetstream_domain_parses_and_must_be_one_subject_token() -> None:
+    """The domain becomes a token of the API subject ($JS.<domain>.API): one token only."""
+    jetstream = parse_config("[nats.jetstream]\ndomain = 'host-a'\n").nats.jetstream
+    assert jetstream is not None
+    assert jetstream.domain == "host-a"
+    assert JetStreamSettings().domain is None
+    for bad in ("a.b", "hub>", "two words", ""):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(f"[nats.jetstream]\ndomain = '{bad}'\n", "f.toml")
+        assert str(caught.value).startswith("f.toml: key 'nats.jetstream.domain': must ")
 
 
 def test_delivery_options_parse() -> None:

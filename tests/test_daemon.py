@@ -130,7 +130,7 @@ async def test_cgroup_files_read_after_the_timeout_are_published_not_dropped(
 
     monkeypatch.setattr(cgroup_probe, "fetch_and_parse", slow)
     shared = ProbeServices(TickCount())
-    shared.file_batcher = ThreadBatcher(trio.CapacityLimiter(4), chunk_size=128)
+    shared.cgroups.batcher = ThreadBatcher(trio.CapacityLimiter(4), chunk_size=128)
     prober = Prober(config, CapturingSink(), SequenceRegistry(), shared)
     with trio.fail_after(20):
         started = trio.current_time()

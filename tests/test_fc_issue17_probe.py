@@ -28,7 +28,7 @@ from cellos_probed.probes.fc_metrics_parse import MAX_LINE_BYTES, MetricsAccumul
 from testbed.fc_emulator import open_emulator
 from testbed.fc_emulator.vm import EmulatedVm
 from tests.conftest import poll_until
-from tests.fc_helpers import events_of, fc_config, last_output, minus, short_root
+from tests.fc_helpers import events_of, fc_config, last_output, minus, published, short_root
 from tests.probing import running
 
 
@@ -135,7 +135,7 @@ async def test_the_line_after_an_oversize_one_is_read(
                 vm.metrics.bump_everything(random.Random(1))
                 await prober.tick(1)  # its flush's line follows the junk, no newline between
                 output = last_output(prober, "cell-1")
-                assert output["totals"] == vm.emitted_totals()
+                assert output["totals"] == published(vm.emitted_totals())
             os.close(fifo)
     assert output["lines"] == 1
     assert output["unparsed_lines"] == 1  # the cut line
@@ -164,7 +164,7 @@ async def test_a_flush_refused_while_an_oversize_line_is_drained_is_a_parse_erro
                 refused = events_of(prober, "cell-1")[-1]
                 await prober.tick(2)
                 output = last_output(prober, "cell-1")
-                assert output["totals"] == vm.emitted_totals()
+                assert output["totals"] == published(vm.emitted_totals())
             os.close(fifo)
     assert refused["type"] == "probe_error"
     assert refused["error"]["kind"] == "parse"
@@ -186,7 +186,7 @@ async def test_two_objects_on_one_line_are_both_summed(fc_root: Path) -> None:
                 vm.metrics.bump_everything(rng)
                 await prober.tick(1)
                 output = last_output(prober, "cell-1")
-                assert output["totals"] == vm.emitted_totals()
+                assert output["totals"] == published(vm.emitted_totals())
             os.close(fifo)
     assert output["lines"] == 3  # the two, then the flush's own line
     assert output["torn_lines"] == 0  # nothing of either was lost
@@ -214,7 +214,7 @@ async def test_id_and_properties_are_named_never_summed(fc_root: Path) -> None:
                     outputs.append(last_output(prober, "cell-1"))
                 await prober.tick(4)  # no line with them
                 plain = last_output(prober, "cell-1")
-                assert plain["totals"] == vm.emitted_totals()
+                assert plain["totals"] == published(vm.emitted_totals())
             os.close(fifo)
     for output in outputs:
         assert output["metrics_id"] == "cell-1"
@@ -255,7 +255,7 @@ async def test_a_new_firecracker_on_the_same_regular_file_is_read_from_its_start
                         output = last_output(prober, "cell-1")
                         if tick == first:  # the old exit line, the new boot and flush lines
                             assert output["lines"] == 3
-                        assert output["totals"] == minus(vm.emitted_totals(), history)
+                        assert output["totals"] == published(minus(vm.emitted_totals(), history))
                         assert output["torn_lines"] == 0
                     assert output["instance"]["id"] == f"cell-1-{restart}"
 

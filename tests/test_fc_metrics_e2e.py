@@ -12,7 +12,7 @@ import trio
 from testbed.fc_emulator import jail_paths, open_emulator
 from tests.conftest import NatsServer, needs_nats
 from tests.e2e import PREFIX, daemon_with_subscriber
-from tests.fc_helpers import short_root
+from tests.fc_helpers import published, short_root
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ async def test_fc_metrics_readings_arrive_on_their_subject_and_add_up(
     api, metrics = jail_paths(fc_root, "cell-9")
     config = tmp_path / "cellos-probed.toml"
     config.write_text(
-        "[daemon]\ntick_seconds = 0.3\nhost_id = \"host-a\"\n"
+        '[daemon]\ntick_seconds = 0.3\nhost_id = "host-a"\n'
         f'[nats]\nservers = ["{nats_server.url}"]\n'
         f'[paths]\njail_root = "{fc_root}"\n'
         '[[cell]]\nid = "cell-9"\nrun_id = "run-9"\nspec_signature_hash = "sha256:99"\n'
@@ -73,6 +73,6 @@ async def test_fc_metrics_readings_arrive_on_their_subject_and_add_up(
     # every reading's totals: exactly what the lines written up to its flush carried
     for event in events:
         output = event["data"]["output"]
-        assert output["totals"] == vm.history[output["utc_timestamp_ms"]]
+        assert output["totals"] == published(vm.history[output["utc_timestamp_ms"]])
     assert final["lines"] >= 1
     assert all(e["data"]["output"]["torn_lines"] == 0 for e in events)

@@ -201,12 +201,15 @@ def test_a_one_line_delta_is_the_line_without_its_timestamp() -> None:
     whole = line(7, 100, 2, (1, 5, 9))
     assert delta_text(whole) == b"{" + whole[whole.index(b",") + 1 :]
     accumulator = MetricsAccumulator()
+    accumulator.feed(line(6, 1, 0, (1, 1, 1)) + b"\n")
+    accumulator.take_reading_json()  # from now on the totals are text, and lines summed so
     accumulator.feed(whole + b"\n")
+    assert accumulator._pending_text == whole.replace(b'"utc_timestamp_ms":7,', b"")
     reading = accumulator.take_reading_json()
     expected = json.loads(whole)
     del expected["utc_timestamp_ms"]
-    assert reading.delta == whole.replace(b'"utc_timestamp_ms":7,', b"")
-    assert orjson.loads(reading.delta) == expected
+    del expected["logger"]  # its one leaf is 0
+    assert reading.delta == orjson.dumps(expected)
     # two lines: the delta is their sum, not either line's text
     accumulator.feed(line(8, 1, 0, (1, 1, 1)) + b"\n" + line(9, 2, 0, (1, 1, 1)) + b"\n")
     summed = orjson.loads(accumulator.take_reading_json().delta)
@@ -232,18 +235,48 @@ def test_a_line_not_in_firecrackers_compact_form_is_serialised_from_its_parse() 
 def test_a_one_line_reading_counts_its_lost_lines_and_its_totals_at_once() -> None:
     acc = MetricsAccumulator()
     acc.feed(line(1, 10, 0, (1, 1, 1), missed=2) + b"\n")
-    # read, not yet taken: already in the totals, and held only as text
+    # read, not yet taken: already in the totals; the first line is parsed (the
+    # totals are not text yet), and its delta kept as the object
     assert acc._totals["net_eth0"]["rx_bytes_count"] == 10
-    assert acc._pending is None
-    assert acc._pending_text is not None
+    assert acc._pending is not None
+    assert acc._pending_text is None
     reading = acc.take_reading_json()
     assert reading.lost_lines == 2
-    acc.feed(line(2, 5, 0, (1, 1, 1), missed=1) + b"\n" + line(3, 7, 0, (1, 1, 1)) + b"\n")
+    acc.feed(line(2, 5, 0, (1, 1, 1), missed=4) + b"\n")
+    # from then on a line is added into the totals' text, and its delta is its text
+    assert acc._pending is None
+    assert acc._pending_text is not None
+    assert acc.take_reading_json().lost_lines == 4
+    acc.feed(line(3, 5, 0, (1, 1, 1), missed=1) + b"\n" + line(4, 7, 0, (1, 1, 1)) + b"\n")
     two = acc.take_reading()
     assert (two.lines, two.lost_lines) == (2, 1)
     assert two.delta["net_eth0"]["rx_bytes_count"] == 12
-    assert two.totals["net_eth0"]["rx_bytes_count"] == 22
-    assert two.totals["logger"]["missed_metrics_count"] == 3
+    assert two.totals["net_eth0"]["rx_bytes_count"] == 27
+    assert two.totals["logger"]["missed_metrics_count"] == 7
+
+
+def test_a_reading_publishes_no_zero_leaf_only_its_sections_and_totals_when_asked() -> None:
+    import orjson
+
+    acc = MetricsAccumulator()
+    for ts in (1, 2):
+        acc.feed(line(ts, 10, 0, (0, 0, 4)) + b"\n")
+        narrowed = acc.take_reading_json(sections=(b"net_eth0", b"seccomp", b"absent"))
+        assert orjson.loads(narrowed.delta) == {
+            "net_eth0": {"rx_bytes_count": 10, "tap_write_agg": {"sum_us": 4}}
+        }
+        assert orjson.loads(narrowed.totals) == {
+            "net_eth0": {"rx_bytes_count": 10 * ts, "tap_write_agg": {"sum_us": 4 * ts}}
+        }
+    acc.feed(line(3, 0, 0, (0, 0, 0)) + b"\n")
+    bare = acc.take_reading_json(with_totals=False)
+    assert bare.totals is None
+    assert orjson.loads(bare.delta) == {
+        "api_server": {"process_startup_time_us": 9},
+        "signals": {"sigpipe": 1, "sigsegv": 1},
+    }
+    # not published, the totals were still summed
+    assert acc.take_reading().totals["net_eth0"]["rx_bytes_count"] == 20
 
 
 # -- lines summed text to text (add_text): the readings of parsing and merging each line

@@ -5,7 +5,9 @@ configuration: results compared leaf by leaf with their types (``True == 1``),
 key order included; errors by type and message; the gauge caches too.
 ``add_text`` (totals kept as JSON text) is held to ``orjson.loads`` of the
 totals and the line, the reference, and ``orjson.dumps``, where it takes a
-line; which lines it must take and must refuse is tested too.
+line; which lines it must take and must refuse is tested too. ``trim`` (what a
+reading publishes of a delta or the totals) is held likewise to
+``trim_reference`` on the parsed text, serialised.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cellos_probed.probes.fc_metrics_parse import (
     merge_into,
 )
 from testbed.fc_emulator.metrics import VmMetrics
-from tests.fc_sum_reference import merge_into_reference
+from tests.fc_sum_reference import merge_into_reference, trim_reference
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Tree = dict[Any, Any]
@@ -1183,6 +1185,281 @@ def test_add_text_no_reference_leaks() -> None:
     assert sys.getallocatedblocks() - blocks < 50
 
 
+# -- trim: what a reading publishes of a delta or the totals
+
+
+def names_of(sections: list[str] | None) -> tuple[bytes, ...] | None:
+    """Section names as trim takes them: as JSON writes each between its quotes."""
+    return None if sections is None else tuple(orjson.dumps(name)[1:-1] for name in sections)
+
+
+def reference_trim(text: bytes, sections: list[str] | None) -> bytes:
+    return orjson.dumps(trim_reference(orjson.loads(text), sections))
+
+
+TRIM_KEYS = ["vcpu", "net_eth0", "block", "sum_us", "min_us", "a", "", "é", 'q"', "t\tab", "\x01"]
+json_keys = st.one_of(st.sampled_from(TRIM_KEYS), st.text(max_size=3))
+json_leaves = st.one_of(
+    st.sampled_from([0, 0, 0, 0, 1, -1, 2**64 - 1, -(2**63), 0.0, -0.0]),
+    st.integers(-(2**63), 2**64 - 1),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+    st.lists(st.sampled_from([0, 1, {}, {"a": 0}, "x", []]), max_size=3),
+)
+json_trees = st.recursive(
+    json_leaves, lambda inner: st.dictionaries(json_keys, inner, max_size=5), max_leaves=40
+)
+
+
+@FUZZ
+@given(
+    tree=st.dictionaries(json_keys, json_trees, max_size=8),
+    sections=st.one_of(st.none(), st.lists(json_keys, max_size=4)),
+)
+def test_trim_is_the_reference(tree: Tree, sections: list[str] | None) -> None:
+    text = orjson.dumps(tree)
+    assert _fc_sum.trim(text, names_of(sections)) == reference_trim(text, sections)
+
+
+def canonical(text: bytes) -> bool:
+    """Whether ``text`` is orjson's own compact JSON of a dict (what trim is given)."""
+    try:
+        tree = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return type(tree) is dict and orjson.dumps(tree) == text
+
+
+edits = st.lists(
+    st.tuples(
+        st.floats(0, 1, exclude_max=True),
+        st.sampled_from(["insert", "delete", "replace"]),
+        st.one_of(st.sampled_from(list(b'{}[]":,0-1 \\u\x00\xff')), st.integers(0, 255)),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@FUZZ
+@given(
+    tree=st.dictionaries(json_keys, json_trees, max_size=6),
+    changes=edits,
+    sections=st.one_of(st.none(), st.lists(json_keys, max_size=3)),
+)
+def test_trim_of_any_bytes_is_the_reference_or_refused(
+    tree: Tree, changes: list[tuple[float, str, int]], sections: list[str] | None
+) -> None:
+    """Whatever the bytes, no crash; whatever the change, canonical text is trimmed
+    as the reference says (a change can keep it canonical: a digit for a digit)."""
+    text = bytearray(orjson.dumps(tree))
+    for where, how, byte in changes:
+        at = int(where * (len(text) + (how == "insert")))
+        if how == "insert":
+            text.insert(at, byte)
+        elif text:
+            if how == "delete":
+                del text[at]
+            else:
+                text[at] = byte
+    changed = bytes(text)
+    try:
+        got: bytes | None = _fc_sum.trim(changed, names_of(sections))
+    except ValueError:
+        got = None
+    if canonical(changed):
+        assert got == reference_trim(changed, sections)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rng=st.randoms(use_true_random=False),
+    shape=st.sampled_from(range(len(SHAPES))),
+    narrowed=st.booleans(),
+)
+def test_trim_is_the_reference_on_real_deltas_and_totals(
+    rng: random.Random, shape: int, narrowed: bool
+) -> None:
+    lines = emulator_lines(3, rng.randint(0, 1000), SHAPES[shape])
+    deltas = [p.delta_text(line) for line in lines]
+    total: Tree = {}
+    for line in lines:
+        reference_add(total, line)
+    names = list(total)
+    sections = rng.sample([*names, "absent"], rng.randint(0, 5)) if narrowed else None
+    for text in [*deltas, orjson.dumps(total)]:
+        assert text is not None
+        got = _fc_sum.trim(text, names_of(sections))
+        assert got == reference_trim(text, sections)
+        assert b":0," not in got
+        assert b":0}" not in got
+        assert b"{}" not in got[1:]
+
+
+def test_trim_leaves_out_zero_leaves_and_emptied_objects_at_every_depth() -> None:
+    text = orjson.dumps(
+        {
+            "vcpu": {
+                "exit_io_in": 0,
+                "exit_io_out": 3,
+                "exit_io_in_agg": {"min_us": 0, "sum_us": 0},
+            },
+            "vmm": {"panic_count": 0},
+            "empty": {},
+            "net": {"tap_write_agg": {"min_us": 0, "max_us": 0, "sum_us": 9}},
+            "odd": {"f": 0.0, "b": False, "n": None, "s": "0", "l": [0, {}], "m": -0.0},
+            "top": 0,
+        }
+    )
+    assert _fc_sum.trim(text, None) == orjson.dumps(
+        {
+            "vcpu": {"exit_io_out": 3},
+            "net": {"tap_write_agg": {"sum_us": 9}},
+            "odd": {"f": 0.0, "b": False, "n": None, "s": "0", "l": [0, {}], "m": -0.0},
+        }
+    )
+    assert (
+        _fc_sum.trim(text, (b"vmm", b"net", b"nope")) == b'{"net":{"tap_write_agg":{"sum_us":9}}}'
+    )
+    assert _fc_sum.trim(text, ()) == b"{}"
+    assert _fc_sum.trim(b"{}", None) == b"{}"
+    assert _fc_sum.trim(b'{"a":{"b":{}}}', None) == b"{}"
+    # JSON's other spelling of the integer 0 is left out too, as orjson reads it as 0
+    assert _fc_sum.trim(b'{"a":{"b":-0,"c":-0.0,"d":0e1}}', None) == b'{"a":{"c":-0.0,"d":0e1}}'
+
+
+def test_trim_gives_the_text_itself_when_nothing_is_left_out() -> None:
+    text = b'{"a":{"b":1,"c":{"d":[0]}},"e":"0"}'
+    assert _fc_sum.trim(text, None) is text
+    assert _fc_sum.trim(text, (b"a", b"e")) is text
+    assert _fc_sum.trim(text, (b"a",)) == b'{"a":{"b":1,"c":{"d":[0]}}}'
+
+
+def test_trim_matches_sections_by_their_key_as_written() -> None:
+    text = orjson.dumps({"net_eth0": {"x": 1}, "net": {"x": 2}, 'q"': {"x": 3}, "n": {"x": 4}})
+    assert _fc_sum.trim(text, (b"net",)) == b'{"net":{"x":2}}'  # not a prefix, not a part
+    assert _fc_sum.trim(text, (b'q\\"',)) == b'{"q\\"":{"x":3}}'
+    assert _fc_sum.trim(text, (b'q"',)) == b"{}"
+    # only top-level keys are sections
+    assert _fc_sum.trim(text, (b"x",)) == b"{}"
+
+
+DEEP = 1024  # deeper than orjson serialises (255 levels): nothing it writes is refused
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"[]",
+        b"0",
+        b'"a"',
+        b"{",
+        b"}",
+        b'{"a":1',
+        b'{"a":1}}',
+        b'{"a":1} ',
+        b' {"a":1}',
+        b'{ "a":1}',
+        b'{"a" :1}',
+        b'{"a": 1}',
+        b'{"a":1 }',
+        b'{"a":1 ,"b":2}',
+        b'{"a":{"b":1} }',
+        b'{"a":[1, 2]}',
+        b'{"a":1,}',
+        b'{,"a":1}',
+        b'{"a":1,,"b":2}',
+        b'{"a"}',
+        b'{"a":}',
+        b'{"a"1}',
+        b"{a:1}",
+        b"{'a':1}",
+        b'{"a":01}',
+        b'{"a":1.}',
+        b'{"a":.5}',
+        b'{"a":1e}',
+        b'{"a":1e+}',
+        b'{"a":+1}',
+        b'{"a":-}',
+        b'{"a":--1}',
+        b'{"a":0x1}',
+        b'{"a":NaN}',
+        b'{"a":Infinity}',
+        b'{"a":tru}',
+        b'{"a":nul}',
+        b'{"a":falsey}',
+        b'{"a":"b}',
+        b'{"a":"b\\"}',
+        b'{"a":"\\x"}',
+        b'{"a":"\\u12g4"}',
+        b'{"a":"\\u12"}',
+        b'{"a\x01":1}',
+        b'{"a":"\x1f"}',
+        b'{"a":[1,]}',
+        b'{"a":[,1]}',
+        b'{"a":[1 2]}',
+        b'{"a":[}',
+        b'{"a":{"b":1]}',
+        b'{"a":1}\x00',
+        b'{"a":' * (DEEP + 1) + b"1" + b"}" * (DEEP + 1),
+        b'{"a":' + b"[" * (DEEP + 1) + b"]" * (DEEP + 1) + b"}",
+    ],
+)
+def test_trim_refuses_what_is_not_compact_json_of_an_object(text: bytes) -> None:
+    with pytest.raises(ValueError, match=r"^trim\(\): not compact JSON of an object at byte \d+$"):
+        _fc_sum.trim(text, None)
+    with pytest.raises(ValueError):
+        _fc_sum.trim(text, (b"a",))  # a section left out is read all the same
+
+
+def test_trim_takes_as_deep_as_it_goes() -> None:
+    deep = b'{"a":' * DEEP + b"1" + b"}" * DEEP
+    assert _fc_sum.trim(deep, None) is deep
+    listed = b'{"a":' + b"[" * (DEEP - 1) + b"]" * (DEEP - 1) + b"}"
+    assert _fc_sum.trim(listed, None) is listed
+
+
+def test_trim_wrong_argument_types_are_type_errors() -> None:
+    loose: Any = _fc_sum.trim
+    for text in ("{}", bytearray(b"{}"), memoryview(b"{}"), None):
+        with pytest.raises(TypeError, match="argument 1 must be bytes"):
+            loose(text, None)
+    for sections in ([b"a"], "a", b"a", (b"a", "b"), (bytearray(b"a"),)):
+        with pytest.raises(TypeError, match="sections must be None or a tuple of bytes"):
+            loose(b"{}", sections)
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        loose(b"{}")
+
+
+def test_trim_no_reference_leaks() -> None:
+    lines = emulator_lines(2, seed=22, devices=SHAPES[2])
+    text = p.delta_text(lines[1])
+    assert text is not None
+    same = b'{"a":{"b":1}}'
+    sections = (b"net_eth0", b"vcpu")
+
+    def round_() -> None:
+        for _ in range(200):
+            assert len(_fc_sum.trim(text, None)) < len(text)
+            assert _fc_sum.trim(text, sections) is not text
+            assert _fc_sum.trim(same, None) is same
+            with pytest.raises(ValueError):
+                _fc_sum.trim(text[:-1], sections)
+
+    round_()
+    gc.collect()
+    refs = [sys.getrefcount(x) for x in (text, same, sections, *sections)]
+    blocks = sys.getallocatedblocks()
+    for _ in range(5):
+        round_()
+    gc.collect()
+    assert [sys.getrefcount(x) for x in (text, same, sections, *sections)] == refs
+    assert sys.getallocatedblocks() - blocks < 50
+
+
 # -- the extension itself
 
 
@@ -1195,5 +1472,9 @@ def test_the_extension_is_built_for_the_stable_abi() -> None:
 
 def test_the_extension_sums_text_to_text_and_objects_only() -> None:
     """One function a step: totals kept as text (add_text), deltas and lines that do not
-    fit the text as objects (merge_into)."""
-    assert {name for name in dir(_fc_sum) if not name.startswith("_")} == {"add_text", "merge_into"}
+    fit the text as objects (merge_into), and what a reading publishes of them (trim)."""
+    assert {name for name in dir(_fc_sum) if not name.startswith("_")} == {
+        "add_text",
+        "merge_into",
+        "trim",
+    }

@@ -38,7 +38,7 @@ async def test_nftables_readings_arrive_on_their_subject(
     with namespace_with_loopback(ns) as path, nft_table(spec, ns):
         config = tmp_path / "cellos-probed.toml"
         config.write_text(
-            "[daemon]\ntick_seconds = 0.2\nhost_id = \"host-a\"\n"
+            '[daemon]\ntick_seconds = 0.2\nhost_id = "host-a"\n'
             f'[nats]\nservers = ["{nats_server.url}"]\n'
             '[[cell]]\nid = "cell-9"\nrun_id = "run-9"\nspec_signature_hash = "sha256:99"\n'
             f'netns = "{path}"\n[cell.nftables]\nfamily = "inet"\ntable = "{spec.name}"\n'

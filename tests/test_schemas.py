@@ -126,7 +126,7 @@ def agent_data(sink: EventSink | None = None) -> dict[str, Any]:
     sink = sink or ConnectedSink()
     prober = Prober(config, sink, SequenceRegistry(BOOT, "host-a"))
     prober.tick_stats.durations.extend([0.0012, 0.0031])
-    prober.probe_stats.count_error("io")
+    prober.probe_stats.count_error("io", "cgroup")
     data: dict[str, Any] = agent_event("host-a", BOOT, collect_figures(prober, sink)).data
     return data
 
@@ -224,13 +224,14 @@ def put(path: str, value: Any) -> Mutation:
     return mutate
 
 
-def drop(path: str) -> Mutation:
+def drop(*paths: str) -> Mutation:
     def mutate(data: dict[str, Any]) -> None:
-        *parents, last = path.split("/")
-        node: Any = data
-        for key in parents:
-            node = node[key]
-        del node[last]
+        for path in paths:
+            *parents, last = path.split("/")
+            node: Any = data
+            for key in parents:
+                node = node[key]
+            del node[last]
 
     return mutate
 
@@ -277,7 +278,12 @@ INVALID: list[tuple[str, str, Mutation]] = [
     ),
     ("tap_link", "ifindex 0", put("output/ifindex", 0)),
     ("tap_link", "an address in capitals", put("output/address", "02:FC:00:00:00:01")),
-    ("tap_link", "stats without deltas", put("output/stats", STATS)),
+    ("tap_link", "no stats", drop("output/stats")),
+    ("tap_link", "neither stats nor deltas", drop("output/stats", "output/deltas")),
+    ("tap_link", "no deltas", drop("output/deltas")),
+    ("tap_link", "a counter the probe does not send", put("output/stats/rx_nohandler", 0)),
+    ("tap_link", "a negative counter", put("output/stats/tx_dropped", -1)),
+    ("tap_link", "deltas without reset", put("output/deltas", {"stats": STATS})),
     ("tap_link", "inputs without netns", drop("inputs/netns")),
     # nftables
     ("nftables", "a chain configured, no rules", drop("output/rules")),
@@ -362,6 +368,7 @@ VALID: list[tuple[str, str, Mutation]] = [
     ("tap_link", "no carrier attribute from the kernel", put("output/carrier", None)),
     ("tap_link", "a transition", put("output/transitions", [{**UNTIMED, "at": STAMP}])),
     ("tap_link", "the host's namespace", put("inputs/netns", None)),
+    ("tap_link", "deltas after a reset", put("output/deltas", {"stats": STATS, "reset": True})),
     ("nftables", "no counters found", put("output/counters", {})),
     (
         "nftables",

@@ -48,6 +48,10 @@ pytestmark = needs_root
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 TAP_TYPE = "dev.cellos.events.cell.observability.host.v1.tap_link"
 ERROR_TYPE = "dev.cellos.events.cell.observability.host.v1.probe_error"
+STATS_KEYS = (
+    "rx_bytes", "rx_packets", "rx_errors", "rx_dropped",
+    "tx_bytes", "tx_packets", "tx_errors", "tx_dropped",
+)  # fmt: skip
 
 
 @dataclass
@@ -82,8 +86,11 @@ def states(output: dict[str, Any]) -> list[tuple[bool, str, bool]]:
     return [(t["carrier"], t["operstate"], t["admin_up"]) for t in output["transitions"]]
 
 
-def without_transitions(output: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in output.items() if key != "transitions"}
+def link_state(output: dict[str, Any]) -> dict[str, Any]:
+    """The output but what moves between readings (transitions, counters and their deltas)."""
+    return {
+        key: value for key, value in output.items() if key not in ("transitions", "stats", "deltas")
+    }
 
 
 def carrier_flips(readings: list[dict[str, Any]], initial: bool) -> int:
@@ -130,14 +137,16 @@ async def test_carrier_follows_a_process_attaching_through_dev_net_tun() -> None
                 "mtu": 1500,
                 "address": details["address"],
                 "transitions": [],
+                "stats": dict.fromkeys(STATS_KEYS, 0),  # nothing passed without a carrier
+                "deltas": None,
             }
             watcher = await watcher_of(prober, path)
             attached_at = datetime.now(UTC)
             with attached_tap(tap, ns):
                 await watcher.wait_until(link_is(watcher, tap, operstate="UP"))
                 second = (await tick(prober))["cell-1"].data["output"]
-            assert without_transitions(second) == {
-                **without_transitions(first.data["output"]),
+            assert link_state(second) == {
+                **link_state(first.data["output"]),
                 "operstate": "UP",
                 "carrier": True,
                 "carrier_changes": 2,
@@ -187,7 +196,7 @@ async def test_a_flap_between_two_readings_is_in_the_next_readings_transitions()
                 )
                 after = (await tick(prober))["cell-1"].data["output"]
                 # the state looks unchanged; the transitions tell what happened in between
-                assert without_transitions(after) == without_transitions(before)
+                assert link_state(after) == link_state(before)
                 assert states(after) == [(True, "DOWN", False), (True, "UP", True)]
                 first_at, second_at = (t["at"] for t in after["transitions"])
                 assert first_at <= second_at
@@ -261,8 +270,8 @@ async def test_cells_in_two_namespaces_and_the_host_read_in_one_tick(
             False,
         ]
         assert events["cell-host"].data["inputs"] == {"interface": host_tap, "netns": None}
-    # one dump per namespace at start; the ticks read the cache
-    assert [w.dumps for w in watchers] == [1, 1, 1]
+    # one dump per namespace at start, then one per namespace and tick (the counters)
+    assert [w.dumps for w in watchers] == [4, 4, 4]
     assert len({id(w) for w in watchers}) == 3
 
 

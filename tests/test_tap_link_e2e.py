@@ -9,6 +9,7 @@ import trio
 from testbed.taps import attached_tap, link_details, network_namespace, tap_device, unique_name
 from tests.conftest import NatsServer, needs_nats, needs_root
 from tests.e2e import PREFIX, daemon_with_subscriber
+from tests.test_tap_link import STATS_KEYS
 
 
 @needs_root
@@ -20,7 +21,7 @@ async def test_tap_link_readings_arrive_on_their_subject(
     with network_namespace(ns) as path, tap_device(tap, ns):
         config = tmp_path / "cellos-probed.toml"
         config.write_text(
-            "[daemon]\ntick_seconds = 0.2\nhost_id = \"host-a\"\n"
+            '[daemon]\ntick_seconds = 0.2\nhost_id = "host-a"\n'
             f'[nats]\nservers = ["{nats_server.url}"]\n'
             '[[cell]]\nid = "cell-7"\nrun_id = "run-7"\nspec_signature_hash = "sha256:77"\n'
             f'netns = "{path}"\n[cell.tap_link]\ninterface = "{tap}"\n'
@@ -55,6 +56,8 @@ async def test_tap_link_readings_arrive_on_their_subject(
         "mtu": 1500,
         "address": details["address"],
         "transitions": [],
+        "stats": dict.fromkeys(STATS_KEYS, 0),  # nothing passed without a carrier
+        "deltas": None,
     }
     up = next(e for e in events if e["data"]["output"]["carrier"])
     assert up["data"]["output"]["transitions"] == [

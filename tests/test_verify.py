@@ -98,9 +98,7 @@ def test_a_probe_filter_keeps_that_probes_errors_and_gaps_in_its_count() -> None
 async def test_agent_events_carry_the_daemons_figures(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.toml", tmp_path, ["gone"])
     path.write_text(
-        path.read_text().replace(
-            "[daemon]\n", "[daemon]\nagent_event_every_ticks = 3\n"
-        )
+        path.read_text().replace("[daemon]\n", "[daemon]\nagent_event_every_ticks = 3\n")
     )
     sink = RunnableSink()
     with trio.fail_after(20):

@@ -3,13 +3,16 @@
  *
  *     add_text(layout, totals, line) -> (new_totals, utc_timestamp_ms, missed) | None
  *     merge_into(gauge_cache, is_gauge, agg_gauges, cache_limit, total, new) -> None
+ *     trim(text, sections) -> bytes
  *
  * add_text adds a line into totals kept as their compact JSON text, text to
  * text: the path of nearly every line. merge_into adds a parsed line (or a
  * sum of lines) into a total of objects, in place: a reading's delta of more
- * than one line, and any line add_text refuses. tests/test_fc_sum.py holds
- * both to the one Python reference, tests/fc_sum_reference.py (add_text: the
- * reference on the parsed totals and line, serialised).
+ * than one line, and any line add_text refuses. trim makes what a reading
+ * publishes of a delta or the totals, text to text: no zero leaves, only the
+ * sections asked for. tests/test_fc_sum.py holds them to the Python reference,
+ * tests/fc_sum_reference.py (add_text: the reference on the parsed totals and
+ * line, serialised; trim: its reference on the parsed text, serialised).
  *
  * Built against the limited API (the stable ABI): nothing here can read
  * CPython-internal fields, and one build serves every CPython from 3.11 on.
@@ -704,16 +707,395 @@ add_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return answer;
 }
 
+/* ---- trim: what a reading publishes of a delta or the totals ------------------------ */
+
+/* Containers (objects and arrays) nested deeper than this are refused: deeper than
+ * orjson writes (it stops at 255), so no text it serialises is. */
+#define TRIM_MAX_DEPTH 1024
+
+typedef struct {
+    const char *end;  /* the text's end */
+    const char *fail; /* where the text went wrong */
+    /* the sections' names as written between their quotes; n_names -1: every section */
+    const char **names;
+    Py_ssize_t *name_lens;
+    Py_ssize_t n_names;
+} Trim;
+
+/* The scanners below take the position of what they scan and give the position past
+ * it, or NULL with s->fail set. Positions are locals, not fields: the output is written
+ * through a char pointer, which may alias anything, and fields would be read again
+ * after every byte written. */
+static const char *
+failed_at(Trim *s, const char *p)
+{
+    s->fail = p;
+    return NULL;
+}
+
+static inline int
+hex_digit(char c)
+{
+    unsigned char lower = (unsigned char)c | 0x20;
+    return (c >= '0' && c <= '9') || (lower >= 'a' && lower <= 'f');
+}
+
+static inline int
+is_digit(const char *p, const char *end)
+{
+    return p < end && *p >= '0' && *p <= '9';
+}
+
+/* a JSON string ('"' at p) */
+static const char *
+string_end(Trim *s, const char *p)
+{
+    const char *end = s->end;
+    p++;
+    for (;;) {
+        while (end - p >= 8) {
+            uint64_t special = unplain(word_at(p));
+            if (!special) {
+                p += 8; /* no quote, backslash or control byte among these 8 */
+                continue;
+            }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            /* the lowest flag is exact (a borrow only runs on past a byte flagged
+             * rightly): straight to the first such byte */
+            p += __builtin_ctzll(special) / 8;
+#endif
+            break;
+        }
+        if (p >= end) {
+            return failed_at(s, p);
+        }
+        unsigned char c = (unsigned char)*p;
+        if (c == '"') {
+            return p + 1;
+        }
+        if (c < 0x20) {
+            return failed_at(s, p);
+        }
+        if (c != '\\') {
+            p++;
+        }
+        else if (end - p >= 2 && p[1] != '\0' && strchr("\"\\/bfnrt", p[1]) != NULL) {
+            p += 2;
+        }
+        else if (end - p >= 6 && p[1] == 'u' && hex_digit(p[2]) && hex_digit(p[3]) &&
+                 hex_digit(p[4]) && hex_digit(p[5])) {
+            p += 6;
+        }
+        else {
+            return failed_at(s, p);
+        }
+    }
+}
+
+/* a JSON number */
+static const char *
+number_end(Trim *s, const char *p)
+{
+    const char *end = s->end;
+    if (p < end && *p == '-') {
+        p++;
+    }
+    if (p < end && *p == '0') {
+        p++;
+    }
+    else if (is_digit(p, end)) {
+        do {
+            p++;
+        } while (is_digit(p, end));
+    }
+    else {
+        return failed_at(s, p);
+    }
+    if (p < end && *p == '.') {
+        if (!is_digit(++p, end)) {
+            return failed_at(s, p);
+        }
+        do {
+            p++;
+        } while (is_digit(p, end));
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) {
+            p++;
+        }
+        if (!is_digit(p, end)) {
+            return failed_at(s, p);
+        }
+        do {
+            p++;
+        } while (is_digit(p, end));
+    }
+    return p;
+}
+
+/* any JSON value at p, inside ``depth`` containers */
+static const char *
+value_end(Trim *s, const char *p, int depth)
+{
+    const char *end = s->end;
+    if (p >= end) {
+        return failed_at(s, p);
+    }
+    char open = *p;
+    switch (open) {
+    case '"':
+        return string_end(s, p);
+    case 't':
+        return end - p >= 4 && memcmp(p, "true", 4) == 0 ? p + 4 : failed_at(s, p);
+    case 'f':
+        return end - p >= 5 && memcmp(p, "false", 5) == 0 ? p + 5 : failed_at(s, p);
+    case 'n':
+        return end - p >= 4 && memcmp(p, "null", 4) == 0 ? p + 4 : failed_at(s, p);
+    case '{':
+    case '[':
+        break;
+    default:
+        return number_end(s, p);
+    }
+    char close = open == '{' ? '}' : ']';
+    if (depth >= TRIM_MAX_DEPTH) {
+        return failed_at(s, p);
+    }
+    p++;
+    if (p < end && *p == close) {
+        return p + 1;
+    }
+    for (;;) {
+        if (open == '{') {
+            if (p >= end || *p != '"') {
+                return failed_at(s, p);
+            }
+            if ((p = string_end(s, p)) == NULL) {
+                return NULL;
+            }
+            if (p >= end || *p != ':') {
+                return failed_at(s, p);
+            }
+            p++;
+        }
+        if ((p = value_end(s, p, depth + 1)) == NULL) {
+            return NULL;
+        }
+        if (p < end && *p == ',') {
+            p++;
+        }
+        else if (p < end && *p == close) {
+            return p + 1;
+        }
+        else {
+            return failed_at(s, p);
+        }
+    }
+}
+
+/* whether a section's key (as written, without its quotes) is one of the names */
+static int
+named(const Trim *s, const char *key, Py_ssize_t len)
+{
+    for (Py_ssize_t i = 0; i < s->n_names; i++) {
+        if (s->name_lens[i] == len && memcmp(s->names[i], key, (size_t)len) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The object at *pp ('{' there; ``depth`` containers deep with it) written at *op
+ * without its zero leaves and the objects that leaves empty; at the ``top``, only the
+ * named sections. The members it kept (*pp and *op past the object), or -1 (s->fail
+ * set).
+ *
+ * The output never gets ahead of the text: a byte is written only for one read (a
+ * comma only before a member that follows one), so it fits in the text's length. */
+static Py_ssize_t
+trim_object(Trim *s, const char **pp, char **op, int depth, int top)
+{
+    const char *p = *pp + 1, *end = s->end;
+    char *o = *op;
+    Py_ssize_t kept = 0;
+    *o++ = '{';
+    if (p < end && *p == '}') {
+        p++;
+        goto close;
+    }
+    for (;;) {
+        const char *key = p;
+        if (p >= end || *p != '"') {
+            failed_at(s, p);
+            return -1;
+        }
+        if ((p = string_end(s, p)) == NULL) {
+            return -1;
+        }
+        if (p >= end || *p != ':') {
+            failed_at(s, p);
+            return -1;
+        }
+        size_t key_len = (size_t)(++p - key); /* with its quotes and colon */
+        const char *value = p;
+        if (p < end && *p == '0' && end - p > 1 && (p[1] == ',' || p[1] == '}')) {
+            p++; /* a zero: the most common leaf by far */
+        }
+        else if (top && s->n_names >= 0 && !named(s, key + 1, (Py_ssize_t)key_len - 3)) {
+            if ((p = value_end(s, p, depth)) == NULL) {
+                return -1;
+            }
+        }
+        else if (p < end && *p == '{') {
+            char *mark = o; /* back to it if the object is left empty */
+            if (kept) {
+                *o++ = ',';
+            }
+            memcpy(o, key, key_len);
+            o += key_len;
+            if (depth >= TRIM_MAX_DEPTH) {
+                failed_at(s, p);
+                return -1;
+            }
+            Py_ssize_t inner = trim_object(s, &p, &o, depth + 1, 0);
+            if (inner < 0) {
+                return -1;
+            }
+            if (inner) {
+                kept++;
+            }
+            else {
+                o = mark;
+            }
+        }
+        else {
+            if ((p = value_end(s, p, depth)) == NULL) {
+                return -1;
+            }
+            /* "-0" is the integer 0 to a JSON reader too ("0" was taken above) */
+            if (!(p - value == 2 && value[0] == '-' && value[1] == '0')) {
+                if (kept) {
+                    *o++ = ',';
+                }
+                memcpy(o, key, key_len);
+                o += key_len;
+                memcpy(o, value, (size_t)(p - value));
+                o += p - value;
+                kept++;
+            }
+        }
+        if (p < end && *p == ',') {
+            p++;
+        }
+        else if (p < end && *p == '}') {
+            p++;
+            break;
+        }
+        else {
+            failed_at(s, p);
+            return -1;
+        }
+    }
+close:
+    *o++ = '}';
+    *pp = p;
+    *op = o;
+    return kept;
+}
+
+PyDoc_STRVAR(trim_doc,
+"trim(text, sections, /) -> bytes\n"
+"--\n"
+"\n"
+"What a reading publishes of a delta or the totals, text to text.\n"
+"\n"
+"``text`` is ``orjson.dumps(t)`` of a dict ``t``; ``sections`` None, or a tuple of\n"
+"the names of the top-level members to keep, each as JSON writes it between its\n"
+"quotes. ``orjson.dumps`` of tests/fc_sum_reference.trim_reference(t, sections):\n"
+"no leaf whose value is the integer 0 and no object left empty, at any depth.\n"
+"``text`` itself when nothing is left out. ValueError when ``text`` is not an\n"
+"object in compact JSON (containers deeper than 1024 included).");
+
+static PyObject *
+trim(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "trim() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *text = args[0], *sections = args[1];
+    if (!PyBytes_CheckExact(text)) {
+        return wrong_type("trim(): argument 1", "bytes", text);
+    }
+    Py_ssize_t names = 0;
+    if (sections != Py_None) {
+        if (!PyTuple_CheckExact(sections)) {
+            return wrong_type("trim(): sections", "None or a tuple of bytes", sections);
+        }
+        names = PyTuple_Size(sections);
+        for (Py_ssize_t i = 0; i < names; i++) {
+            PyObject *name = PyTuple_GetItem(sections, i); /* borrowed: the tuple holds it */
+            if (name == NULL) {
+                return NULL;
+            }
+            if (!PyBytes_CheckExact(name)) {
+                return wrong_type("trim(): sections", "None or a tuple of bytes", name);
+            }
+        }
+    }
+    Py_ssize_t len = PyBytes_Size(text);
+    const char *start = PyBytes_AsString(text);
+    /* the names, then the output: never longer than the text (see trim_object) */
+    size_t names_size = (size_t)names * (sizeof(char *) + sizeof(Py_ssize_t));
+    char *memory = PyMem_Malloc(names_size + (size_t)len + 1);
+    if (memory == NULL) {
+        return PyErr_NoMemory();
+    }
+    Trim s = {start + len, start, (const char **)memory,
+              (Py_ssize_t *)(memory + (size_t)names * sizeof(char *)),
+              sections == Py_None ? -1 : names};
+    for (Py_ssize_t i = 0; i < names; i++) {
+        PyObject *name = PyTuple_GetItem(sections, i);
+        s.names[i] = PyBytes_AsString(name);
+        s.name_lens[i] = PyBytes_Size(name);
+    }
+    char *out = memory + names_size, *o = out;
+    const char *p = start;
+    PyObject *answer;
+    int whole = len > 0 && *p == '{' && trim_object(&s, &p, &o, 1, 1) >= 0;
+    if (whole && p != s.end) {
+        whole = 0;
+        s.fail = p; /* something after the object */
+    }
+    if (!whole) {
+        PyErr_Format(PyExc_ValueError, "trim(): not compact JSON of an object at byte %zd",
+                     (Py_ssize_t)(s.fail - start));
+        answer = NULL;
+    }
+    else if (o - out == len) { /* nothing left out: the same bytes */
+        answer = Py_NewRef(text);
+    }
+    else {
+        answer = PyBytes_FromStringAndSize(out, o - out);
+    }
+    PyMem_Free(memory);
+    return answer;
+}
+
 static PyMethodDef methods[] = {
     {"add_text", (PyCFunction)(void (*)(void))add_text, METH_FASTCALL, add_text_doc},
     {"merge_into", (PyCFunction)(void (*)(void))merge_into, METH_FASTCALL, merge_into_doc},
+    {"trim", (PyCFunction)(void (*)(void))trim, METH_FASTCALL, trim_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cellos_probed.probes._fc_sum",
-    .m_doc = "Firecracker metrics lines summed in C: see add_text and merge_into.",
+    .m_doc = "Firecracker metrics lines summed in C, and what a reading publishes of the "
+             "sums: see add_text, merge_into and trim.",
     .m_size = -1,
     .m_methods = methods,
 };

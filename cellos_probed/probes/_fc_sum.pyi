@@ -1,4 +1,5 @@
-"""Firecracker metrics lines summed in C (``_fc_sum.c``); tests/fc_sum_reference.py is the spec."""
+"""Firecracker metrics lines summed in C (``_fc_sum.c``), and what a reading publishes of
+the sums; tests/fc_sum_reference.py is the spec."""
 
 from collections.abc import Callable, Container
 from typing import Any
@@ -29,4 +30,14 @@ def merge_into(
     fc_metrics_parse's ``_section_gauges``, ``is_gauge``, ``_AGG_GAUGES`` and
     ``_GAUGE_CACHE_LIMIT``; ``total`` and ``new`` must be exact dicts (TypeError
     otherwise).
+    """
+
+def trim(text: bytes, sections: tuple[bytes, ...] | None, /) -> bytes:
+    """What a reading publishes of a delta or the totals, text to text.
+
+    ``text`` is ``orjson.dumps`` of a dict; ``sections`` None, or the names of the
+    top-level members to keep, each as JSON writes it between its quotes. The text
+    without any leaf whose value is the integer 0 and any object left empty, at any
+    depth (``text`` itself when nothing goes). ValueError when ``text`` is not an
+    object in compact JSON.
     """

@@ -4,6 +4,13 @@ Fetching (``read_cgroup_files``, blocking, run in a worker thread) is split
 from parsing (``cgroup_parse``, pure). Files are opened relative to the
 cgroup directory's descriptor with ``O_NOFOLLOW``, so a symlink planted in a
 watched directory is refused rather than followed.
+
+Besides the tick, a cell's cgroup is read when the kernel signals a change
+of its ``cgroup.events`` or ``memory.events`` (``kernfs_watch``): such a
+reading says which (``output.trigger``), reads ``cgroup.events`` too, and is
+the cell's final one (``"final": true``) when it is the first to see
+``populated`` 0 after one that saw 1 (or after none that read it: the
+daemon may have started while the cell ran).
 """
 
 from __future__ import annotations
@@ -12,19 +19,21 @@ import errno
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 import outcome
 import structlog
+import trio
 
 from cellos_probed.batching import ThreadBatcher
 from cellos_probed.cgroupfs import is_cgroup2
 from cellos_probed.config import CgroupProbeConfig
 from cellos_probed.confine import EscapeError, open_beneath
 from cellos_probed.fd_limit import KEPT_PER_CELL, DescriptorBudget
+from cellos_probed.kernfs_watch import CellWatch
 from cellos_probed.probes.base import HostProbe
 from cellos_probed.probes.cgroup_parse import (
     counter_deltas,
@@ -55,6 +64,9 @@ CGROUP_FILES: Final = (
     ("memory.pressure", "pressure"),
     ("io.pressure", "pressure"),
 )
+#: What a reading the kernel's signal triggered reads besides: ``populated`` and
+#: ``frozen``. Not on the tick: its changes are signalled, and signalled readings read it.
+EVENTS_FILE: Final = "cgroup.events"
 #: The counter files whose increase is reported in ``deltas``.
 DELTA_FILES: Final = ("memory.events", "pids.events", "cpu.stat")
 #: The largest of these files is ``cpu.stat`` at well under 1 KiB.
@@ -118,6 +130,21 @@ def _text(read: bytes | int, name: str) -> str:
         return read.decode("ascii")
     except UnicodeDecodeError:
         raise ProbeParseError(f"{name}: not ASCII text") from None
+
+
+def _with_events_file(
+    dir_fd: int, contents: dict[str, str], missing: list[str]
+) -> tuple[dict[str, str], list[str]]:
+    """``cgroup.events`` added to what was read (opened, read and closed: it is read
+    only for signalled readings, so it is not kept)."""
+    fd = _open_file(dir_fd, EVENTS_FILE)
+    if fd is None:
+        return contents, [*missing, EVENTS_FILE]
+    try:
+        contents[EVENTS_FILE] = _read_open_file(fd, EVENTS_FILE)
+    finally:
+        os.close(fd)
+    return contents, missing
 
 
 def _read_files(dir_fd: int) -> tuple[dict[str, str], list[str]]:
@@ -222,13 +249,21 @@ class CgroupDirectory:
     Read from a worker thread while the trio thread may :meth:`close` it
     (its cell removed by a reload): the lock keeps a descriptor from being
     closed, and its number reused, under a read.
+
+    With ``watch``, the directory's ``cgroup.events`` and ``memory.events``
+    are watched from the moment it is opened (before its first read: no
+    change falls between) until it is let go, and watched anew when it is
+    opened again or its files change.
     """
 
-    __slots__ = ("_budget", "_closed", "_fd", "_identity", "_kept", "_kernfs", "_lock")
+    __slots__ = ("_budget", "_closed", "_fd", "_identity", "_kept", "_kernfs", "_lock", "_watch")
 
-    def __init__(self, budget: DescriptorBudget | None = None) -> None:
+    def __init__(
+        self, budget: DescriptorBudget | None = None, watch: CellWatch | None = None
+    ) -> None:
         #: room for kept files under the open-file limit (None: no bound)
         self._budget = budget
+        self._watch = watch
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._identity = (0, 0)
@@ -242,10 +277,16 @@ class CgroupDirectory:
             self._drop()
 
     def __del__(self) -> None:
-        # a probe dropped without close() (a test's, a one-off read's): no descriptor leaks
-        self._drop()
+        # a probe dropped without close() (a test's, a one-off read's): no descriptor
+        # leaks (its watches, if any, are the daemon's to remove: it closes its probes)
+        self._close_descriptors()
 
     def _drop(self) -> None:
+        if self._watch is not None:
+            self._watch.drop()
+        self._close_descriptors()
+
+    def _close_descriptors(self) -> None:
         self._let_kept_go()
         if self._fd is not None:
             os.close(self._fd)
@@ -258,21 +299,26 @@ class CgroupDirectory:
             return 0
         return 1 + (0 if kept is None else len(kept.fds))
 
-    def read(self, directory: Path, label: str, root: Path | None) -> CgroupFiles:
+    def read(
+        self, directory: Path, label: str, root: Path | None, *, events: bool = False
+    ) -> CgroupFiles:
+        """The files, and ``cgroup.events`` too with ``events``."""
         with self._lock:
             if self._closed:
                 raise ProbeIoError(f"cgroup probe for {label} was closed")
             if self._fd is not None:
                 try:
-                    contents, missing = self._read()
+                    contents, missing = self._read(events)
                 except _DirectoryGone:
                     contents = {}
                 if contents:
                     return CgroupFiles(contents, missing, self._identity)
                 self._drop()  # gone (or emptied): look at what the path holds now
             self._fd, self._identity, self._kernfs = _open_directory(directory, label, root)
+            if self._watch is not None:
+                self._watch.follow(self._fd)
             try:
-                contents, missing = self._read()
+                contents, missing = self._read(events)
             except _DirectoryGone:
                 raise ProbeIoError(f"cgroup directory was removed: {label}") from None
             if not contents and not os.path.isdir(directory):
@@ -286,7 +332,14 @@ class CgroupDirectory:
             if self._budget is not None:
                 self._budget.give_back(KEPT_PER_CELL)
 
-    def _read(self) -> tuple[dict[str, str], list[str]]:
+    def _read(self, events: bool) -> tuple[dict[str, str], list[str]]:
+        contents, missing = self._read_files()
+        if events and contents:
+            assert self._fd is not None
+            return _with_events_file(self._fd, contents, missing)
+        return contents, missing
+
+    def _read_files(self) -> tuple[dict[str, str], list[str]]:
         assert self._fd is not None
         if not self._kernfs:
             return _read_files(self._fd)
@@ -305,6 +358,8 @@ class CgroupDirectory:
             if self._budget is not None:
                 self._budget.give_back(KEPT_PER_CELL)
             raise
+        if self._watch is not None:  # a file may have appeared (a controller enabled)
+            self._watch.follow(self._fd)
         read = self._kept.read(self._fd)
         # None: cgroup.controllers changed between its first read and now; next time
         return read if read is not None else _read_files(self._fd)
@@ -336,9 +391,15 @@ def _open_directory(
 
 
 def read_cgroup_files(
-    directory: Path, label: str, root: Path | None = None, held: CgroupDirectory | None = None
+    directory: Path,
+    label: str,
+    root: Path | None = None,
+    held: CgroupDirectory | None = None,
+    *,
+    events: bool = False,
 ) -> CgroupFiles:
-    """Read every file of :data:`CGROUP_FILES` in ``directory`` (blocking).
+    """Read every file of :data:`CGROUP_FILES` in ``directory`` (blocking), and
+    :data:`EVENTS_FILE` with ``events``.
 
     The directory is reached from ``root`` one component at a time, refusing
     symlinks, and each file is opened relative to it with ``O_NOFOLLOW``.
@@ -346,7 +407,7 @@ def read_cgroup_files(
     """
     directory_held = held if held is not None else CgroupDirectory()
     try:
-        return directory_held.read(directory, label, root)
+        return directory_held.read(directory, label, root, events=events)
     finally:
         if held is None:
             directory_held.close()
@@ -356,6 +417,7 @@ def read_cgroup_files(
 _FILE_PLAN: Final = tuple((name, output_key(name), _PARSERS[kind]) for name, kind in CGROUP_FILES)
 #: (output key) of the counter files whose increase is reported
 _DELTA_KEYS: Final = tuple(output_key(name) for name in DELTA_FILES)
+_EVENTS_KEY: Final = output_key(EVENTS_FILE)
 
 
 def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
@@ -366,16 +428,36 @@ def parse_cgroup_files(files: CgroupFiles) -> dict[str, Any]:
         text = contents.get(name)
         if text is not None:
             output[key] = parse(text, name)
+    events = contents.get(EVENTS_FILE)
+    if events is not None:
+        output[_EVENTS_KEY] = parse_flat_keyed(events, EVENTS_FILE)
     output["missing"] = list(files.missing)
     return output
 
 
 def fetch_and_parse(
-    directory: Path, label: str, root: Path | None, held: CgroupDirectory | None = None
+    directory: Path,
+    label: str,
+    root: Path | None,
+    held: CgroupDirectory | None = None,
+    events: bool = False,
 ) -> tuple[CgroupFiles, dict[str, Any]]:
     """Blocking; run in a worker thread (parsing there too keeps the trio thread free)."""
-    files = read_cgroup_files(directory, label, root, held)
+    files = read_cgroup_files(directory, label, root, held, events=events)
     return files, parse_cgroup_files(files)
+
+
+@dataclass(eq=False)
+class CgroupShared:
+    """What every cell's cgroup probe of one daemon shares."""
+
+    #: every cell's reads of a tick in a few worker-thread hops
+    batcher: ThreadBatcher
+    #: room for kept files under the open-file limit (None: no bound)
+    budget: DescriptorBudget | None = None
+    #: one batch read at a time, the tick's or one the kernel's signal asked for
+    #: (never two reads of one probe at once; see ``CgroupProbe.read_batch``)
+    reads: trio.Lock = field(default_factory=trio.Lock)
 
 
 class CgroupProbe(HostProbe):
@@ -384,14 +466,16 @@ class CgroupProbe(HostProbe):
     def __init__(
         self,
         config: CgroupProbeConfig,
-        batcher: ThreadBatcher,
-        budget: DescriptorBudget | None = None,
+        shared: CgroupShared,
+        watch: CellWatch | None = None,
     ) -> None:
         self._config = config
-        self._batcher = batcher
+        self._shared = shared
         self._baseline: dict[str, dict[str, int]] | None = None
         self._directory_id: tuple[int, int] | None = None
-        self._directory = CgroupDirectory(budget)
+        #: ``populated`` as the last reading that read cgroup.events saw (None: none did)
+        self._populated: int | None = None
+        self._directory = CgroupDirectory(shared.budget, watch)
 
     def probe_name(self) -> str:
         return "cgroup"
@@ -412,28 +496,38 @@ class CgroupProbe(HostProbe):
         cls,
         jobs: Sequence[tuple[ProbeContext, CgroupProbe]],
         results: list[ProbeReading | ProbeError | None],
+        trigger: str = "tick",
     ) -> None:
-        """Every cell's cgroup: fetched and parsed in a few worker-thread hops."""
+        """Every cell's cgroup: fetched and parsed in a few worker-thread hops.
+
+        ``trigger`` is why: ``"tick"``, or the kernel signalled a change of that
+        file (one of ``kernfs_watch.WATCHED_FILES``: the daemon's ``read_now``).
+        One batch runs at a time (``CgroupShared.reads``) and fills its results
+        before it lets the next one read; the daemon makes their events before
+        it awaits anything, so a cell's ``cellosseq`` follows its deltas' order.
+        """
         if not jobs:
             return
+        shared = jobs[0][1]._shared
         fetched: list[outcome.Outcome[ProbeReading] | None] = [None] * len(jobs)
-        try:
-            await jobs[0][1]._batcher.run_many(
-                CgroupProbe.read_blocking, [(probe,) for _, probe in jobs], fetched
-            )
-        finally:  # on a timeout too: what was read by then is a reading, not an error
-            for i, ((_, probe), result) in enumerate(zip(jobs, fetched, strict=True)):
-                if isinstance(result, outcome.Value):
-                    results[i] = result.value
-                elif isinstance(result, outcome.Error):
-                    error = result.error
-                    if isinstance(error, ProbeError):
-                        results[i] = error
-                    else:  # a bug, not the cgroup's fault: say so loudly, report it typed
-                        log.error(
-                            "cgroup read raised", error=repr(error), cgroup=probe._config.path
-                        )
-                        results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
+        async with shared.reads:
+            try:
+                await shared.batcher.run_many(
+                    CgroupProbe.read_blocking, [(probe, trigger) for _, probe in jobs], fetched
+                )
+            finally:  # on a timeout too: what was read by then is a reading, not an error
+                for i, ((_, probe), result) in enumerate(zip(jobs, fetched, strict=True)):
+                    if isinstance(result, outcome.Value):
+                        results[i] = result.value
+                    elif isinstance(result, outcome.Error):
+                        error = result.error
+                        if isinstance(error, ProbeError):
+                            results[i] = error
+                        else:  # a bug, not the cgroup's fault: say so loudly, report it typed
+                            log.error(
+                                "cgroup read raised", error=repr(error), cgroup=probe._config.path
+                            )
+                            results[i] = ProbeIoError(f"unexpected {type(error).__name__}")
 
     #: its preparing may overlap a tick: the directory's lock keeps them apart
     prepare_while_ticking = True
@@ -444,7 +538,7 @@ class CgroupProbe(HostProbe):
         if not probes:
             return
         into: list[outcome.Outcome[None] | None] = [None] * len(probes)
-        await probes[0]._batcher.run_many(
+        await probes[0]._shared.batcher.run_many(
             CgroupProbe.prepare_blocking, [(probe,) for probe in probes], into
         )
 
@@ -456,7 +550,7 @@ class CgroupProbe(HostProbe):
         except ProbeError:
             pass
 
-    def read_blocking(self) -> ProbeReading:
+    def read_blocking(self, trigger: str = "tick") -> ProbeReading:
         """Fetch, parse, take the increases and serialise (blocking: a worker thread).
 
         All of it where the files were read, while the output's objects are
@@ -464,14 +558,27 @@ class CgroupProbe(HostProbe):
         probe at once, so the baseline is this thread's while it runs.
         """
         files, output = fetch_and_parse(
-            self._config.resolved, self._config.path, self._config.root, self._directory
+            self._config.resolved,
+            self._config.path,
+            self._config.root,
+            self._directory,
+            trigger != "tick",  # what the kernel signalled: cgroup.events too
         )
-        return self._finish(files, output)
+        return self._finish(files, output, trigger)
 
-    def _finish(self, files: CgroupFiles, output: dict[str, Any]) -> ProbeReading:
+    def _finish(self, files: CgroupFiles, output: dict[str, Any], trigger: str) -> ProbeReading:
         counters = {key: output[key] for key in _DELTA_KEYS if key in output}
         recreated = self._directory_id is not None and self._directory_id != files.directory_id
         output["deltas"] = counter_deltas(self._baseline, counters, recreated=recreated)
+        output["trigger"] = trigger
+        if recreated:
+            self._populated = None
+        events = output.get(_EVENTS_KEY)
+        if events is not None:
+            populated = events.get("populated")
+            if populated == 0 and self._populated != 0:
+                output["final"] = True
+            self._populated = populated
         self._baseline = counters
         self._directory_id = files.directory_id
         return ProbeReading(

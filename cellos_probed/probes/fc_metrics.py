@@ -15,6 +15,11 @@ once (:meth:`FcMetricsProbe.read_batch`), a worker thread:
   parse error);
 - now and then asks ``GET /`` for the instance, and takes the sums.
 
+What a reading publishes of the sums (``delta`` and ``totals``) leaves out
+every leaf whose value is 0, and with ``sections`` the sections not named;
+``totals`` come every ``totals_every``-th reading, and at once after a new
+API connection (see FcMetricsProbe._totals_due).
+
 A reading's ``output`` also has ``metrics_id`` and ``metrics_properties``
 when the VMM writes them (Firecracker main's ``PUT /metrics`` ``emit_id`` /
 ``properties``): the ``id`` and ``properties`` of the newest line of the
@@ -335,6 +340,16 @@ class FcMetricsProbe(HostProbe):
         #: the API connection count at the previous round's start
         self._connections_at_begin = -1
         self._asked_instance = False
+        #: readings to go before the next one with totals (0: the next has them)
+        self._totals_in = 0
+        #: the API connection count at the last reading with totals
+        self._totals_connections = -1
+        #: the sections kept, each name as JSON writes it (None: all)
+        self._sections = (
+            None
+            if config.sections is None
+            else tuple(orjson.dumps(name)[1:-1] for name in config.sections)
+        )
         self._in_round = False
         self._closed = False
         self._last_drain = 0.0
@@ -472,10 +487,27 @@ class FcMetricsProbe(HostProbe):
             or self._reads_since_instance >= INSTANCE_REFRESH_READS
         )
 
+    def _totals_due(self) -> bool:
+        """Totals in every ``totals_every``-th reading, and in the first on a new API
+        connection: a VMM restarted (a new process has a new socket), or a connection
+        given up and made again. A consumer adds up the deltas between them; the
+        totals set it right again whatever it missed."""
+        connections = self.connection.connections
+        if self._totals_in > 0 and connections == self._totals_connections:
+            self._totals_in -= 1
+            return False
+        self._totals_in = self._config.totals_every - 1
+        self._totals_connections = connections
+        return True
+
     def _reading(self) -> ProbeReading:
         assert self._instance_cache is not None
         self._records_published = self.accumulator.records
-        reading = self.accumulator.take_reading_json()  # serialised here, on the round's thread
+        with_totals = self._totals_due()
+        # serialised here, on the round's thread
+        reading = self.accumulator.take_reading_json(
+            with_totals=with_totals, sections=self._sections
+        )
         output: dict[str, Any] = {
             "instance": self._instance_cache,
             "utc_timestamp_ms": reading.utc_timestamp_ms,
@@ -497,8 +529,12 @@ class FcMetricsProbe(HostProbe):
         head = orjson.dumps(output)[:-1]
         delta, totals = reading.delta, reading.totals
         output["delta"] = orjson.Fragment(delta)
-        output["totals"] = orjson.Fragment(totals)
-        pieces = (head, b',"delta":', delta, b',"totals":', totals, b"}")
+        pieces: tuple[bytes, ...]
+        if totals is None:
+            pieces = (head, b',"delta":', delta, b"}")
+        else:
+            output["totals"] = orjson.Fragment(totals)
+            pieces = (head, b',"delta":', delta, b',"totals":', totals, b"}")
         return ProbeReading("host.fc_metrics", self.inputs(), output, None, pieces)
 
     # -- the tick ------------------------------------------------------------------------------

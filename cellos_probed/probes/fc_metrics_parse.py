@@ -300,6 +300,12 @@ merge_into: Callable[[dict[str, Any], dict[str, Any]], None] = partial(
 #: The two are held to one Python reference (tests/fc_sum_reference.py).
 add_text = _fc_sum.add_text
 
+#: ``trim(text, sections)``: what a reading publishes of a delta or the totals, given as
+#: orjson's compact JSON: no leaf whose value is 0 (a consumer reads an absent leaf as 0)
+#: nor object left empty, only the top-level ``sections`` (None: all). Text to text in C:
+#: parsing and serialising the sums again cost more than summing them.
+trim = _fc_sum.trim
+
 
 def text_layout(totals: dict[str, Any]) -> bytes | None:
     """Each integer leaf of ``totals`` in order, 1 a gauge and 0 a counter, for :func:`add_text`.
@@ -338,7 +344,8 @@ class MetricsReading:
     torn_lines: int
     unparsed_lines: int
     lost_lines: int
-    #: dicts from take_reading, their JSON (bytes) from take_reading_json
+    #: dicts from take_reading, their JSON (bytes) from take_reading_json, whose
+    #: ``totals`` are None when the reading does not publish them
     delta: Any
     totals: Any
     labels: dict[str, Any] | None
@@ -458,7 +465,7 @@ class MetricsAccumulator:
                     # totals stay text: all VMMs' 60 s timers firing together would turn
                     # every VM's totals into objects at once, a peak the heap keeps)
                     self.records += 1
-                    self._add(orjson.loads(body), None, labels, totals_added=True)
+                    self._add(orjson.loads(body), labels, totals_added=True)
                 return True
         objects, torn = parse_line(body)
         whole = not torn and len(objects) == 1
@@ -472,10 +479,7 @@ class MetricsAccumulator:
             self._unparsed += 1
         for found in objects:
             own = pop_labels(found)
-            if whole and own is None:  # the line as written: its text may be the delta
-                self._add(found, body, labels)
-            else:
-                self._add(found, None, own)
+            self._add(found, labels if whole and own is None else own)
         return True
 
     def _added(self, line: bytes, labels: bytes | None, timestamp: int, missed: int) -> None:
@@ -483,7 +487,8 @@ class MetricsAccumulator:
 
         The rest of what :meth:`_add` does with a first line: counted, its
         timestamp and its text (or, for a line :func:`delta_text` does not
-        cut, its parse) kept as the reading's delta.
+        cut, its parse) kept as the reading's delta. A line add_text takes is
+        orjson's own compact text, and so is the delta cut from it.
         """
         self.records += 1
         self._lines = 1
@@ -502,13 +507,17 @@ class MetricsAccumulator:
     def _add(
         self,
         found: dict[str, Any],
-        line: bytes | None,
         labels: bytes | dict[str, Any] | None,
         *,
         totals_added: bool = False,
     ) -> None:
         """One parsed line (a fresh object: nobody else holds it, its labels out of it)
-        into totals and reading."""
+        into totals and reading.
+
+        Its delta is kept as the object, never as the line's text: a line
+        :func:`add_text` did not take may be in any JSON form (spaces, a key
+        twice), and :func:`trim` is given orjson's own compact text only.
+        """
         self._lines += 1
         self._newest_timestamp = found.pop(TIMESTAMP_KEY)
         if labels is not None:
@@ -517,12 +526,7 @@ class MetricsAccumulator:
             # totals take copies of the sections they lack: ``found`` stays unshared
             merge_into(self._dict_totals(), found)
         if self._lines == 1:
-            text = None if line is None else delta_text(line)
-            if text is not None:
-                self._pending_text = text
-                self._pending_missed = _missed(found)
-            else:
-                self._pending = found
+            self._pending = found
             return
         if self._pending is None:  # a second line: the reading becomes a sum of objects
             assert self._pending_text is not None
@@ -555,14 +559,20 @@ class MetricsAccumulator:
             totals=orjson.loads(self._totals_json()),
         )
 
-    def take_reading_json(self) -> MetricsReading:
-        """As :meth:`take_reading`, with ``delta`` and ``totals`` as their JSON text.
+    def take_reading_json(
+        self, *, with_totals: bool = True, sections: tuple[bytes, ...] | None = None
+    ) -> MetricsReading:
+        """As :meth:`take_reading`, with ``delta`` and ``totals`` as the JSON text a
+        reading publishes (:func:`trim`): no zero leaves, only ``sections`` (each
+        name as JSON writes it; None: all); ``totals`` None unless ``with_totals``.
 
         Serialised here, once, as the sums stand now: the totals go on being
         added to in place, and the event embeds the fragments as they are.
         """
         r = self._take()
         delta = r.delta
+        # made text even when not published: lines are then summed into it as text
+        totals = self._totals_json()
         # built directly: dataclasses.replace() cost more than the counts it copies
         return MetricsReading(
             r.utc_timestamp_ms,
@@ -570,8 +580,8 @@ class MetricsAccumulator:
             r.torn_lines,
             r.unparsed_lines,
             r.lost_lines,
-            delta if type(delta) is bytes else dumps_saturated(delta),
-            self._totals_json(),
+            trim(delta if type(delta) is bytes else dumps_saturated(delta), sections),
+            trim(totals, sections) if with_totals else None,
             r.labels,
         )
 

@@ -6,6 +6,10 @@ name tables; its generic decoder is not used here because it spends about
 would make a resynchronising dump of 1,000 TAPs cost 400 ms. This parser
 reads the netlink header, the ``ifinfomsg`` and seven ``IFLA_*``
 attributes, and stops walking a message's attributes once it has them all.
+A link's message whose bytes before ``IFLA_STATS64`` are those of the
+message its state was parsed from has that state: only its counters are
+read (a dump every tick repeats every link's message, most of them
+unchanged but for their counters).
 
 Layouts (``linux/netlink.h``, ``linux/rtnetlink.h``, ``linux/if_link.h``)::
 
@@ -16,10 +20,11 @@ Layouts (``linux/netlink.h``, ``linux/rtnetlink.h``, ``linux/if_link.h``)::
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 from pyroute2.netlink import (
@@ -41,7 +46,9 @@ __all__ = [
     "RTMGRP_LINK",
     "RTM_DELLINK",
     "RTM_NEWLINK",
+    "STATS_KEYS",
     "LinkInfo",
+    "LinkStats",
     "NetlinkMessage",
     "flag_names",
     "iter_messages",
@@ -63,10 +70,25 @@ IFLA_IFNAME: Final = 3
 IFLA_MTU: Final = 4
 IFLA_OPERSTATE: Final = 16
 IFLA_CARRIER: Final = 33
+IFLA_STATS64: Final = 23
 IFLA_CARRIER_CHANGES: Final = 35
-_WANTED: Final = frozenset(
+#: the attributes a link's state (:class:`LinkInfo`) is made of
+_STATE: Final = frozenset(
     {IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_OPERSTATE, IFLA_CARRIER, IFLA_CARRIER_CHANGES}
 )
+_WANTED: Final = _STATE | {IFLA_STATS64}
+
+#: struct rtnl_link_stats64 (u64 each) begins rx_packets, tx_packets, rx_bytes, tx_bytes,
+#: rx_errors, tx_errors, rx_dropped, tx_dropped; kernels append fields after those
+_STATS64: Final = struct.Struct("=8Q")
+#: ``tap_link``'s names for them, in its output's order
+STATS_KEYS: Final = (
+    "rx_bytes", "rx_packets", "rx_errors", "rx_dropped",
+    "tx_bytes", "tx_packets", "tx_errors", "tx_dropped",
+)  # fmt: skip
+_IN_KEY_ORDER: Final = operator.itemgetter(2, 0, 4, 6, 3, 1, 5, 7)
+#: a link's counters, in :data:`STATS_KEYS` order
+LinkStats = tuple[int, int, int, int, int, int, int, int]
 
 IFF_UP: Final = IFF_NAMES["IFF_UP"]
 #: (bit, name) in bit order: "UP", "BROADCAST", ..., "LOWER_UP", ...
@@ -89,8 +111,9 @@ def flag_names(flags: int) -> tuple[str, ...]:
     return names
 
 
-@dataclass(frozen=True, slots=True)
-class NetlinkMessage:
+class NetlinkMessage(NamedTuple):
+    """One message of a datagram (a tuple: made for every link of every dump)."""
+
     type: int
     flags: int
     seq: int
@@ -125,6 +148,9 @@ class LinkInfo:
     carrier_changes: int | None
     mtu: int | None
     address: str | None
+    #: the message's bytes before its ``IFLA_STATS64`` when every state attribute
+    #: lies in them: a later message of the link that begins so has this state
+    head: bytes | None = field(default=None, compare=False, repr=False)
     #: :meth:`output_json`'s result, made on first use (a link's message is read
     #: every tick for as long as nothing changes: a thousand TAPs a second)
     _made: tuple[dict[str, Any], bytes] | None = field(default=None, compare=False, repr=False)
@@ -160,6 +186,14 @@ class LinkInfo:
             object.__setattr__(self, "_made", made)  # a cache, not state: frozen otherwise
         return made
 
+    def counters_if_unchanged(self, payload: memoryview) -> LinkStats | None:
+        """The counters of ``payload``, a later message of this link, when it describes
+        this same state (it begins with :attr:`head`); ``None``: parse it whole."""
+        head = self.head
+        if head is None or bytes(payload[: len(head)]) != head:
+            return None
+        return _stats(payload, len(head), self.index)
+
 
 def _mac(raw: memoryview) -> str:
     return ":".join(f"{byte:02x}" for byte in raw)
@@ -177,10 +211,26 @@ def parse_link_index(payload: memoryview) -> int:
     return _ifinfomsg(payload)[0]
 
 
-def parse_link(payload: memoryview) -> LinkInfo:
-    """An RTM_NEWLINK payload (``ifinfomsg`` and attributes) as a :class:`LinkInfo`."""
+def _stats(payload: memoryview, offset: int, index: int) -> LinkStats | None:
+    """The counters of the ``IFLA_STATS64`` attribute at ``offset``; ``None`` if it is not there."""
+    if offset + RTATTR.size > len(payload):
+        return None
+    length, attr_type = RTATTR.unpack_from(payload, offset)
+    if attr_type & 0x3FFF != IFLA_STATS64 or offset + length > len(payload):
+        return None
+    if length < RTATTR.size + _STATS64.size:
+        raise ProbeParseError(f"link {index}: IFLA_STATS64 is shorter than 64 bytes")
+    stats: LinkStats = _IN_KEY_ORDER(_STATS64.unpack_from(payload, offset + RTATTR.size))
+    return stats
+
+
+def parse_link(payload: memoryview) -> tuple[LinkInfo, LinkStats | None]:
+    """An RTM_NEWLINK payload (``ifinfomsg`` and attributes): the link's state, and its
+    counters (``None`` when the message has no ``IFLA_STATS64``)."""
     index, flags = _ifinfomsg(payload)
     found: dict[int, memoryview] = {}
+    stats_at = -1
+    head_whole = False  # every state attribute came before IFLA_STATS64
     offset, end = IFINFOMSG.size, len(payload)
     while offset + RTATTR.size <= end and len(found) < len(_WANTED):
         length, attr_type = RTATTR.unpack_from(payload, offset)
@@ -188,6 +238,8 @@ def parse_link(payload: memoryview) -> LinkInfo:
             raise ProbeParseError(f"link {index}: attribute length {length} is invalid")
         attr_type &= 0x3FFF  # drop NLA_F_NESTED / NLA_F_NET_BYTEORDER
         if attr_type in _WANTED:
+            if attr_type == IFLA_STATS64 and stats_at < 0:
+                stats_at, head_whole = offset, len(found) == len(_STATE)
             found[attr_type] = payload[offset + RTATTR.size : offset + length]
         offset += (length + 3) & ~3
 
@@ -215,7 +267,7 @@ def parse_link(payload: memoryview) -> LinkInfo:
     operstate_code = u8(IFLA_OPERSTATE)
     carrier = u8(IFLA_CARRIER)
     address = found.get(IFLA_ADDRESS)
-    return LinkInfo(
+    link = LinkInfo(
         index=index,
         name=name,
         flags=flags,
@@ -226,7 +278,9 @@ def parse_link(payload: memoryview) -> LinkInfo:
         carrier_changes=u32(IFLA_CARRIER_CHANGES),
         mtu=u32(IFLA_MTU),
         address=None if address is None else _mac(address),
+        head=bytes(payload[:stats_at]) if head_whole else None,
     )
+    return link, None if stats_at < 0 else _stats(payload, stats_at, index)
 
 
 def parse_error_code(payload: memoryview) -> int:

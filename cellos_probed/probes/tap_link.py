@@ -14,14 +14,21 @@ on the *same* socket as the notifications: the kernel queues dump chunks and
 notifications in the order it produced them, so applying them in arrival
 order never lets an older notification overwrite newer dumped state.
 
-A tick's reading is a dictionary lookup in that cache: no netlink request,
-no parse and no fork per tick, whatever the number of cells or links.
+The kernel announces a link's changes of state, not its traffic, so a
+link's counters (``IFLA_STATS64``) are current only in a dump: each tick
+asks for one dump per namespace (:meth:`LinkWatcher.refresh`, on the same
+socket) and reads that namespace's cells from the cache once it is in. One
+request and its replies (~1.5 KB a link) per namespace, whatever the number
+of its cells, and no fork; the message of a link whose state did not change
+costs the parse of its counters only. Between those dumps the cache still
+follows every notification, so transitions keep their own times.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import operator
 import os
 import socket
 import time
@@ -46,7 +53,9 @@ from cellos_probed.probes.rtnl import (
     RTM_DELLINK,
     RTM_NEWLINK,
     RTMGRP_LINK,
+    STATS_KEYS,
     LinkInfo,
+    LinkStats,
     iter_messages,
     link_dump_request,
     parse_error_code,
@@ -54,7 +63,13 @@ from cellos_probed.probes.rtnl import (
     parse_link_index,
 )
 from cellos_probed.probes.shared_read import read_from_shared
-from cellos_probed.readings import ProbeContext, ProbeError, ProbeIoError, ProbeReading
+from cellos_probed.readings import (
+    ProbeContext,
+    ProbeError,
+    ProbeIoError,
+    ProbeParseError,
+    ProbeReading,
+)
 
 log = structlog.get_logger("cellos_probed.tap_link")
 
@@ -122,6 +137,8 @@ class LinkWatcher:
         self._resync_seconds = resync_seconds
         self.by_name: dict[str, LinkInfo] = {}
         self._by_index: dict[int, LinkInfo] = {}
+        #: every link's counters as of the latest message about it, by ifindex
+        self.counters: dict[int, LinkStats] = {}
         self._history: dict[str, deque[Transition]] = {}
         self.error: ProbeError | None = None
         self.failed_at = 0.0
@@ -135,6 +152,8 @@ class LinkWatcher:
         self.dumps = 0
         self._sock: trio.socket.SocketType | None = None
         self._dump_seq = 0
+        self._dump_ended = 0  # the sequence number of the last dump whose end was read
+        self._dump_end = trio.Event()  # set (and replaced) at each dump's end, and on failure
         self._dump_seen: set[int] | None = None  # indices seen while a dump is under way
         self._dump_interrupted = False
         self._dump_wanted = False
@@ -169,6 +188,19 @@ class LinkWatcher:
         """A dump is due as soon as the one under way (if any) is done."""
         return self._dump_wanted
 
+    async def refresh(self) -> None:
+        """Until a dump asked for after this call is in: every link's counters as of now.
+
+        Readers that ask together share one dump; a dump under way when one
+        asks began too early and is followed by the next.
+        """
+        wanted = self._dump_seq + 1
+        await self.request_resync()
+        while self._dump_ended < wanted and self.error is None:
+            await self._dump_end.wait()
+        if self.error is not None:
+            raise self.error
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Until ``predicate()`` holds after some batch of notifications (tests, demo)."""
         while not predicate():
@@ -201,6 +233,7 @@ class LinkWatcher:
         self.failed_at = time.monotonic()
         self.synced.set()
         self.stopped.set()
+        self._dump_end.set()
         self._wake()
 
     async def _run(self) -> None:
@@ -267,7 +300,7 @@ class LinkWatcher:
             if message.type == RTM_NEWLINK:
                 if message.flags & NLM_F_DUMP_INTR:
                     self._dump_interrupted = True
-                self._update(parse_link(message.payload), at)
+                self._newlink(message.payload, at)
             elif message.type == RTM_DELLINK:
                 self._remove(parse_link_index(message.payload))
             elif message.type == NLMSG_DONE and message.seq == self._dump_seq:
@@ -283,6 +316,20 @@ class LinkWatcher:
     def _wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def _newlink(self, payload: memoryview, at: datetime) -> None:
+        index = parse_link_index(payload)
+        old = self._by_index.get(index)
+        stats = None if old is None else old.counters_if_unchanged(payload)
+        if stats is None:  # a state not seen yet (or no counters): parsed whole
+            link, stats = parse_link(payload)
+            self._update(link, at)
+        elif self._dump_seen is not None:
+            self._dump_seen.add(index)
+        if stats is None:
+            self.counters.pop(index, None)
+        else:
+            self.counters[index] = stats
 
     def _update(self, link: LinkInfo, at: datetime) -> None:
         old = self._by_index.get(link.index)
@@ -303,6 +350,7 @@ class LinkWatcher:
             )
 
     def _remove(self, index: int) -> None:
+        self.counters.pop(index, None)
         old = self._by_index.pop(index, None)
         if old is not None:
             self._forget_name(old)
@@ -315,6 +363,9 @@ class LinkWatcher:
 
     def _finish_dump(self) -> None:
         seen, self._dump_seen = self._dump_seen, None
+        self._dump_ended = self._dump_seq
+        self._dump_end.set()
+        self._dump_end = trio.Event()
         if self._dump_interrupted:  # links changed while being dumped: the dump is not whole
             self._dump_wanted = True
         elif seen is not None:
@@ -442,8 +493,33 @@ class LinkWatchers:
             watcher.scope.cancel()
 
 
+def stats_deltas(
+    baseline: tuple[int, LinkStats] | None, index: int, stats: LinkStats
+) -> dict[str, Any] | None:
+    """The counters' increase since ``baseline`` (the previous reading's ifindex and
+    counters); ``None`` on the first reading.
+
+    Another ifindex is another device, and a counter that went down was
+    restarted: the baseline then restarts at zero, so the deltas are the
+    counters themselves and ``reset`` is true (as the cgroup probe's).
+    """
+    if baseline is None:
+        return None
+    before_index, before = baseline
+    increase = tuple(map(operator.sub, stats, before))
+    if before_index != index or min(increase) < 0:
+        return {"stats": dict(zip(STATS_KEYS, stats, strict=True)), "reset": True}
+    return {"stats": dict(zip(STATS_KEYS, increase, strict=True)), "reset": False}
+
+
+#: the deltas of a reading with no traffic since the previous one (shared: read only)
+_STILL: Final[dict[str, Any]] = {"stats": dict.fromkeys(STATS_KEYS, 0), "reset": False}
+_STILL_JSON: Final = orjson.dumps(_STILL)
+
+
 class TapLinkProbe(HostProbe):
-    """One cell's TAP: its state from the namespace's watcher, and its changes since last read."""
+    """One cell's TAP: its state from the namespace's watcher, its changes since last read,
+    and its counters with their increase."""
 
     def __init__(
         self,
@@ -457,6 +533,8 @@ class TapLinkProbe(HostProbe):
         self._netns_path = netns_path
         self._watchers = watchers
         self._cursor: int | None = None
+        #: the previous reading's ifindex and counters, and those as output and JSON
+        self._last: tuple[int, LinkStats, dict[str, int], bytes] | None = None
 
     def probe_name(self) -> str:
         return "tap_link"
@@ -472,6 +550,11 @@ class TapLinkProbe(HostProbe):
         watcher = await self._watchers.watcher(self._netns_path)
         if self._cursor is None:  # changes are reported from the moment this cell looked
             self._cursor = self._watchers.last_serial
+        return watcher
+
+    async def _refreshed_watcher(self) -> LinkWatcher:
+        watcher = await self._watcher()
+        await watcher.refresh()
         return watcher
 
     async def background(
@@ -490,27 +573,53 @@ class TapLinkProbe(HostProbe):
         jobs: Sequence[tuple[ProbeContext, TapLinkProbe]],
         results: list[ProbeReading | ProbeError | None],
     ) -> None:
-        """A namespace's cells (one batch key): its watcher looked up once, then each
-        cell in turn (``shared_read``)."""
+        """A namespace's cells (one batch key): its watcher looked up and its links dumped
+        once, then each cell in turn (``shared_read``)."""
         if jobs:
-            await read_from_shared(jobs, results, jobs[0][1]._watcher, TapLinkProbe.reading_from)
+            await read_from_shared(
+                jobs, results, jobs[0][1]._refreshed_watcher, TapLinkProbe.reading_from
+            )
 
     def reading_from(self, watcher: LinkWatcher) -> ProbeReading:
-        """This cell's link as ``watcher`` knows it, and its transitions since the last."""
+        """This cell's link as ``watcher`` knows it, its transitions since the last
+        reading, its counters and their increase."""
         name = self._config.interface
         link = watcher.link(name)
         if link is None:
             raise ProbeIoError(f"interface {name} does not exist in {watcher.where}")
+        stats = watcher.counters.get(link.index)
+        if stats is None:
+            raise ProbeParseError(f"the kernel sent no IFLA_STATS64 for {name} in {watcher.where}")
         if self._cursor is None:  # changes are reported from the moment this cell looked
             self._cursor = self._watchers.last_serial
         transitions = watcher.transitions_since(name, self._cursor)
         self._cursor = self._watchers.last_serial
-        fields, head = link.output_json()
-        if transitions:
-            changes = [t.as_json() for t in transitions]
-            pieces: tuple[bytes, ...] = (head, b',"transitions":', orjson.dumps(changes), b"}")
+        last = self._last
+        deltas: dict[str, Any] | None
+        if last is not None and last[0] == link.index and last[1] == stats:
+            # nothing moved (an idle VM): the previous reading's figures again
+            counters, counters_json, deltas, deltas_json = last[2], last[3], _STILL, _STILL_JSON
         else:
-            changes, pieces = [], (head, b',"transitions":[]}')
+            counters = dict(zip(STATS_KEYS, stats, strict=True))
+            counters_json = orjson.dumps(counters)
+            deltas = stats_deltas(None if last is None else last[:2], link.index, stats)
+            deltas_json = orjson.dumps(deltas)
+            self._last = (link.index, stats, counters, counters_json)
+        fields, head = link.output_json()
+        changes = [t.as_json() for t in transitions]
         return ProbeReading(
-            "host.tap_link", self.inputs(), {**fields, "transitions": changes}, None, pieces
+            "host.tap_link",
+            self.inputs(),
+            {**fields, "transitions": changes, "stats": counters, "deltas": deltas},
+            None,
+            (
+                head,
+                b',"transitions":',
+                orjson.dumps(changes) if changes else b"[]",
+                b',"stats":',
+                counters_json,
+                b',"deltas":',
+                deltas_json,
+                b"}",
+            ),
         )
