@@ -111,27 +111,36 @@ async def test_tail_prints_what_the_daemon_publishes(
         tmp_path,
         f'[daemon]\ntick_seconds = 0.2\n[nats]\nservers = ["{nats_server.url}"]\n',
     )
-    with trio.fail_after(30):
-        tail = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "cellos_probed", "tail", "--config", str(config),
-             "--cell", "ok", "--count", "3"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert tail.stderr is not None
-        assert tail.stdout is not None
-        # tail says when it is subscribed; only then start the daemon
-        banner = await tail.stderr.receive_some()
-        assert b"# tail dev.cellos.events.cell.observability.host.v1.*.*.ok" in banner
-        daemon = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
-            stderr=subprocess.DEVNULL,
-        )
-        output = b""
-        while chunk := await tail.stdout.receive_some():
-            output += chunk
-        assert await tail.wait() == 0
-        daemon.send_signal(signal.SIGTERM)
-        assert await daemon.wait() == 0
+    processes: list[trio.Process] = []
+    try:
+        with trio.fail_after(30):
+            tail = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "cellos_probed", "tail", "--config", str(config),
+                 "--cell", "ok", "--count", "3"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            processes.append(tail)
+            assert tail.stderr is not None
+            assert tail.stdout is not None
+            # tail says when it is subscribed; only then start the daemon
+            banner = await tail.stderr.receive_some()
+            assert b"# tail dev.cellos.events.cell.observability.host.v1.*.*.ok" in banner
+            daemon = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "cellos_probed", "run", "--config", str(config)],
+                stderr=subprocess.DEVNULL,
+            )
+            processes.append(daemon)
+            output = b""
+            while chunk := await tail.stdout.receive_some():
+                output += chunk
+            assert await tail.wait() == 0
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+    finally:  # a failed test leaves no process behind
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
     lines = output.decode().splitlines()
     assert len(lines) == 3
     assert [line.split()[2:5] for line in lines] == [
