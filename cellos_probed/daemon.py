@@ -43,6 +43,7 @@ from cellos_probed.events import (
     reading_event,
 )
 from cellos_probed.fd_limit import DescriptorBudget, spare_descriptors
+from cellos_probed.figures import ProbeStats, ProbeTiming
 from cellos_probed.kernfs_watch import KernfsWatcher
 from cellos_probed.log import RepeatedErrorFilter, log_subject
 from cellos_probed.metrics import DaemonMetrics, MetricsExporter, ReloadRecord
@@ -172,43 +173,6 @@ class Cell:
 def make_cell(cell: CellConfig, shared: ProbeServices, netns_root: Path) -> Cell:
     context = ProbeContext(cell.id, cell.run_id, cell.spec_signature_hash)
     return Cell(cell, context, build_probes(cell, shared, netns_root))
-
-
-@dataclass(slots=True)
-class ProbeStats:
-    readings: int = 0
-    errors: int = 0
-    #: errors by (probe name, kind)
-    errors_by: dict[tuple[str, str], int] | None = None
-
-    def count_error(self, kind: str, probe: str) -> None:
-        self.errors += 1
-        if self.errors_by is None:
-            self.errors_by = {}
-        key = (probe, kind)
-        self.errors_by[key] = self.errors_by.get(key, 0) + 1
-
-    @property
-    def errors_by_kind(self) -> dict[str, int] | None:
-        if self.errors_by is None:
-            return None
-        by_kind: dict[str, int] = {}
-        for (_, kind), count in self.errors_by.items():
-            by_kind[kind] = by_kind.get(kind, 0) + count
-        return by_kind
-
-
-@dataclass(slots=True)
-class ProbeTiming:
-    """A probe type's reads in the last tick that read it, as node_exporter's
-    ``node_scrape_collector_duration_seconds`` and ``_success`` report a collector."""
-
-    #: ``TickCount.begun`` of that tick
-    tick: int
-    #: its slowest group's read: the groups of a tick run side by side
-    seconds: float
-    #: every cell's read succeeded
-    success: bool
 
 
 #: a group of a tick: the probe type and its batch key

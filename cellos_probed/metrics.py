@@ -36,9 +36,9 @@ from prometheus_client.exposition import (
 
 from cellos_probed import __version__
 from cellos_probed.config import ListenAddress, MetricsSettings
+from cellos_probed.figures import DaemonFigures
 
 if TYPE_CHECKING:
-    from cellos_probed.daemon import Prober
     from cellos_probed.sinks import EventSink
 
 log = structlog.get_logger("cellos_probed.metrics")
@@ -79,7 +79,7 @@ class DaemonCollector:
     """
 
     def __init__(
-        self, prober: Prober, sink: EventSink, reloads: ReloadRecord, labels: dict[str, str]
+        self, prober: DaemonFigures, sink: EventSink, reloads: ReloadRecord, labels: dict[str, str]
     ) -> None:
         self.prober = prober
         self.sink = sink
@@ -219,7 +219,7 @@ class DaemonMetrics:
 
     def __init__(
         self,
-        prober: Prober,
+        prober: DaemonFigures,
         sink: EventSink,
         reloads: ReloadRecord,
         labels: dict[str, str] | None = None,
